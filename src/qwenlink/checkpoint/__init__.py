@@ -1,0 +1,1 @@
+"""Checkpoints: HF safetensors directories, Megatron layouts, DCP training state, safe loading."""

@@ -1,0 +1,110 @@
+"""The `qwenlink` command line: argument parsing only; each subcommand calls one function elsewhere.
+
+Each subcommand is declared by a `_add_<name>` function that builds its parser and sets `func` to a small runner that
+imports the implementing module lazily (so `qwenlink --help` stays fast and a broken optional feature cannot break the
+others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from qwenlink import __version__
+from qwenlink.errors import QwenlinkError
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="show a model's architecture, parameter count and training FLOPs per token",
+                       description="Show a preset's or a model directory's architecture, parameters and FLOPs/token.")
+    p.add_argument("model", help="a preset name (see `qwenlink info --list`) or an HF / qwenlink model directory")
+    p.add_argument("--seq-length", type=int, default=None, help="sequence length for the attention FLOPs term "
+                   "(default: 8192, the ModelLink recipes' length)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.info import run_info
+        return run_info(args.model, seq_length=args.seq_length, as_json=args.json)
+
+    p.set_defaults(func=run)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from prompts with a KV cache",
+                       description="Generate completions for one or more prompts (prefill once, then one token per step).")
+    p.add_argument("--model", required=True, help="HF model directory or preset name (random weights)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or `default` (default: the model "
+                   "directory's own tokenizer, else the embedded Qwen vocabulary)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    sampling = p.add_mutually_exclusive_group()
+    sampling.add_argument("--greedy", action="store_true", help="pick the most likely token each step (default)")
+    sampling.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML template")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.generate import run_generate
+        return run_generate(args)
+
+    p.set_defaults(func=run)
+
+
+# Subcommands in the order `qwenlink --help` lists them. Later features append their `_add_<name>` here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_info,
+    _add_generate,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwenlink",
+        description="Train, convert, serve and evaluate Qwen1.5-family models on PyTorch's native distributed stack.",
+    )
+    parser.add_argument("--version", action="version", version=f"qwenlink {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--debug` is accepted anywhere on the line, not only before the subcommand.
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QwenlinkError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"qwenlink {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qwenlink {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, or an input problem we failed to name: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"qwenlink {args.command}: internal error: {type(exc).__name__}: {first} "
+                  f"(rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

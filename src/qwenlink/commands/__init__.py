@@ -1,0 +1,1 @@
+"""Subcommand implementations: each module turns parsed CLI arguments into calls on the library."""

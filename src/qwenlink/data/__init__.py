@@ -1,0 +1,1 @@
+"""Data: Megatron indexed datasets, preprocessing, templates and training datasets."""

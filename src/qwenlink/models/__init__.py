@@ -1,0 +1,1 @@
+"""Model definitions: single-device Qwen2 modules, presets and configs."""
