@@ -19,14 +19,15 @@ from qwenlink.errors import QwenlinkError
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="show a model's architecture, parameter count and training FLOPs per token",
                        description="Show a preset's or a model directory's architecture, parameters and FLOPs/token.")
-    p.add_argument("model", help="a preset name (see `qwenlink info --list`) or an HF / qwenlink model directory")
+    p.add_argument("model", nargs="?", help="a preset name (see --list) or an HF model directory")
+    p.add_argument("--list", action="store_true", help="list the built-in presets")
     p.add_argument("--seq-length", type=int, default=None, help="sequence length for the attention FLOPs term "
                    "(default: 8192, the ModelLink recipes' length)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
     def run(args: argparse.Namespace) -> int:
         from qwenlink.commands.info import run_info
-        return run_info(args.model, seq_length=args.seq_length, as_json=args.json)
+        return run_info(args.model, seq_length=args.seq_length, as_json=args.json, list_presets=args.list)
 
     p.set_defaults(func=run)
 

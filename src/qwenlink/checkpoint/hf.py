@@ -1,0 +1,255 @@
+"""Hugging Face model directories: config.json + safetensors (single file or sharded with an index).
+
+Loading streams one tensor at a time from memory-mapped safetensors into an already-allocated model, so peak memory
+is the model plus one tensor, not twice the checkpoint. Every tensor is checked by name and shape before it is
+copied; problems are reported as one line naming the file and tensor. Saving writes into a temporary directory that
+is renamed at the end, so a failed save leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.fileio import atomic_path
+from qwenlink.models.config import ModelConfig
+from qwenlink.models.qwen2 import Qwen2Model, build_model
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json")
+# Buffers some exporters write that carry no learned state.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> Optional[torch.dtype]:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise QwenlinkError(f"unknown dtype {name!r} (expected one of fp32, bf16, fp16)")
+    return _DTYPES[name]
+
+
+def hf_name(name: str) -> str:
+    """qwenlink parameter name -> HF Qwen2ForCausalLM name (HF adds `model.` to everything but lm_head)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def qwenlink_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    """Read and validate an HF config.json."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise QwenlinkError(f"{directory}: model directory not found")
+    if not path.is_file():
+        raise QwenlinkError(f"{path}: missing config.json (not an HF model directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise QwenlinkError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise QwenlinkError(f"{path}: expected a JSON object")
+    return ModelConfig.from_hf_dict(data, source=str(path))
+
+
+def _slice_dtype(f, key: str) -> torch.dtype:
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    return names.get(f.get_slice(key).get_dtype(), torch.float32)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / SAFE_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise QwenlinkError(f"{index}: not a valid safetensors index (expected a 'weight_map' object)") from None
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (directory / name).is_file()]
+        if missing:
+            raise QwenlinkError(f"{index}: shard {missing[0]} listed in the index is missing")
+        return [directory / name for name in files]
+    if (directory / SAFE_SINGLE).is_file():
+        return [directory / SAFE_SINGLE]
+    if list(directory.glob("*.bin")):
+        raise QwenlinkError(f"{directory}: only pickle (.bin) weights found; qwenlink reads safetensors only "
+                            f"(convert with transformers' save_pretrained(safe_serialization=True))")
+    raise QwenlinkError(f"{directory}: no model.safetensors or {SAFE_INDEX} found")
+
+
+class _open:
+    """safe_open with errors turned into one line naming the file (truncated or corrupt files)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self._ctx = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._ctx.__enter__()
+        except Exception as exc:
+            raise QwenlinkError(f"{self.path}: unreadable safetensors file ({str(exc).strip().splitlines()[0]})") from None
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def iter_hf_tensors(directory: str | os.PathLike) -> Iterator[tuple[Path, str, "object"]]:
+    """Yield (file, hf_name, safe_open handle) for every tensor, one file open at a time."""
+    for file in _safetensors_files(Path(directory)):
+        with _open(file) as f:
+            for key in f.keys():
+                yield file, key, f
+
+
+@torch.no_grad()
+def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
+    """Copy every tensor of an HF checkpoint into `model`, checking names and shapes, streaming tensor by tensor.
+
+    The model may be a pipeline stage (missing modules): tensors for modules it does not hold are skipped, but every
+    parameter it does hold must be found exactly once.
+    """
+    directory = Path(directory)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.config.tie_word_embeddings
+    expected = {hf_name(n) for n in params if not (tied and n == "lm_head.weight" and "embed_tokens.weight" in params)}
+    full_model_names = _full_model_hf_names(model.config)
+    seen: set[str] = set()
+    for file, key, f in iter_hf_tensors(directory):
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if tied and key == "lm_head.weight":
+            continue  # some exporters also write the tied head; the embedding is the source of truth
+        if key not in full_model_names:
+            raise QwenlinkError(f"{file}: unexpected tensor {key!r} (not part of a {model.config.model_type} model "
+                                f"with this config.json)")
+        if key not in expected:
+            continue  # belongs to another pipeline stage
+        param = params[qwenlink_name(key)]
+        try:
+            shape = tuple(f.get_slice(key).get_shape())
+        except Exception as exc:
+            raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
+        if shape != tuple(param.shape):
+            raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(param.shape)} "
+                                f"from config.json")
+        try:
+            tensor = f.get_tensor(key)
+        except Exception as exc:
+            raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
+        param.copy_(tensor)
+        seen.add(key)
+    missing = sorted(expected - seen)
+    if missing:
+        raise QwenlinkError(f"{directory}: tensor {missing[0]!r} missing from the checkpoint"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _full_model_hf_names(config: ModelConfig) -> set[str]:
+    with torch.device("meta"):
+        names = {hf_name(n) for n, _ in Qwen2Model(config).named_parameters(remove_duplicate=False)}
+    return names
+
+
+def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+                  dtype: str | torch.dtype | None = None) -> Qwen2Model:
+    """Build a model from an HF directory: config on meta, allocate once on `device`, stream the weights in.
+
+    dtype defaults to the checkpoint's own dtype, so a round trip keeps every bit.
+    """
+    config = read_hf_config(directory)
+    files = _safetensors_files(Path(directory))
+    torch_dtype = parse_dtype(dtype)
+    if torch_dtype is None:
+        with _open(files[0]) as f:
+            keys = list(f.keys())
+            torch_dtype = _slice_dtype(f, keys[0]) if keys else torch.float32
+    model = build_model(config, device=device, dtype=torch_dtype, init=False)
+    load_hf_weights(model, directory)
+    return model
+
+
+def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                  max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | os.PathLike | None = None,
+                  tokenizer=None, generation_config: Optional[dict] = None) -> Path:
+    """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Files: config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index),
+    and the tokenizer (copied from `tokenizer_dir`, or saved from a `qwenlink.tokenizer.Tokenizer`).
+    """
+    directory = Path(directory)
+    torch_dtype = parse_dtype(dtype)
+    config = model.config
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict().items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue  # HF drops the tied head
+        tensor = param.detach()
+        if torch_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(torch_dtype)
+        state[hf_name(name)] = tensor.to("cpu").contiguous()
+    out_dtype = next(iter(state.values())).dtype
+    with atomic_path(directory, is_dir=True) as tmp:
+        shards = _shard_plan(state, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(state, str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            total = 0
+            for i, names in enumerate(shards, start=1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: state[n] for n in names}, str(tmp / file), metadata={"format": "pt"})
+                for n in names:
+                    weight_map[n] = file
+                    total += state[n].numel() * state[n].element_size()
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        hf_config = config.to_hf_dict(dtype=_DTYPE_NAMES.get(out_dtype, "float32"))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        gen = dict(generation_config or {})
+        eos_id = getattr(tokenizer, "eos_id", None)
+        if eos_id is not None:
+            gen.setdefault("eos_token_id", eos_id)
+            gen.setdefault("pad_token_id", tokenizer.pad_id)
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        elif tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory

@@ -1,0 +1,50 @@
+"""`qwenlink info`: architecture, parameter count and training FLOPs per token of a preset or model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from qwenlink.models.loader import resolve_config
+
+DEFAULT_SEQ_LENGTH = 8192  # the ModelLink Qwen1.5 recipes' sequence length
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def run_info(model: str | None, *, seq_length: int | None = None, as_json: bool = False,
+             list_presets: bool = False) -> int:
+    if list_presets or model is None:
+        from qwenlink.models.presets import PRESETS
+
+        for name, preset in PRESETS.items():
+            print(f"{name:14s} {_human(preset.num_params()):>8s} params, {preset.num_hidden_layers} layers, "
+                  f"hidden {preset.hidden_size}, vocab {preset.vocab_size}")
+        return 0
+    config = resolve_config(model)
+    seq = seq_length or DEFAULT_SEQ_LENGTH
+    params = config.num_params()
+    flops = config.flops_per_token(seq)
+    if as_json:
+        fields = {k: v for k, v in dataclasses.asdict(config).items() if k != "extra"}
+        print(json.dumps({"model": model, **fields, "num_params": params, "seq_length": seq,
+                          "train_flops_per_token": flops}, indent=2))
+        return 0
+    gqa = (f"grouped-query ({config.num_key_value_heads} kv heads)"
+           if config.num_key_value_heads != config.num_attention_heads else "multi-head")
+    print(f"model: {model}")
+    print(f"  architecture: {'Qwen2ForCausalLM' if config.model_type == 'qwen2' else 'LlamaForCausalLM'}, "
+          f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, ffn {config.intermediate_size}")
+    print(f"  attention: {config.num_attention_heads} heads x {config.head_dim}, {gqa}, "
+          f"qkv bias {'yes' if config.qkv_bias else 'no'}, rope_theta {config.rope_theta:g}")
+    print(f"  vocab: {config.vocab_size}, tied embeddings: {'yes' if config.tie_word_embeddings else 'no'}, "
+          f"max positions {config.max_position_embeddings}, rms_norm_eps {config.rms_norm_eps:g}")
+    print(f"  parameters: {_human(params)} ({params:,})")
+    print(f"  training FLOPs per token at seq {seq}: {_human(flops)} ({flops:.4g}; 6 x matmul params + "
+          f"12 x layers x hidden x seq)")
+    return 0

@@ -1,0 +1,51 @@
+"""Resolve what a user passes as `--model`: a preset name (random weights) or a model directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.models.config import ModelConfig
+from qwenlink.models.presets import get_preset, is_preset
+from qwenlink.models.qwen2 import Qwen2Model, build_model
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2Model
+    tokenizer_dir: Optional[Path]  # the directory's own tokenizer, if it has one
+    source: str
+
+
+def resolve_config(spec: str) -> ModelConfig:
+    """The architecture of a preset or model directory, without loading weights."""
+    from qwenlink.checkpoint.hf import is_hf_dir, read_hf_config
+
+    if os.path.isdir(spec):
+        if is_hf_dir(spec):
+            return read_hf_config(spec)
+        raise QwenlinkError(f"{spec}: missing config.json (not an HF model directory)")
+    if is_preset(spec):
+        return get_preset(spec)
+    if os.sep in spec or spec.startswith("."):
+        raise QwenlinkError(f"{spec}: model directory not found")
+    return get_preset(spec)  # raises with a suggestion
+
+
+def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
+               seed: int = 0) -> LoadedModel:
+    """Load weights from an HF directory, or build a preset with random weights (seeded, for experiments)."""
+    from qwenlink.checkpoint.hf import load_hf_model
+
+    if os.path.isdir(spec):
+        model = load_hf_model(spec, device=device, dtype=dtype)
+        tok_dir = Path(spec) if any((Path(spec) / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
+        return LoadedModel(model, tok_dir, spec)
+    config = resolve_config(spec)
+    model = build_model(config, device=device, dtype=dtype or torch.float32, seed=seed)
+    return LoadedModel(model, None, spec)
