@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -13,30 +11,14 @@ from qwenlink.tokenizer import Tokenizer, load_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Megatron indexed datasets store token ids back to back.",
-    "",
-    "你好，世界！这是一个测试。",
-    "Short.",
-    "A longer document " * 20,
-    "Numbers 12345 and symbols #$%&.",
-    "Line one\nLine two\n\nLine four",
-]
-
 
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     return load_tokenizer("default")
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 @pytest.fixture
-def run_cli(capsys):
+def cli(capsys):
     """Run `qwenlink ...` in-process; returns (exit code, stdout, stderr)."""
     from qwenlink.cli import main
 
