@@ -57,10 +57,45 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_preprocess(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preprocess", help="tokenize raw or instruction data into Megatron .bin/.idx files",
+                       description="Tokenize parquet / arrow / csv / json / jsonl / txt files into Megatron indexed "
+                       "datasets named as ModelLink names them (PREFIX_text_document, PREFIX_packed_*_document).")
+    p.add_argument("--input", required=True, help="a data file, or a directory of them (read in sorted order)")
+    p.add_argument("--tokenizer", default="default", help="HF tokenizer directory or `default` (embedded Qwen1.5)")
+    p.add_argument("--tokenizer-name-or-path", dest="tokenizer", help="ModelLink's name for --tokenizer")
+    p.add_argument("--output-prefix", required=True, help="output path prefix")
+    p.add_argument("--handler", default="pretrain", choices=["pretrain", "alpaca", "sharegpt", "chat"],
+                   help="pretrain: raw text; alpaca: instruction/input/output; sharegpt/chat: multi-turn messages")
+    p.add_argument("--handler-name", dest="handler_alias", default=None,
+                   help="ModelLink handler names (GeneralPretrainHandler, AlpacaStyleInstructionHandler, "
+                   "SharegptStyleInstructionHandler) are accepted too")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="text columns for --handler pretrain "
+                   "(each becomes PREFIX_{key}_document)")
+    p.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+    p.add_argument("--seq-length", type=int, default=None, help="longest sample kept, in tokens")
+    p.add_argument("--overlong", default="drop", choices=["drop", "truncate"],
+                   help="what to do with samples longer than --seq-length (default: drop; the summary counts them)")
+    p.add_argument("--template", default="chatml", choices=["chatml", "alpaca"],
+                   help="prompt format for instruction data (chatml: Qwen1.5 chat; alpaca: ModelLink's)")
+    p.add_argument("--prompt-type", dest="template_alias", default=None, help="ModelLink's name for --template "
+                   "(qwen -> chatml, alpaca -> alpaca)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output does not depend on it)")
+    p.add_argument("--log-interval", type=int, default=10000, help="records between progress lines off a terminal")
+    p.add_argument("--batch-size", type=int, default=1000, help="records per work unit")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.preprocess import run_preprocess
+        return run_preprocess(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands in the order `qwenlink --help` lists them. Later features append their `_add_<name>` here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_generate,
+    _add_preprocess,
 ]
 
 
