@@ -44,7 +44,7 @@ def run_info(model: str | None, *, seq_length: int | None = None, as_json: bool 
           f"qkv bias {'yes' if config.qkv_bias else 'no'}, rope_theta {config.rope_theta:g}")
     print(f"  vocab: {config.vocab_size}, tied embeddings: {'yes' if config.tie_word_embeddings else 'no'}, "
           f"max positions {config.max_position_embeddings}, rms_norm_eps {config.rms_norm_eps:g}")
-    print(f"  parameters: {_human(params)} ({params:,})")
+    print(f"  parameters: {params / 1e9:.2f}B ({params:,})")
     print(f"  training FLOPs per token at seq {seq}: {_human(flops)} ({flops:.4g}; 6 x matmul params + "
           f"12 x layers x hidden x seq)")
     return 0
