@@ -61,10 +61,10 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preprocess", help="tokenize raw or instruction data into Megatron .bin/.idx files",
                        description="Tokenize parquet / arrow / csv / json / jsonl / txt files into Megatron indexed "
                        "datasets named as ModelLink names them (PREFIX_text_document, PREFIX_packed_*_document).")
-    p.add_argument("--input", required=True, help="a data file, or a directory of them (read in sorted order)")
+    p.add_argument("--input", help="a data file, or a directory of them (read in sorted order)")
     p.add_argument("--tokenizer", default="default", help="HF tokenizer directory or `default` (embedded Qwen1.5)")
     p.add_argument("--tokenizer-name-or-path", dest="tokenizer", help="ModelLink's name for --tokenizer")
-    p.add_argument("--output-prefix", required=True, help="output path prefix")
+    p.add_argument("--output-prefix", help="output path prefix")
     p.add_argument("--handler", default="pretrain", choices=["pretrain", "alpaca", "sharegpt", "chat"],
                    help="pretrain: raw text; alpaca: instruction/input/output; sharegpt/chat: multi-turn messages")
     p.add_argument("--handler-name", dest="handler_alias", default=None,
@@ -83,6 +83,8 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (output does not depend on it)")
     p.add_argument("--log-interval", type=int, default=10000, help="records between progress lines off a terminal")
     p.add_argument("--batch-size", type=int, default=1000, help="records per work unit")
+    p.add_argument("--inspect", metavar="PREFIX", help="instead: validate an existing PREFIX.bin/.idx and print its "
+                   "size, dtype and first document")
 
     def run(args: argparse.Namespace) -> int:
         from qwenlink.commands.preprocess import run_preprocess

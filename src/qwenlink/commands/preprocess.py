@@ -25,6 +25,11 @@ def _alias(value: str | None, table: dict[str, str], option: str, default: str) 
 
 def run_preprocess(args: argparse.Namespace) -> int:
     """Build the job from parsed arguments, run it, print the summary to stdout."""
+    if args.inspect:
+        return inspect(args.inspect, args.tokenizer)
+    for option, value in (("--input", args.input), ("--output-prefix", args.output_prefix)):
+        if not value:
+            raise QwenlinkError(f"{option} is required (or use --inspect PREFIX)")
     single_threaded_tokenizers()
     keys = tuple(k for part in args.json_keys for k in part.split(",") if k)
     handler = _alias(getattr(args, "handler_alias", None), MODELLINK_HANDLERS, "--handler-name", args.handler)
@@ -37,4 +42,20 @@ def run_preprocess(args: argparse.Namespace) -> int:
     summary = preprocess(cfg)
     for line in summary.lines(options):
         print(line, file=sys.stdout)
+    return 0
+
+
+def inspect(prefix: str, tokenizer_spec: str) -> int:
+    """Open (and so validate) an indexed dataset; print its shape and the start of its first document."""
+    from qwenlink.data.indexed import IndexedDataset
+    from qwenlink.tokenizer import load_tokenizer
+
+    ds = IndexedDataset(prefix)
+    lengths = ds.sequence_lengths
+    print(f"{prefix}: {ds.num_documents:,} documents, {len(ds):,} sequences, {ds.num_tokens:,} tokens, "
+          f"dtype {ds.dtype}")
+    if len(ds):
+        print(f"sequence length: min {lengths.min()}, mean {lengths.mean():.1f}, max {lengths.max()}")
+        first = ds[0][:64].tolist()
+        print(f"first document (up to 64 tokens): {load_tokenizer(tokenizer_spec).decode(first)!r}")
     return 0
