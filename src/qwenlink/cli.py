@@ -93,11 +93,48 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="multiple-choice accuracy (MMLU, C-Eval, your own task) scored as lm-eval does",
+                       description="Score MMLU, C-Eval or a user task (FILE.toml) by log-likelihood of each choice, "
+                       "with lm-evaluation-harness' prompts and definitions; per-subject and per-category report.")
+    p.add_argument("--model", default=None, help="HF model directory or preset name (random weights)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory or `default` (default: the model's own)")
+    p.add_argument("--task", default="mmlu", help="mmlu, ceval, or a task description FILE.toml (default: mmlu)")
+    p.add_argument("--data", default=None, help="data folder (mmlu: dev/ + test/; ceval: dev/ + val/), or for a "
+                   ".toml task a questions file replacing the one it names")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples: the first k dev rows (default: 5)")
+    p.add_argument("--subjects", default=None, help="comma-separated subjects to run (default: all)")
+    p.add_argument("--split", default=None, help="split to score (mmlu: test or val; ceval: val)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions of each subject")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    p.add_argument("--max-length", type=int, default=None, help="longest model input; longer prompts are cut from "
+                   "the left as lm-eval does (default: the model's max_position_embeddings)")
+    p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--log-samples", action="store_true", help="include per-question log-likelihoods in the JSON")
+    p.add_argument("--compare", action="store_true", help="print Qwen's published figure for a known model size")
+    p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template "
+                   "(for chat models; not lm-eval's convention, so not comparable with base-model numbers)")
+    p.add_argument("--list-subjects", action="store_true", help="list the task's subjects and categories")
+    p.add_argument("--padding-side", default="left", choices=["left", "right"], help="batch layout (right: "
+                   "lm-eval's own, computing every position's logits; slower)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix per batch")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
+    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.eval import run_eval
+        return run_eval(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands in the order `qwenlink --help` lists them. Later features append their `_add_<name>` here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_generate,
     _add_preprocess,
+    _add_eval,
 ]
 
 

@@ -1,0 +1,35 @@
+"""Fixtures for the evaluation tests: the shared MMLU CSVs, the fixture tokenizer, a tiny random HF model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
+
+
+def _fixture(*parts: str) -> Path:
+    path = SHARED_FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def mmlu_data() -> Path:
+    """The real MMLU CSVs in their original layout (dev + test)."""
+    return _fixture("mmlu", "data")
+
+
+@pytest.fixture(scope="session")
+def fixture_tokenizer_dir() -> Path:
+    """The small byte-level BPE tokenizer that came with the tiny HF Qwen2 fixture."""
+    return _fixture("megatron-core-tiny-qwen2", "hf")
+
+
+@pytest.fixture(scope="session")
+def random_hf_model(tmp_path_factory, fixture_tokenizer_dir) -> Path:
+    from eval_helpers import make_random_hf_model
+
+    return make_random_hf_model(tmp_path_factory.mktemp("eval-model"), fixture_tokenizer_dir)
