@@ -129,12 +129,102 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _OverrideParser(argparse.ArgumentParser):
+    """A subcommand parser that collects `--section.key=value` / `--section.key value` words into `args.overrides`
+    (config overrides cannot be declared as options: the keys are those of the job config)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        words = list(sys.argv[1:] if args is None else args)
+        overrides, rest, i = [], [], 0
+        while i < len(words):
+            word = words[i]
+            name = word[2:].split("=", 1)[0]
+            if word.startswith("--") and "." in name and not name.startswith("."):
+                if "=" not in word and i + 1 < len(words) and not words[i + 1].startswith("--"):
+                    word, i = f"{word}={words[i + 1]}", i + 1
+                overrides.append(word)
+            else:
+                rest.append(word)
+            i += 1
+        namespace, extra = super().parse_known_args(rest, namespace)
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
+        return namespace, extra
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain or fine-tune from a TOML job config",
+                       description="Train (pretrain / sft) from a TOML job config; any `--section.key=value` overrides "
+                       "a config value (e.g. --optim.lr=3e-4 --train.train_iters=100). Resumes from the run's latest "
+                       "checkpoint; SIGTERM/SIGINT saves a checkpoint before exiting.")
+    p.__class__ = _OverrideParser
+    p.add_argument("--config", default=None, help="TOML job config (see configs/); omitted: defaults + overrides")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(overrides=[])
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.train import run_train
+        return run_train(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="plot a run's loss / lr / throughput curves to a PNG",
+                       description="Read RUN_DIR/metrics.jsonl and write loss, learning rate, tokens/s per device and "
+                       "gradient norm curves to RUN_DIR/metrics.png (needs matplotlib: pip install 'qwenlink[plot]').")
+    p.add_argument("run_dir", help="a training run's output directory (job.output_dir)")
+    p.add_argument("--output", "-o", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.plot import run_plot
+        return run_plot(args.run_dir, args.output)
+
+    p.set_defaults(func=run)
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert checkpoints between HF, qwenlink and Megatron (any TP/PP/VPP)",
+                       description="Convert a model between an HF directory, a qwenlink checkpoint and Megatron "
+                       "layouts (megatron-core or legacy ModelLink naming). The input format is detected.")
+    p.add_argument("--input", required=True, help="HF dir, qwenlink checkpoint, or Megatron dir")
+    p.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
+    p.add_argument("--to", required=True, choices=["hf", "qwenlink", "megatron", "megatron-legacy"])
+    p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
+    vpp = p.add_mutually_exclusive_group()
+    vpp.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per pipeline rank")
+    vpp.add_argument("--layers-per-virtual-stage", type=int, default=None,
+                     help="layers per virtual pipeline chunk (Megatron's --num-layers-per-virtual-pipeline-stage)")
+    p.add_argument("--num-layer-list", default=None, help="uneven pipeline stages, e.g. 6,7,7,6 (ModelLink)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="output dtype (default: input's)")
+    p.add_argument("--iteration", default="1", help="Megatron output iteration number or `release` (default: 1)")
+    p.add_argument("--input-iteration", default=None, help="Megatron input iteration to read (default: the one "
+                   "latest_checkpointed_iteration.txt names)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Megatron vocab padding: to a multiple of this x TP (default: 128; ModelLink used 1)")
+    p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="megatron-core norm naming: local spec (default) or Transformer Engine fused norms")
+    p.add_argument("--config-from", default=None, help="HF dir whose config.json (and tokenizer) describe a Megatron "
+                   "input exactly (eps, rope theta, true vocab size), as ModelLink's --save-dir does")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir to copy into HF output")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.convert import run_convert
+        return run_convert(args)
+
+    p.set_defaults(func=run)
+
+
 # Subcommands in the order `qwenlink --help` lists them. Later features append their `_add_<name>` here.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_generate,
+    _add_convert,
     _add_preprocess,
     _add_eval,
+    _add_train,
+    _add_plot,
 ]
 
 

@@ -1,0 +1,252 @@
+"""Training checkpoints in torch.distributed.checkpoint (DCP) format: the complete state needed to resume exactly.
+
+Layout of a checkpoint directory (CKPT = `checkpoint.dir`, by default RUN_DIR/checkpoints):
+
+    CKPT/latest                      text: the name of the newest complete step directory (replaced atomically)
+    CKPT/step_00000100/.metadata     DCP: {"model": model state, "optimizer": optimizer state}, sharded per rank
+    CKPT/step_00000100/__0_0.distcp
+    CKPT/step_00000100/config.json   the model architecture (HF config.json), so the weights can be used alone
+    CKPT/step_00000100/job.toml      the resolved job config of the run that wrote it
+    CKPT/step_00000100/train_state.json  step, data position (consumed samples), counters, scheduler
+    CKPT/step_00000100/rng/rank_00000.pt RNG states (torch, accelerator, numpy, python) of each rank
+    CKPT/step_00000100/COMPLETE      written last: a directory without it is ignored
+
+Why this shape: DCP writes every rank's shards in parallel and can reload them under a different parallel layout
+(issue 5 reshards on load). Everything is written into `.tmp-step_N` and renamed when done, so a crash mid-save
+leaves the previous checkpoint and the `latest` pointer untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.fileio import atomic_write_text
+from qwenlink.models.config import ModelConfig
+from qwenlink.models.qwen2 import Qwen2Model
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _dcp():
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns on every call that it runs without a process group; a single process is a supported use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+# ---- finding checkpoints ------------------------------------------------------------------------------------------
+def is_complete(step_dir: str | os.PathLike) -> bool:
+    return (Path(step_dir) / COMPLETE).is_file() and (Path(step_dir) / ".metadata").is_file()
+
+
+def complete_steps(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Complete step directories, oldest first (incomplete or temporary ones are ignored)."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_latest(ckpt_dir: str | os.PathLike) -> Optional[Path]:
+    """The step directory `latest` names if it is complete, else the newest complete one, else None."""
+    root = Path(ckpt_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text(encoding="utf-8").strip()
+        if is_complete(target):
+            return target
+    steps = complete_steps(root)
+    return steps[-1] if steps else None
+
+
+def is_qwenlink_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a complete step directory, or a checkpoint directory holding at least one."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    if is_complete(p) and (p / "config.json").is_file():
+        return True
+    return find_latest(p) is not None
+
+
+def resolve_step_dir(path: str | os.PathLike) -> Path:
+    """A step directory, or the newest complete one inside a checkpoint directory (or a run's `checkpoints/`)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise QwenlinkError(f"{p}: checkpoint directory not found")
+    if is_complete(p):
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    if (p / ".metadata").is_file():
+        raise QwenlinkError(f"{p}: checkpoint is incomplete (no {COMPLETE} marker; the save was interrupted)")
+    raise QwenlinkError(f"{p}: no complete qwenlink checkpoint found (expected step_NNNNNNNN/{COMPLETE})")
+
+
+# ---- saving -------------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors/ints (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    """Model (+ optimizer) state keyed by parameter names, DTensor/FSDP-aware, ready for DCP."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
+def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
+                    optimizer: Optional[torch.optim.Optimizer], *, train_state: dict[str, Any], job_toml: str,
+                    keep_last: int, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write step `step` into a temporary directory, mark it complete, rename it, point `latest` at it, prune.
+
+    Every rank calls this (DCP writes each rank's shards); rank 0 writes the small files and does the renames.
+    """
+    root = Path(ckpt_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left over from a crashed save of the same step
+        tmp.mkdir()
+    barrier()
+    state = _state_dicts(model, optimizer)
+    with _quiet():
+        _dcp().save(state, checkpoint_id=str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+        (tmp / "job.toml").write_text(job_toml, encoding="utf-8")
+        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2) + "\n", encoding="utf-8")
+        (tmp / COMPLETE).write_text(f"step {step}\n", encoding="utf-8")
+        if final.exists():  # re-saving a step (e.g. after a resume that saved at once): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        prune(root, keep_last)
+    barrier()
+    return final
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete steps (never the one `latest` names) and stale temp dirs."""
+    steps = complete_steps(ckpt_dir)
+    latest = find_latest(ckpt_dir)
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.") -> None:
+    """Compare the checkpoint's tensor shapes with the model's before loading, naming the first mismatch."""
+    try:
+        with _quiet():
+            metadata = _dcp().FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise QwenlinkError(f"{step_dir}: unreadable DCP metadata ({str(exc).strip().splitlines()[0]})") from None
+    for name, tensor in model.state_dict().items():
+        key = prefix + name
+        meta = metadata.get(key)
+        if meta is None:
+            raise QwenlinkError(f"{step_dir}: tensor {name!r} missing from the checkpoint")
+        shape = tuple(getattr(meta, "size", ()))
+        if shape != tuple(tensor.shape):
+            raise QwenlinkError(f"{step_dir}: tensor {name!r} has shape {list(shape)} in the checkpoint but "
+                                f"{list(tensor.shape)} in the model")
+
+
+def load_checkpoint(step_dir: str | os.PathLike, model: Qwen2Model, optimizer: Optional[torch.optim.Optimizer],
+                    *, rank: int = 0, load_rng: bool = True) -> dict[str, Any]:
+    """Load model (and optimizer, RNG) state in place; returns train_state.json (empty dict for weights only)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    step_dir = Path(step_dir)
+    if not is_complete(step_dir):
+        raise QwenlinkError(f"{step_dir}: not a complete checkpoint (no {COMPLETE} marker)")
+    check_shapes(step_dir, model)
+    state = _state_dicts(model, optimizer)
+    with _quiet():
+        _dcp().load(state, checkpoint_id=str(step_dir))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+        return {}
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    rng_file = step_dir / "rng" / f"rank_{rank:05d}.pt"
+    if load_rng and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return json.loads((step_dir / "train_state.json").read_text(encoding="utf-8"))
+
+
+def read_model_config(step_dir: str | os.PathLike) -> ModelConfig:
+    path = Path(step_dir) / "config.json"
+    if not path.is_file():
+        raise QwenlinkError(f"{path}: missing (not a qwenlink checkpoint directory)")
+    return ModelConfig.from_hf_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+
+
+def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu",
+                               dtype: torch.dtype = torch.float32) -> Qwen2Model:
+    """The model of a qwenlink checkpoint (a step dir, a checkpoint dir or a run dir), weights only, for inference
+    and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`."""
+    from qwenlink.models.qwen2 import build_model
+
+    step_dir = resolve_step_dir(ckpt_dir)
+    config = read_model_config(step_dir)
+    model = build_model(config, device="cpu", dtype=torch.float32, init=False)
+    load_checkpoint(step_dir, model, None)
+    return model.to(device=device, dtype=dtype)

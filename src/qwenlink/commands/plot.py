@@ -1,0 +1,72 @@
+"""`qwenlink plot RUN_DIR`: loss / learning rate / throughput curves of a run's metrics.jsonl as one PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from qwenlink.errors import QwenlinkError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise QwenlinkError(f"{path}: not found (is {run_dir} a qwenlink run directory?)")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise QwenlinkError(f"{path}:{n}: not a JSON line") from None
+    if not records:
+        raise QwenlinkError(f"{path}: no records yet")
+    return records
+
+
+def plot_run(run_dir: str | Path, output: Optional[str | Path] = None) -> Path:
+    """Write RUN_DIR/metrics.png (or `output`): loss (+ validation), lr, tokens/s per device, grad norm."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise QwenlinkError("qwenlink plot needs matplotlib: pip install 'qwenlink[plot]'") from None
+    records = read_metrics(run_dir)
+    out = Path(output) if output else Path(run_dir) / "metrics.png"
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    panels = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s_per_device", "tokens/s per device"),
+              ("grad_norm", "gradient norm")]
+    for ax, (key, title) in zip(axes.flat, panels):
+        xs, ys = series(key)
+        ax.plot(xs, ys, label=key)
+        if key == "loss":
+            vx, vy = series("val_loss")
+            if vx:
+                ax.plot(vx, vy, "o-", label="validation")
+            ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(str(run_dir))
+    fig.tight_layout()
+    from qwenlink.fileio import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
+
+
+def run_plot(run_dir: str, output: Optional[str]) -> int:
+    print(plot_run(run_dir, output))
+    return 0

@@ -1,0 +1,227 @@
+"""Training metrics: throughput (tokens/s, tokens/s per device), TFLOP/s and MFU, memory; console, JSONL, TensorBoard.
+
+FLOPs per token come from `ModelConfig.flops_per_token` (the single place that counts them). MFU divides achieved
+FLOP/s by the device's peak: a table for known accelerators, or on a CPU the measured rate of a large fp32 matmul
+(a CPU has no meaningful datasheet number for PyTorch, and "fraction of what matmul reaches here" is the useful one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, TextIO
+
+import torch
+
+# Dense peak TFLOP/s per device (bf16 / fp32-as-TF32), matched by substring of the device name, most specific first.
+PEAK_TFLOPS: list[tuple[str, float, float]] = [
+    ("H200", 989.0, 494.0),
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.0, 494.0),
+    ("H800", 989.0, 494.0),
+    ("A100", 312.0, 156.0),
+    ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0),
+    ("A10G", 70.0, 35.0),
+    ("V100", 125.0, 15.7),
+    ("Ascend910B", 376.0, 94.0),
+    ("910B", 376.0, 94.0),
+]
+
+_measured_cpu_tflops: Optional[float] = None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":  # pragma: no cover - needs torch_npu
+        return torch.npu.get_device_name(device)  # type: ignore[attr-defined]
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def measure_cpu_tflops(size: int = 1024, repeats: int = 4) -> float:
+    """Achieved fp32 matmul TFLOP/s on this CPU with the current thread count (measured once per process)."""
+    global _measured_cpu_tflops
+    if _measured_cpu_tflops is None:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        elapsed = time.perf_counter() - start
+        _measured_cpu_tflops = 2.0 * size**3 * repeats / elapsed / 1e12
+    return _measured_cpu_tflops
+
+
+def peak_tflops(device: torch.device, dtype: str, override: float = 0.0) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where the number came from)."""
+    if override > 0:
+        return override, "config"
+    if device.type == "cpu":
+        return measure_cpu_tflops(), "measured fp32 matmul"
+    name = device_name(device)
+    for key, bf16, fp32 in PEAK_TFLOPS:
+        if key.lower() in name.lower():
+            return (bf16 if dtype == "bf16" else fp32), f"table ({key})"
+    return 0.0, f"unknown device {name!r}"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or on a CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    if device.type == "npu":  # pragma: no cover
+        return torch.npu.max_memory_allocated(device) / 1024**3  # type: ignore[attr-defined]
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss_kb * (1 if sys.platform != "darwin" else 1 / 1024) / 1024**2
+
+
+@dataclass
+class Throughput:
+    """Derived rates of one logging interval."""
+
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    tflops_per_device: float
+    mfu: float  # fraction of peak; nan when the peak is unknown
+
+
+def throughput(tokens: int, seconds: float, *, world_size: int, flops_per_token: float,
+               peak: float) -> Throughput:
+    """Rates for `tokens` processed by all devices together in `seconds`."""
+    tps = tokens / max(seconds, 1e-9)
+    per_device = tps / world_size
+    tflops = per_device * flops_per_token / 1e12
+    return Throughput(tps, per_device, tflops, tflops / peak if peak > 0 else math.nan)
+
+
+class _ProgressBar:
+    """One self-overwriting line with ETA on a terminal."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        self.total, self.stream, self.start = total, stream, time.perf_counter()
+        self.first_step: Optional[int] = None
+
+    def update(self, step: int, text: str) -> None:
+        if self.first_step is None:
+            self.first_step = step - 1
+        done = step - self.first_step
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        width = 20
+        filled = int(width * step / max(self.total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r[{bar}] {text} | ETA {format_seconds(eta)}\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes each record to the console, `metrics.jsonl` and TensorBoard (only rank 0 writes anything).
+
+    On resume the JSONL keeps the lines up to the resumed step and drops later ones (they belong to the abandoned
+    continuation), so `qwenlink plot` shows one consistent curve.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, jsonl: bool = True,
+                 tensorboard: bool = True, progress: str = "auto", enabled: bool = True,
+                 resume_step: int = 0, stream: TextIO = sys.stdout) -> None:
+        self.enabled = enabled
+        self.stream = stream
+        self.jsonl_path = Path(run_dir) / "metrics.jsonl" if jsonl else None
+        self._jsonl: Optional[TextIO] = None
+        self._tb = None
+        use_bar = progress == "bar" or (progress == "auto" and stream.isatty())
+        self._bar = _ProgressBar(total_steps, stream) if use_bar and enabled else None
+        if not enabled:
+            return
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        if self.jsonl_path is not None:
+            self._truncate_after(resume_step)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                self.info("tensorboard is not installed: TensorBoard logging is off "
+                          "(pip install tensorboard; metrics.jsonl is still written)")
+
+    def _truncate_after(self, step: int) -> None:
+        if self.jsonl_path is None or not self.jsonl_path.is_file():
+            return
+        kept = []
+        for line in self.jsonl_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        self.jsonl_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def info(self, text: str) -> None:
+        """A message on its own line (never mixed into the progress bar)."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self.stream.write("\r\x1b[K")
+        print(text, file=self.stream, flush=True)
+
+    def log(self, record: dict[str, Any], line: str) -> None:
+        if not self.enabled:
+            return
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._bar is not None:
+            self._bar.update(record["step"], line)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def format_line(r: dict[str, Any], total_steps: int) -> str:
+    """The human-readable summary of one log record."""
+    parts = [f"step {r['step']}/{total_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3g}",
+             f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s", f"{r['tokens_per_s_per_device']:.0f} tok/s/p",
+             f"{r['tflops']:.3g} TFLOP/s"]
+    if math.isfinite(r.get("mfu", math.nan)):
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+    parts.append(f"mem {r['peak_memory_gb']:.2f} GB")
+    parts.append(f"data {100 * r['data_time_share']:.0f}%")
+    if r.get("skipped_nonfinite"):
+        parts.append(f"skipped {r['skipped_nonfinite']}")
+    return " | ".join(parts)
