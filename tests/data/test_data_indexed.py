@@ -144,3 +144,15 @@ def test_truncated_idx(tmp_path):
     (tmp_path / "g.idx").write_bytes((tmp_path / "g.idx").read_bytes()[:-8])
     with pytest.raises(QwenlinkError, match=r"g\.idx: .* bytes, but its header"):
         IndexedDataset(p)
+
+
+def test_pickles_as_a_reference_not_a_copy(tmp_path):
+    import pickle
+
+    docs = _docs(4, n=200)
+    write_documents(tmp_path / "d", docs, np.int32)
+    ds = IndexedDataset(tmp_path / "d")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 1000 < (tmp_path / "d.bin").stat().st_size  # the prefix, not the tokens
+    again = pickle.loads(blob)
+    np.testing.assert_array_equal(again[7], docs[7])

@@ -182,6 +182,13 @@ class IndexedDataset:
         # np.memmap of an empty file is an error, so an empty dataset keeps an empty in-memory array.
         self._bin = np.memmap(bpath, dtype=self.dtype, mode="r") if bin_size else np.zeros(0, self.dtype)
 
+    def __getstate__(self) -> dict:
+        """Pickle the prefix only: a DataLoader worker reopens the memory maps instead of copying the corpus."""
+        return {"prefix": str(self.prefix)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["prefix"])
+
     def __len__(self) -> int:
         """Number of sequences (= documents when preprocessing did not split sentences)."""
         return int(self.sequence_lengths.size)
