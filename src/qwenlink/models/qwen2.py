@@ -69,8 +69,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """A preallocated (static) key/value cache: one [B, Hkv, max_len, D] pair per layer, written in place.
 
-    All sequences of a batch share the cache index (prompts are left-padded to a common length); which cache slots
-    hold real tokens is told by the attention mask passed with each forward.
+    Each forward writes its tokens' keys/values at explicit slots: either the same slots for every row
+    (`cache_start`, prompts left-padded to a common length) or per-row slots (`cache_positions` [b, T], so sequences
+    of different lengths advance independently, as continuous batching needs). `rows` selects which cache rows the
+    forward's batch maps to (a newly admitted request is prefilled into its own row).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, *, dtype: torch.dtype,
@@ -79,17 +81,30 @@ class KVCache:
         ids = layer_ids if layer_ids is not None else [str(i) for i in range(config.num_hidden_layers)]
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
+        self.batch_size = batch_size
         self.max_length = max_length
-        self.length = 0  # slots filled so far
+        self.length = 0  # slots filled so far (the largest written slot + 1)
 
-    def update(self, layer_id: str, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Write k/v [B, Hkv, T, D] at slots [start, start+T) and return all keys/values up to start+T."""
-        end = start + k.shape[2]
-        if end > self.max_length:
-            raise ValueError(f"KV cache of {self.max_length} slots cannot hold position {end - 1}")
-        self.keys[layer_id][:, :, start:end] = k
-        self.values[layer_id][:, :, start:end] = v
-        return self.keys[layer_id][:, :, :end], self.values[layer_id][:, :, :end]
+    def update(self, layer_id: str, k: Tensor, v: Tensor, slots: Tensor, span: int,
+               rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """Write k/v [b, Hkv, T, D] at `slots` [b|1, T] of `rows` and return keys/values [b, Hkv, span, D]."""
+        if span > self.max_length:
+            raise ValueError(f"KV cache of {self.max_length} slots cannot hold position {span - 1}")
+        kc, vc = self.keys[layer_id], self.values[layer_id]
+        bsz = k.shape[0]
+        if rows is None and slots.shape[0] == 1 and bsz == self.batch_size:
+            start, end = int(slots[0, 0]), int(slots[0, -1]) + 1
+            if end - start == slots.shape[1]:  # contiguous slots shared by all rows: plain slice assignment
+                kc[:, :, start:end] = k
+                vc[:, :, start:end] = v
+                return kc[:, :, :span], vc[:, :, :span]
+        row_idx = (rows if rows is not None else torch.arange(bsz, device=k.device))[:, None]  # [b, 1]
+        slot_idx = slots.expand(bsz, -1)  # [b, T]
+        kc[row_idx, :, slot_idx] = k.transpose(1, 2)  # indexed view is [b, T, Hkv, D]
+        vc[row_idx, :, slot_idx] = v.transpose(1, 2)
+        if rows is None and bsz == self.batch_size:
+            return kc[:, :, :span], vc[:, :, :span]
+        return kc[row_idx[:, 0], :, :span], vc[row_idx[:, 0], :, :span]
 
 
 class Attention(nn.Module):
@@ -107,7 +122,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], *,
-                kv_cache: Optional[KVCache] = None, layer_id: str = "", cache_start: int = 0) -> Tensor:
+                kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # Head counts come from the weights, not the config, so a tensor-parallel shard sees its local heads.
         q = self.q_proj(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
@@ -115,7 +130,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer_id, k, v, cache_start)  # [B, Hkv, S, D], S = cache_start + T
+            slots, span, rows = cache
+            k, v = kv_cache.update(layer_id, k, v, slots, span, rows)  # [B, Hkv, S, D], S = span
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -148,31 +164,33 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], *,
-                kv_cache: Optional[KVCache] = None, layer_id: str = "", cache_start: int = 0) -> Tensor:
+                kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache=kv_cache, layer_id=layer_id,
-                               cache_start=cache_start)
+                               cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_attention_mask(attention_mask: Optional[Tensor], query_length: int, key_length: int,
-                         cache_start: int, device: torch.device) -> Optional[Tensor]:
+def build_attention_mask(attention_mask: Optional[Tensor], query_slots: Tensor, key_length: int,
+                         device: torch.device) -> Optional[Tensor]:
     """Boolean attention mask [B or 1, 1, Tq, S] (True = may attend), or None for plain causal attention.
 
-    attention_mask is HF's 2-D padding mask [B, S] over all key slots (1 = real token). Queries sit at slots
-    cache_start .. cache_start+Tq-1 and attend causally. A query on a padding slot would see no key at all, and a
-    fully masked softmax row is NaN that then leaks through values; such rows are allowed to see themselves, which keeps
-    every activation finite (their outputs are never used).
+    query_slots [B or 1, Tq] are the key slots the queries occupy; each query attends causally to slots <= its own.
+    attention_mask is HF's 2-D padding mask [B, S] over all key slots (1 = real token) or a full 4-D boolean mask.
+    A query on a padding slot would see no key at all, and a fully masked softmax row is NaN that then leaks through
+    values; such rows are allowed to see themselves, which keeps every activation finite (their outputs are unused).
     """
-    if attention_mask is None and cache_start == 0 and query_length == key_length:
-        return None
-    q_pos = torch.arange(cache_start, cache_start + query_length, device=device)[:, None]  # [Tq, 1]
-    k_pos = torch.arange(key_length, device=device)[None, :]  # [1, S]
-    allowed = (k_pos <= q_pos)[None, None]  # [1, 1, Tq, S]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.to(device=device, dtype=torch.bool)  # e.g. document masking for packed samples
+    seqlen = query_slots.shape[-1]
+    if attention_mask is None and key_length == seqlen and query_slots.shape[0] == 1 and \
+            int(query_slots[0, 0]) == 0:
+        return None  # a fresh full sequence: plain causal attention (SDPA's fast path)
+    k_pos = torch.arange(key_length, device=device)  # [S]
+    q_pos = query_slots.to(device)[:, None, :, None]  # [B|1, 1, Tq, 1]
+    allowed = k_pos <= q_pos  # [B|1, 1, Tq, S]
     if attention_mask is not None:
-        if attention_mask.dim() == 4:  # already a full mask (e.g. document masking for packed samples)
-            return attention_mask.to(device=device, dtype=torch.bool)
         allowed = allowed & attention_mask[:, None, None, :key_length].to(device=device, dtype=torch.bool)
-        allowed = allowed | (k_pos == q_pos)[None, None]
+        allowed = allowed | (k_pos == q_pos)
     return allowed
 
 
@@ -214,30 +232,42 @@ class Qwen2Model(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, *, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
-                cache_start: int = 0, logits_to_keep: int = 0) -> Tensor:
+                cache_start: int = 0, cache_positions: Optional[Tensor] = None, cache_rows: Optional[Tensor] = None,
+                logits_to_keep: int | Tensor = 0) -> Tensor:
         """inputs: token ids [B, T] (or hidden states [B, T, H] when the embedding was removed).
 
-        logits_to_keep > 0 computes the head only for the last that many positions (generation needs one).
-        Returns logits [B, T, V], or hidden states [B, T, H] when lm_head was removed. position_ids default to
-        cache_start + arange(T); attention_mask is a 2-D padding mask [B, S] over all key slots (S = cache_start + T)
-        or a 4-D boolean mask [B, 1, T, S].
+        Returns logits [B, T, V], or hidden states [B, T, H] when lm_head was removed.
+        - position_ids [B, T]: rotary positions; default: the tokens' cache slots (cache_start + arange(T)).
+        - attention_mask: a 2-D padding mask [B, S] over all key slots, or a 4-D boolean mask [B, 1, T, S].
+        - kv_cache: write this call's keys/values at slots cache_start + arange(T) for every row, or at per-row
+          `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1).
+        - logits_to_keep: an int k > 0 computes the head only for the last k positions; a tensor [B] of indices
+          computes it for one position per row (the last real token of right-padded prompts). Returns [B, k, V].
         """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, T, H]
         bsz, seqlen = h.shape[:2]
+        if cache_positions is None:
+            slots = torch.arange(cache_start, cache_start + seqlen, device=h.device)[None]  # [1, T]
+        else:
+            slots = cache_positions.to(h.device)  # [B, T]
+        span = int(slots.max()) + 1 if cache_positions is not None else cache_start + seqlen
         if position_ids is None:
-            position_ids = torch.arange(cache_start, cache_start + seqlen, device=h.device).expand(bsz, seqlen)
+            position_ids = slots.expand(bsz, seqlen)
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
-        mask = build_attention_mask(attention_mask, seqlen, cache_start + seqlen, cache_start, h.device)
+        mask = build_attention_mask(attention_mask, slots, span, h.device)
+        cache = (slots, span, cache_rows) if kv_cache is not None else None
         for layer_id, layer in self.layers.items():
-            h = layer(h, cos, sin, mask, kv_cache=kv_cache, layer_id=layer_id, cache_start=cache_start)
+            h = layer(h, cos, sin, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
         if kv_cache is not None:
-            kv_cache.length = cache_start + seqlen
-        if logits_to_keep > 0:
+            kv_cache.length = max(kv_cache.length, span)
+        if isinstance(logits_to_keep, Tensor):
+            h = h[torch.arange(bsz, device=h.device), logits_to_keep.to(h.device)][:, None]  # [B, 1, H]
+        elif logits_to_keep > 0:
             h = h[:, -logits_to_keep:]  # [B, K, H]
         if self.norm is not None:
             h = self.norm(h)
         if self.lm_head is not None:
-            return self.lm_head(h)  # [B, T, V]
+            return self.lm_head(h)  # [B, K, V]
         return h
 
 

@@ -1,0 +1,238 @@
+"""The inference engine: a static KV cache with one row per running request, and continuous batching.
+
+Every running request owns a cache row and advances at its own position, so requests join and leave between decode
+steps without waiting for each other (continuous batching). A step (1) prefills newly admitted requests together
+(right-padded, written straight into their rows) and (2) decodes one token for every request already running.
+Prompts never see padding and positions always start at 0, so a request produces the same tokens alone or batched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.inference.sampling import SamplingParams, sample_token
+from qwenlink.models.qwen2 import KVCache, Qwen2Model
+
+Tensor = torch.Tensor
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, how to sample, and (filled in by the engine) its output."""
+
+    prompt: list[int]
+    params: SamplingParams
+    decode: Optional[Callable[[list[int]], str]] = None  # needed for stop strings and streamed text
+    on_update: Optional[Callable[["Request"], None]] = None  # called after each new token and at the end
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # decoded output, cut before a stop string when one matched
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
+    row: int = -1
+    next_slot: int = 0
+    generator: Optional[torch.Generator] = None
+    first_token_time: Optional[float] = None
+    submit_time: float = field(default_factory=time.perf_counter)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def stream_text(self) -> str:
+        """The part of `text` that can be shown now: without a trailing partial UTF-8 character and, while still
+        running, without a tail that could be the start of a stop string."""
+        text = self.text
+        if self.done:
+            return text
+        while text.endswith("\ufffd"):
+            text = text[:-1]
+        for stop in self.params.stop_strings:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    text = text[:-k]
+                    break
+        return text
+
+
+@dataclass
+class EngineStats:
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class Engine:
+    """Runs requests on a model with a fixed number of cache rows (max_batch) of max_length slots each."""
+
+    def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None) -> None:
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_batch = max_batch
+        self.max_length = max_length or model.config.max_position_embeddings
+        self.cache: Optional[KVCache] = None  # allocated on first use
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # row -> request
+        self.stats = EngineStats()
+
+    # ---- admission ------------------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """Refuse what can never run (too long for a cache row), with a message fit for an API error."""
+        request.params.validate()
+        if not request.prompt:
+            raise QwenlinkError("the prompt is empty")
+        need = len(request.prompt) + request.params.max_new_tokens
+        if need > self.max_length:
+            raise QwenlinkError(f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.params.max_new_tokens}) "
+                                f"= {need} exceeds the context length {self.max_length}")
+        vocab = self.model.config.vocab_size
+        if max(request.prompt) >= vocab or min(request.prompt) < 0:
+            raise QwenlinkError(f"prompt token ids must be in [0, {vocab})")
+
+    def submit(self, request: Request) -> Request:
+        self.check(request)
+        if request.params.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        self.waiting.append(request)
+        return request
+
+    def abort(self, request: Request) -> None:
+        """Stop a request (e.g. its client went away) and free its row."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request.row >= 0 and self.running.get(request.row) is request:
+            del self.running[request.row]
+        if not request.done:
+            request.finish_reason = "abort"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- stepping -------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Request]:
+        """Admit and prefill waiting requests, then decode one token for the others. Returns requests that ended."""
+        if self.cache is None:
+            self.cache = KVCache(self.model.config, self.max_batch, self.max_length, dtype=self.dtype,
+                                 device=self.device, layer_ids=list(self.model.layers.keys()))
+        finished: list[Request] = []
+        decoding = list(self.running.values())
+        free_rows = [r for r in range(self.max_batch) if r not in self.running]
+        admitted = []
+        while self.waiting and free_rows:
+            request = self.waiting.popleft()
+            request.row = free_rows.pop(0)
+            self.running[request.row] = request
+            admitted.append(request)
+        if admitted:
+            finished += self._prefill(admitted)
+        if decoding:
+            finished += self._decode(decoding)
+        return finished
+
+    def _prefill(self, requests: list[Request]) -> list[Request]:
+        start = time.perf_counter()
+        lengths = [len(r.prompt) for r in requests]
+        width = max(lengths)
+        tokens = torch.zeros((len(requests), width), dtype=torch.long)  # [b, P] right padded
+        for i, r in enumerate(requests):
+            tokens[i, :lengths[i]] = torch.tensor(r.prompt)
+        slots = torch.arange(width).expand(len(requests), width)  # [b, P] each row from slot 0
+        rows = torch.tensor([r.row for r in requests], device=self.device)
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = self.model(tokens.to(self.device), kv_cache=self.cache, cache_positions=slots.to(self.device),
+                            cache_rows=rows, logits_to_keep=last)[:, 0]  # [b, V]
+        for r in requests:
+            r.next_slot = len(r.prompt)
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.prompt_tokens += sum(lengths)
+        return self._append(requests, logits)
+
+    def _decode(self, requests: list[Request]) -> list[Request]:
+        start = time.perf_counter()
+        tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)  # [b, 1]
+        slots = torch.tensor([[r.next_slot] for r in requests], device=self.device)  # [b, 1]
+        rows_list = [r.row for r in requests]
+        rows = None if rows_list == list(range(self.max_batch)) else torch.tensor(rows_list, device=self.device)
+        logits = self.model(tokens, kv_cache=self.cache, cache_positions=slots, cache_rows=rows)[:, -1]  # [b, V]
+        for r in requests:
+            r.next_slot += 1
+        finished = self._append(requests, logits)
+        self.stats.decode_seconds += time.perf_counter() - start
+        self.stats.decode_steps += 1
+        return finished
+
+    def _append(self, requests: list[Request], logits: Tensor) -> list[Request]:
+        """Choose each request's next token, record it, and end the requests that are complete."""
+        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and r.params.repetition_penalty == 1.0]
+        chosen: dict[int, int] = {}
+        if greedy_rows:
+            picks = logits[greedy_rows].argmax(dim=-1).tolist()
+            chosen.update(zip(greedy_rows, picks))
+        for i, r in enumerate(requests):
+            if i not in chosen:
+                chosen[i] = sample_token(logits[i], r.params, r.generator, seen=r.prompt + r.tokens)
+        want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs]
+        logprobs = {}
+        if want_logprobs:
+            lp = torch.log_softmax(logits[want_logprobs].float(), dim=-1)
+            logprobs = {i: float(lp[j, chosen[i]]) for j, i in enumerate(want_logprobs)}
+        now = time.perf_counter()
+        finished = []
+        for i, r in enumerate(requests):
+            token = chosen[i]
+            r.tokens.append(token)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if i in logprobs:
+                r.logprobs.append(logprobs[i])
+            self.stats.generated_tokens += 1
+            self._update_text_and_finish(r, token)
+            if r.done:
+                del self.running[r.row]
+                finished.append(r)
+            if r.on_update is not None:
+                r.on_update(r)
+        return finished
+
+    def _update_text_and_finish(self, r: Request, token: int) -> None:
+        params = r.params
+        if token in params.stop_ids:
+            r.finish_reason = "stop"
+            if r.decode is not None:
+                r.text = r.decode(r.tokens[:-1])
+            return
+        if r.decode is not None:
+            r.text = r.decode(r.tokens)
+            if params.stop_strings:
+                hits = [(r.text.find(s), s) for s in params.stop_strings if s in r.text]
+                if hits:
+                    r.text = r.text[:min(hits)[0]]
+                    r.finish_reason = "stop"
+                    return
+        if len(r.tokens) >= params.max_new_tokens or r.next_slot + 1 >= self.max_length:
+            r.finish_reason = "length"
+
+    def run(self, requests: Sequence[Request]) -> list[Request]:
+        """Submit requests and step until all of them have ended (offline batch generation)."""
+        for request in requests:
+            self.submit(request)
+        while any(not r.done for r in requests):
+            self.step()
+        return list(requests)
