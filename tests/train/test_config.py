@@ -74,7 +74,7 @@ def test_batch_geometry() -> None:
                                             r"\(2\) x data-parallel size \(3\)"):
         accumulation_steps(cfg, dp_size=3)
     tp = load_config(None, ["--parallel.tensor_parallel=8"])
-    with pytest.raises(QwenlinkError, match=r"= 8, but 1 process\(es\) are running"):
+    with pytest.raises(QwenlinkError, match=r"= 8 needs a multiple of 8 processes, but 1 process\(es\) are running"):
         data_parallel_size(tp, world_size=1)
     assert data_parallel_size(tp, world_size=16) == 2
 

@@ -301,7 +301,12 @@ def validate(cfg: JobConfig) -> None:
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     """The data-parallel degree for a world size, checking that the parallel sizes multiply up to it."""
     model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
-    dp = cfg.parallel.data_parallel if cfg.parallel.data_parallel > 0 else world_size // max(model_parallel, 1)
+    if cfg.parallel.data_parallel <= 0 and world_size % model_parallel:
+        raise QwenlinkError(f"config: parallel.tensor_parallel ({cfg.parallel.tensor_parallel}) x pipeline_parallel "
+                            f"({cfg.parallel.pipeline_parallel}) = {model_parallel} needs a multiple of "
+                            f"{model_parallel} processes, but {world_size} process(es) are running (launch with "
+                            f"torchrun --nproc-per-node ...)")
+    dp = cfg.parallel.data_parallel if cfg.parallel.data_parallel > 0 else world_size // model_parallel
     if dp * model_parallel != world_size:
         raise QwenlinkError(f"config: parallel.data_parallel ({dp}) x tensor_parallel "
                             f"({cfg.parallel.tensor_parallel}) x pipeline_parallel ({cfg.parallel.pipeline_parallel}) "
