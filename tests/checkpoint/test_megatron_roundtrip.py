@@ -236,3 +236,17 @@ def test_qwen15_32b_seed_layout_shapes():
         assert ("embedding" in lm) == ((p, c) == (0, 0))
         assert ("output_layer" in lm) == ((p, c) == (3, 1))
     assert chunks[(0, 0)]["language_model"]["embedding"]["word_embeddings"]["weight"].shape == (152064 // 8, 5120)
+
+
+def test_qwenlink_checkpoint_roundtrip_and_init_from_megatron(tmp_path):
+    """Megatron -> qwenlink DCP -> Megatron -> model; and loading Megatron weights into an allocated model."""
+    from qwenlink.checkpoint.convert import ConvertOptions, convert, load_megatron_weights, read_megatron_config
+
+    model = random_model(layers=4, tied=True)
+    save_megatron(ModelSource(model), tmp_path / "meg", make_layout(model.config, 2, 2), naming="legacy")
+    convert(tmp_path / "meg", tmp_path / "q", ConvertOptions(to="qwenlink"), notice=lambda m: None)
+    convert(tmp_path / "q", tmp_path / "meg2", ConvertOptions(to="megatron", tp=1, pp=4), notice=lambda m: None)
+    assert_same_tensors(params(model_from_source(MegatronSource(tmp_path / "meg2"))), params(model))
+    target = build_model(read_megatron_config(tmp_path / "meg"), seed=5)
+    load_megatron_weights(target, tmp_path / "meg")
+    assert_same_tensors(params(target), params(model))

@@ -23,10 +23,11 @@ from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model, build_model
 
 FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy")
+HF_SHARD_BYTES = 1 << 30
 
 
 class HFSource:
-    """An HF directory read tensor by tensor (safetensors are memory-mapped; nothing is loaded up front)."""
+    """An HF directory read tensor by tensor (nothing is loaded up front)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory)
@@ -34,7 +35,6 @@ class HFSource:
         self._where: dict[str, Path] = {}
         for file, key, _ in hf.iter_hf_tensors(directory):
             self._where[key] = file
-        self._handles: dict[Path, object] = {}
         with torch.device("meta"):
             self._shapes = {n: tuple(p.shape) for n, p in
                             Qwen2Model(self.config).named_parameters(remove_duplicate=False)}
@@ -46,9 +46,9 @@ class HFSource:
         file = self._where.get(key)
         if file is None:
             raise QwenlinkError(f"{self.directory}: tensor {key!r} missing from the checkpoint")
-        if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-        tensor = self._handles[file].get_tensor(key)
+        # Opened per tensor: closing unmaps the file, so pages already copied out do not stay resident.
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(key)
         if tuple(tensor.shape) != self._shapes[name]:
             raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected "
                                 f"{list(self._shapes[name])} from config.json")
@@ -126,6 +126,32 @@ def load_megatron_model(directory: str | os.PathLike, *, device: torch.device | 
                              device=device, dtype=dtype)
 
 
+def read_megatron_config(directory: str | os.PathLike, *, iteration: Optional[megatron.Iteration] = None,
+                         reference: Optional[ModelConfig] = None) -> ModelConfig:
+    """The architecture of a Megatron checkpoint (args cross-checked with its tensors)."""
+    from qwenlink.checkpoint.megatron_read import MegatronSource
+
+    return MegatronSource(directory, iteration=iteration, reference=reference).config
+
+
+@torch.no_grad()
+def load_megatron_weights(model: Qwen2Model, directory: str | os.PathLike, *,
+                          iteration: Optional[megatron.Iteration] = None) -> None:
+    """Copy a Megatron checkpoint into an allocated model (or pipeline stage: only the parameters it holds).
+
+    For the trainer's `--model.init_from=MEGATRON_DIR`, like Megatron's `--load` of a converted checkpoint.
+    """
+    from qwenlink.checkpoint.megatron_read import MegatronSource
+
+    source = MegatronSource(directory, iteration=iteration)
+    for name, param in model.named_parameters():
+        tensor = source.get(name)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise QwenlinkError(f"{directory}: tensor {name!r} has shape {list(tensor.shape)} in the Megatron "
+                                f"checkpoint but {list(param.shape)} in the model")
+        param.copy_(tensor)
+
+
 def load_any_model(path: str | os.PathLike, *, device: torch.device | str = "cpu",
                    dtype: Optional[torch.dtype] = None) -> Qwen2Model:
     """HF directory, qwenlink checkpoint or Megatron checkpoint -> model (format detected)."""
@@ -172,9 +198,11 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     if (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage, opts.num_layer_list) != (1, 1, None, None, None):
         raise QwenlinkError(f"--tp/--pp/--vpp/--num-layer-list apply to Megatron output only, not --to {opts.to}")
     model = model_from_source(source, dtype=opts.dtype)
+    del source  # unmaps the input's files before the output is serialised
     if opts.to == "hf":
         tokenizer_dir = opts.tokenizer_dir or opts.config_from or (input_path if fmt == "hf" else None)
-        return hf.save_hf_model(model, output, tokenizer_dir=tokenizer_dir)
+        # safetensors serialises a whole file in memory: 1 GiB shards bound that extra copy.
+        return hf.save_hf_model(model, output, tokenizer_dir=tokenizer_dir, max_shard_bytes=HF_SHARD_BYTES)
     return _save_qwenlink(model, output, notice)
 
 

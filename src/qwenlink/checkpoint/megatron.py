@@ -214,7 +214,7 @@ def chunk_roles(source: TensorSource, layout: ml.Layout, p: int, c: int, *, padd
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     def vocab_shards(name: str) -> list[torch.Tensor]:
-        return ml.split_rows(ml.pad_vocab(cast(source.get(name)), padded_vocab), tp)
+        return ml.vocab_shards(source.get(name), padded_vocab, tp, dtype)
 
     if layout.holds_embedding(p, c):
         for t, shard in enumerate(vocab_shards("embed_tokens.weight")):

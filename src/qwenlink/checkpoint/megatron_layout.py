@@ -31,14 +31,23 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def pad_vocab(weight: Tensor, padded: int) -> Tensor:
-    """[V, H] -> [padded, H], new rows repeating the last real row (as Megatron's converter does)."""
-    extra = padded - weight.shape[0]
-    if extra < 0:
-        raise QwenlinkError(f"padded vocab {padded} is smaller than the vocab {weight.shape[0]}")
-    if extra == 0:
-        return weight
-    return torch.cat([weight, weight[-1:].expand(extra, -1)], dim=0)
+def vocab_shards(weight: Tensor, padded: int, tp: int, dtype: Optional[torch.dtype] = None) -> list[Tensor]:
+    """[V, H] -> TP shards of [padded/TP, H]; padding rows repeat the last real row (as Megatron's converter does).
+
+    Each shard is built once, so no padded copy of the whole table is ever held.
+    """
+    vocab = weight.shape[0]
+    if padded < vocab or padded % tp:
+        raise QwenlinkError(f"padded vocab {padded} must be >= the vocab {vocab} and divisible by TP {tp}")
+    rows = padded // tp
+    shards = []
+    for t in range(tp):
+        start, stop = t * rows, (t + 1) * rows
+        real = weight[min(start, vocab):min(stop, vocab)]
+        pad = weight[-1:].expand(stop - max(start, vocab), -1) if stop > vocab else weight[:0]
+        shard = torch.cat([real, pad], dim=0)  # a new tensor holding only this shard
+        shards.append(shard.to(dtype) if dtype is not None else shard)
+    return shards
 
 
 # ---- attention: fused QKV -------------------------------------------------------------------------------------------

@@ -32,6 +32,21 @@ def _arg(args: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _chunks_of(ckpt: dict[str, Any], file: Path) -> list[tuple[str, str, dict[Key, torch.Tensor]]]:
+    """[(entry name, naming, {(role, local layer): tensor})] for `model` or `model0..modelN` in chunk order."""
+    keys = sorted((k for k in ckpt if k == "model" or (k.startswith("model") and k[5:].isdigit())),
+                  key=lambda k: int(k[5:] or 0))
+    out = []
+    for key in keys:
+        try:
+            naming, flat = flatten_chunk(ckpt[key])
+        except UnknownKey as exc:
+            raise QwenlinkError(f"{file}: unexpected tensor {exc.args[0]!r} in {key!r} (not part of a Qwen2/Llama "
+                                f"model: biases on linear layers or MoE are not supported)") from None
+        out.append((key, naming, flat))
+    return out
+
+
 class MegatronSource:
     """A Megatron checkpoint opened for conversion: `config`, `get(qwenlink_name)`, `layout`, `naming`, `iteration`."""
 
@@ -70,6 +85,11 @@ class MegatronSource:
         self._flatten(tp, pp)
         self.config = self._config(reference)
         self._check_shapes()
+        # Drop every mapping; tensors are re-mapped one pipeline stage at a time as get() asks for them, so pages
+        # read for earlier stages do not stay resident.
+        self.ckpts.clear()
+        self.chunks.clear()
+        self._stage: Optional[int] = None
 
     # ---- structure ------------------------------------------------------------------------------------------------
     def _flatten(self, tp: int, pp: int) -> None:
@@ -82,18 +102,12 @@ class MegatronSource:
             row = []
             for t in range(tp):
                 ckpt, file = self.ckpts[(t, p)], self.files[(t, p)]
-                keys = sorted((k for k in ckpt if k == "model" or (k[5:].isdigit() and k.startswith("model"))),
-                              key=lambda k: int(k[5:] or 0))
+                chunks = _chunks_of(ckpt, file)
                 if vpp is None:
-                    vpp = len(keys)
-                elif len(keys) != vpp:
-                    raise QwenlinkError(f"{file}: holds {len(keys)} model chunk(s), other ranks hold {vpp}")
-                for c, key in enumerate(keys):
-                    try:
-                        naming, flat = flatten_chunk(ckpt[key])
-                    except UnknownKey as exc:
-                        raise QwenlinkError(f"{file}: unexpected tensor {exc.args[0]!r} in {key!r} (not part of a "
-                                            f"Qwen2/Llama model: biases on linear layers or MoE are not supported)")
+                    vpp = len(chunks)
+                elif len(chunks) != vpp:
+                    raise QwenlinkError(f"{file}: holds {len(chunks)} model chunk(s), other ranks hold {vpp}")
+                for c, (key, naming, flat) in enumerate(chunks):
                     namings.add(naming)
                     self.chunks[(t, p, c)] = flat
                     ref = self.chunks.get((0, p, c))
@@ -213,7 +227,18 @@ class MegatronSource:
                     return p, c, held.index(layer)
         raise QwenlinkError(f"{self.dir}: layer {layer} not found")
 
+    def _load_stage(self, p: int) -> None:
+        if self._stage == p:
+            return
+        self.chunks.clear()  # unmaps the previous stage once its tensors are no longer referenced
+        for t in range(self.layout.tp):
+            file = self.files[(t, p)]
+            for c, (_, _, flat) in enumerate(_chunks_of(safe_torch_load(file), file)):
+                self.chunks[(t, p, c)] = flat
+        self._stage = p
+
     def _shards(self, p: int, c: int, key: Key) -> list[torch.Tensor]:
+        self._load_stage(p)
         return [self.chunks[(t, p, c)][key] for t in range(self.layout.tp)]
 
     def _replicated(self, p: int, c: int, key: Key) -> torch.Tensor:
