@@ -33,3 +33,22 @@ def random_hf_model(tmp_path_factory, fixture_tokenizer_dir) -> Path:
     from eval_helpers import make_random_hf_model
 
     return make_random_hf_model(tmp_path_factory.mktemp("eval-model"), fixture_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def hflm(random_hf_model):
+    """lm-eval's own HF model wrapper around transformers' Qwen2ForCausalLM: the reference scorer."""
+    pytest.importorskip("lm_eval", reason="lm-eval is a test dependency (pip install -e '.[test]')")
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(random_hf_model), device="cpu", batch_size=4, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def qwenlink_model(random_hf_model):
+    """The same HF directory loaded by qwenlink, with the same tokenizer."""
+    from qwenlink.models.loader import load_model
+    from qwenlink.tokenizer import Tokenizer
+
+    loaded = load_model(str(random_hf_model))
+    return loaded.model, Tokenizer.from_dir(random_hf_model)

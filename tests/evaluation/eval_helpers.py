@@ -104,3 +104,45 @@ def make_random_hf_model(directory: Path, tokenizer_dir: Path, *, seed: int = 0,
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy2(f, directory / f.name)
     return directory
+
+
+# ---- C-Eval-layout files made by the tests (the real data is not in the repository) ----------------------------------
+CEVAL_HEADER = ["id", "question", "A", "B", "C", "D", "answer", "explanation"]
+
+
+def ceval_rows(subject: str, n: int, *, offset: int = 0) -> list[list[str]]:
+    """Questions shaped like C-Eval's: Chinese text, full-width punctuation, commas and quotes inside fields, a line
+    break inside a question, leading/trailing spaces that the template's strip() must remove."""
+    rows = []
+    for i in range(n):
+        k = i + offset
+        question = [f"关于{subject}的第{k}题：下列说法，哪一项是“正确”的？",
+                    f"  已知 x = {k}, y = \"{k + 1}\"，求 x+y 的值。  ",
+                    f"第一行\n第二行，{k}：选出正确答案"][k % 3]
+        choices = [f"{k}", f"选项, 含逗号 {k}", f"“引号” {k}", f"{k + 3}.5%"]
+        rows.append([str(k), question, *choices, "ABCD"[k % 4], f"解析{k}，略"])
+    return rows
+
+
+def write_ceval(root: Path, subjects: dict[str, tuple[int, int]]) -> Path:
+    """root/{dev,val}/{subject}_{split}.csv for {subject: (dev rows, val rows)}; returns root."""
+    import csv
+
+    for subject, (n_dev, n_val) in subjects.items():
+        for split, n, offset in (("dev", n_dev, 100), ("val", n_val, 0)):
+            path = root / split / f"{subject}_{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(CEVAL_HEADER)
+                writer.writerows(ceval_rows(subject, n, offset=offset))
+    return root
+
+
+def run_cli(*args: str, timeout: float = 300):
+    """`qwenlink ARGS...` in a fresh interpreter, as a user runs it."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qwenlink.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -8,7 +8,6 @@ the task's `process_results`).
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("lm_eval", reason="lm-eval is a test dependency (pip install -e '.[test]')")
 
@@ -38,23 +37,6 @@ def test_mmlu_prompts_equal_lm_eval(mmlu_data, subject, shots):
     for (their_doc, their_args), (our_doc, our_args) in zip(theirs, ours):
         assert their_doc == our_doc
         assert our_args == their_args  # exact strings: context and continuation
-
-
-@pytest.fixture(scope="module")
-def hflm(random_hf_model):
-    from lm_eval.models.huggingface import HFLM
-
-    torch.manual_seed(0)
-    return HFLM(pretrained=str(random_hf_model), device="cpu", batch_size=4, dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def qwenlink_model(random_hf_model):
-    from qwenlink.models.loader import load_model
-    from qwenlink.tokenizer import Tokenizer
-
-    loaded = load_model(str(random_hf_model))
-    return loaded.model, Tokenizer.from_dir(random_hf_model)
 
 
 def _lm_eval_scores(hflm, task, limit):

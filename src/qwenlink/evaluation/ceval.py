@@ -115,6 +115,7 @@ def load_ceval(data_dir: str | os.PathLike, *, subjects: Optional[Sequence[str]]
     out = []
     for name in chosen:
         zh, category = SUBJECTS[name]
+        questions = read_split(root, name, split)
         fewshot = read_split(root, name, "dev") if shots > 0 else []
-        out.append(Subject(name, category, description(name), read_split(root, name, split), fewshot, zh))
+        out.append(Subject(name, category, description(name), questions, fewshot, zh))
     return Task("ceval", PROMPT, out, CATEGORIES, split)

@@ -74,6 +74,7 @@ def load_mmlu(data_dir: str | os.PathLike, *, subjects: Optional[Sequence[str]] 
     chosen = pick_subjects(SUBJECTS, subjects, "mmlu")
     out = []
     for name in chosen:
+        questions = read_split(root, name, split)
         fewshot = read_split(root, name, "dev") if shots > 0 else []
-        out.append(Subject(name, SUBJECT_CATEGORY[name], description(name), read_split(root, name, split), fewshot))
+        out.append(Subject(name, SUBJECT_CATEGORY[name], description(name), questions, fewshot))
     return Task("mmlu", PROMPT, out, CATEGORIES, split)
