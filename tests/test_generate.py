@@ -96,3 +96,77 @@ def test_cli_greedy_on_fixture_equals_transformers(tiny_fixture_hf):
     assert result.returncode == 0, result.stderr
     assert result.stdout == tok.decode(new) + "\n"
     assert "tokens/s" in result.stderr
+
+
+def test_batched_greedy_equals_transformers_left_padded_batch(tiny):
+    hf, model = tiny
+    width = max(map(len, PROMPTS))
+    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(PROMPTS):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours, _ = generate(model, PROMPTS, SamplingParams(max_new_tokens=12))
+    assert [r.tokens for r in ours] == ref[:, width:].tolist()
+
+
+def test_repetition_penalty_equals_transformers(tiny):
+    hf, model = tiny
+    prompt = PROMPTS[0]
+    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=20, do_sample=False, repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
+    ours, _ = generate(model, [prompt], SamplingParams(max_new_tokens=20, repetition_penalty=1.5))
+    assert ours[0].tokens == ref[0, len(prompt):].tolist()
+
+
+def test_stop_strings_cut_text_and_logprobs_are_returned(tiny_fixture_hf):
+    from qwenlink.tokenizer import Tokenizer
+
+    model = load_hf_model(tiny_fixture_hf).eval()
+    tok = Tokenizer.from_dir(tiny_fixture_hf)
+    prompt = tok.encode("hello world")
+    full, _ = generate(model, [prompt], SamplingParams(max_new_tokens=20, logprobs=True), decode=tok.decode)
+    text = full[0].text
+    assert len(full[0].logprobs) == len(full[0].tokens) and all(lp <= 0 for lp in full[0].logprobs)
+    stop = text[4:6]
+    cut, _ = generate(model, [prompt], SamplingParams(max_new_tokens=20, stop_strings=(stop,)), decode=tok.decode)
+    assert cut[0].text == text[:text.index(stop)] and cut[0].finish_reason == "stop"
+    # The reported log-probs are the model's: the first equals log_softmax of the prefill logits.
+    with torch.no_grad():
+        first = torch.log_softmax(model(torch.tensor([prompt]))[0, -1], -1)[full[0].tokens[0]]
+    assert abs(float(first) - full[0].logprobs[0]) < 1e-5
+
+
+def test_continuous_batching_admits_requests_mid_flight(tiny):
+    """A request joining while others decode gets exactly the tokens it gets alone."""
+    from qwenlink.inference.engine import Engine, Request
+
+    _, model = tiny
+    engine = Engine(model, max_batch=2, max_length=64)
+    first = engine.submit(Request(PROMPTS[0], SamplingParams(max_new_tokens=10)))
+    for _ in range(4):
+        engine.step()
+    second = engine.submit(Request(PROMPTS[2], SamplingParams(max_new_tokens=6)))
+    third = engine.submit(Request(PROMPTS[1], SamplingParams(max_new_tokens=5)))  # waits for a free row
+    while engine.busy:
+        engine.step()
+    for request, prompt, n in ((first, PROMPTS[0], 10), (second, PROMPTS[2], 6), (third, PROMPTS[1], 5)):
+        assert request.tokens == _cache_free_greedy(model, prompt, n)
+
+
+def test_generate_cli_jsonl_in_and_out(tmp_path, tiny_fixture_hf):
+    import json
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text('{"prompt": "hello"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli("generate", "--model", str(tiny_fixture_hf), "--input", str(src), "--output", str(out),
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[1]["prompt"].startswith("<|im_start|>system")
+    assert all(len(r["tokens"]) <= 4 for r in rows)
+    src.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    bad = run_cli("generate", "--model", str(tiny_fixture_hf), "--input", str(src), "--output", str(tmp_path / "x"))
+    assert bad.returncode != 0 and "prompts.jsonl:2" in bad.stderr and not (tmp_path / "x").exists()

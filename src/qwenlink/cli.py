@@ -32,27 +32,78 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate text from prompts with a KV cache",
-                       description="Generate completions for one or more prompts (prefill once, then one token per step).")
+def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF model directory or preset name (random weights)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory or `default` (default: the model "
                    "directory's own tokenizer, else the embedded Qwen vocabulary)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, *, default_max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=default_max_new)
     sampling = p.add_mutually_exclusive_group()
     sampling.add_argument("--greedy", action="store_true", help="pick the most likely token each step (default)")
     sampling.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF-style repetition penalty (1: off)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this string appears (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from prompts with a KV cache",
+                       description="Generate completions for prompts (batched; prefill once, then one token per step).")
+    _add_model_options(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--input", default=None, help="JSONL file: one {\"prompt\": ...} or {\"messages\": [...]} per line")
+    p.add_argument("--output", default=None, help="write JSONL results (text, tokens, timings) to this file")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the ChatML template")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    _add_sampling_options(p, default_max_new=64)
 
     def run(args: argparse.Namespace) -> int:
         from qwenlink.commands.generate import run_generate
         return run_generate(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive terminal chat (ChatML, streaming)",
+                       description="Chat with a model in the terminal. Commands: /clear, /system TEXT, /quit.")
+    _add_model_options(p)
+    p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--max-history-tokens", type=int, default=4096,
+                   help="drop the oldest turns when the conversation grows beyond this many tokens")
+    _add_sampling_options(p, default_max_new=512)
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.inference.chat import run_chat
+        return run_chat(args)
+
+    p.set_defaults(func=run)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                       description="Serve a model over an OpenAI-compatible API with continuous batching.")
+    _add_model_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the --model name)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set QWENLINK_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--max-prompt-tokens", type=int, default=8192)
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before answering 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+
+    def run(args: argparse.Namespace) -> int:
+        from qwenlink.commands.serve import run_serve
+        return run_serve(args)
 
     p.set_defaults(func=run)
 
@@ -220,6 +271,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_generate,
+    _add_chat,
+    _add_serve,
     _add_convert,
     _add_preprocess,
     _add_eval,

@@ -1,53 +1,80 @@
-"""`qwenlink generate`: complete prompts with a model directory or a preset (random weights)."""
+"""`qwenlink generate`: complete prompts (from --prompt or a JSONL file) in batches, print or write JSONL."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from qwenlink.device import resolve_device
 from qwenlink.errors import QwenlinkError
-from qwenlink.inference.generate import SamplingParams, generate
-from qwenlink.models.loader import load_model
-from qwenlink.tokenizer import Tokenizer, load_tokenizer
+from qwenlink.fileio import atomic_write_text
+from qwenlink.inference.generate import generate
+from qwenlink.inference.sampling import SamplingParams
+from qwenlink.inference.session import check_vocab, open_session, pick_tokenizer  # noqa: F401 (re-exported)
+from qwenlink.tokenizer import Tokenizer
 
 
-def pick_tokenizer(tokenizer_spec: str | None, model_tokenizer_dir) -> Tokenizer:
-    if tokenizer_spec is not None:
-        return load_tokenizer(tokenizer_spec)
-    if model_tokenizer_dir is not None:
-        return Tokenizer.from_dir(model_tokenizer_dir)
-    return Tokenizer.default()
+def sampling_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
+    temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop_ids=frozenset(tokenizer.stop_ids()), stop_strings=tuple(args.stop))
+    params.validate()
+    return params
 
 
-def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
-    """A tokenizer producing ids beyond the model's embedding would index out of range mid-run: refuse early."""
-    if tokenizer.vocab_size > vocab_size:
-        raise QwenlinkError(f"{where}: tokenizer {tokenizer.source or ''} has {tokenizer.vocab_size} ids but the "
-                            f"model's vocab_size is {vocab_size}")
+def _read_jsonl_prompts(path: str, tokenizer: Tokenizer) -> list[str]:
+    """Each line holds {"prompt": str} or {"messages": [...]} (rendered with the chat template)."""
+    file = Path(path)
+    if not file.is_file():
+        raise QwenlinkError(f"{path}: input file not found")
+    texts = []
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise QwenlinkError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise QwenlinkError(f"{path}:{number}: not valid JSON") from None
+        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            texts.append(record["prompt"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            texts.append(tokenizer.apply_chat_template(record["messages"]))
+        else:
+            raise QwenlinkError(f"{path}:{number}: expected an object with a 'prompt' string or a 'messages' list")
+    if not texts:
+        raise QwenlinkError(f"{path}: no prompts found")
+    return texts
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if not args.prompt:
-        raise QwenlinkError("give at least one --prompt")
-    from qwenlink.checkpoint.hf import parse_dtype
-
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=parse_dtype(args.dtype), seed=args.seed)
-    tokenizer = pick_tokenizer(args.tokenizer, loaded.tokenizer_dir)
-    check_vocab(tokenizer, loaded.model.config.vocab_size, args.model)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
-    prompts = [tokenizer.encode(t) for t in texts]
-    temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop_ids=frozenset(tokenizer.stop_ids()))
-    loaded.model.eval()
-    results, stats = generate(loaded.model, prompts, params, pad_id=tokenizer.pad_id or 0)
-    for prompt, result in zip(args.prompt, results):
-        tokens = result.tokens[:-1] if result.finish_reason == "stop" else result.tokens
-        if len(args.prompt) > 1:
-            print(f"### prompt: {prompt}")
-        print(tokenizer.decode(tokens, skip_special_tokens=False))
+    if not args.prompt and not args.input:
+        raise QwenlinkError("give at least one --prompt or an --input JSONL file")
+    session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                           seed=args.seed)
+    tok = session.tokenizer
+    params = sampling_from_args(args, tok)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]
+    if args.input:
+        texts += _read_jsonl_prompts(args.input, tok)
+    prompts = [tok.encode(t) for t in texts]
+    if any(not p for p in prompts):
+        raise QwenlinkError("a prompt is empty after tokenisation")
+    results, stats = generate(session.model, prompts, params, decode=tok.decode, max_batch=args.max_batch)
+    if args.output:
+        lines = [json.dumps({"prompt": t, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason},
+                            ensure_ascii=False) for t, r in zip(texts, results)]
+        atomic_write_text(args.output, "\n".join(lines) + "\n")
+    else:
+        for text, result in zip(texts, results):
+            if len(texts) > 1:
+                print(f"### prompt: {text}")
+            print(result.text)
     print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
           f"{stats.prefill_seconds:.3f}s, decode {stats.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return 0

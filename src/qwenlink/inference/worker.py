@@ -1,0 +1,106 @@
+"""A background thread that owns the engine: requests arrive from any thread, tokens flow back per request.
+
+The model and KV cache are touched by this thread only, so HTTP handler threads never race on them; each request
+gets its own queue of events (new text, end) that its handler reads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Optional
+
+from qwenlink.inference.engine import Engine, Request
+
+_STOP = object()
+
+
+class EngineWorker:
+    """Runs `engine.step()` whenever there is work, admitting new requests between steps (continuous batching)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.inbox: "queue.Queue[object]" = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="qwenlink-engine", daemon=True)
+        self.error: Optional[BaseException] = None
+        self._pending = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> "EngineWorker":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.inbox.put(_STOP)
+        self.thread.join(timeout=10)
+
+    @property
+    def load(self) -> int:
+        """Requests submitted and not yet finished (for admission control)."""
+        with self._lock:
+            return self._pending
+
+    def submit(self, request: Request) -> "queue.Queue[Request]":
+        """Queue a request (already validated with `engine.check`); returns the queue its updates arrive on."""
+        events: "queue.Queue[Request]" = queue.Queue()
+        user_callback = request.on_update
+
+        def on_update(r: Request) -> None:
+            if user_callback is not None:
+                user_callback(r)
+            if r.done:
+                with self._lock:
+                    self._pending -= 1
+            events.put(r)
+
+        request.on_update = on_update
+        with self._lock:
+            self._pending += 1
+        self.inbox.put(("submit", request))
+        return events
+
+    def abort(self, request: Request) -> None:
+        self.inbox.put(("abort", request))
+
+    def _handle(self, item: object) -> bool:
+        if item is _STOP:
+            return False
+        kind, request = item  # type: ignore[misc]
+        if kind == "submit":
+            try:
+                self.engine.submit(request)
+            except Exception as exc:  # validated before, so this is unexpected; end the request, keep serving
+                request.finish_reason = "error"
+                request.text = str(exc)
+                request.on_update(request)
+        elif kind == "abort" and not request.done:
+            self.engine.abort(request)
+            request.on_update(request)
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                # Block only when idle; otherwise take whatever arrived and keep stepping.
+                item = self.inbox.get() if not self.engine.busy else self.inbox.get_nowait()
+            except queue.Empty:
+                item = None
+            if item is not None:
+                if not self._handle(item):
+                    return
+                while True:  # drain everything that is already waiting
+                    try:
+                        if not self._handle(self.inbox.get_nowait()):
+                            return
+                    except queue.Empty:
+                        break
+            if self.engine.busy:
+                try:
+                    self.engine.step()
+                except Exception as exc:  # a bug: fail the running requests loudly but keep the server alive
+                    self.error = exc
+                    for r in list(self.engine.running.values()) + list(self.engine.waiting):
+                        self.engine.abort(r)
+                        r.finish_reason = "error"
+                        r.text = f"internal error: {type(exc).__name__}: {exc}"
+                        r.on_update(r)
