@@ -294,7 +294,13 @@ class Trainer:
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
+        """First signal: finish the step, save, exit. A second one (an impatient Ctrl-C) stops at once."""
+        if self._signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
         self._signal = signum
+        self.log(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step "
+                 f"(send it again to stop without saving)")
 
     def train(self, *, stop_at: Optional[int] = None) -> int:
         """Run to train_iters (or `stop_at`, saving there); returns the exit code (128 + signal after a signal)."""
