@@ -48,3 +48,16 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         assert a[name].dtype == b[name].dtype, name
         assert a[name].shape == b[name].shape, name
         assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+@pytest.fixture
+def cli_main(capsys):
+    """Run `qwenlink ...` in-process; returns (exit code, stdout, stderr). Import it into a test module to use it."""
+    from qwenlink.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        rc = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return rc, captured.out, captured.err
+
+    return run
