@@ -154,3 +154,11 @@ def test_real_command_line_exit_code_and_stderr(tmp_path):
     assert proc.returncode == 2
     _check_error(proc.returncode, proc.stderr, "in.jsonl", "row 1", "missing key 'text'")
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
+
+
+def test_txt_input_cannot_feed_several_json_keys(tmp_path, cli):
+    src = tmp_path / "in.txt"
+    src.write_text("one line\n")
+    rc, err, out = _preprocess(cli, tmp_path, src, "--json-keys", "text", "title")
+    _check_error(rc, err, "in.txt", "one text column")
+    assert _outputs(out) == []

@@ -143,3 +143,12 @@ def test_pack_bins_keeps_order_and_isolates_long_samples():
 def test_unmasked_tokens_cover_every_reply_with_multi_turn_alpaca(tmp_path, cli, tok):
     ds = _prep(cli, tmp_path, CHAT[:1], "chat", "alpaca")
     assert _trained_text(tok, ds, 0) == "Hi! How can I help?\nNo.\n"
+
+
+def test_conversation_without_a_reply_is_skipped_and_counted(tmp_path, cli, tok):
+    records = CHAT[:1] + [{"messages": [{"role": "user", "content": "anyone there?"}]}]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    rc, out, err = cli("preprocess", "--input", src, "--output-prefix", tmp_path / "sft", "--handler", "chat")
+    assert rc == 0, err
+    assert len(InstructionDataset(tmp_path / "sft")) == 1
+    assert "skipped 1 empty documents" in out

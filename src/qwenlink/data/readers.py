@@ -220,6 +220,9 @@ def _json_batches(path: Path, required, optional, batch_size) -> Iterator[Record
 
 def _txt_batches(path: Path, required, batch_size) -> Iterator[RecordBatch]:
     """Plain text: every line is one record whose only column is the first --json-keys name (default `text`)."""
+    if len(required) > 1:
+        raise QwenlinkError(f"{path}: a .txt file has one text column per line, but {len(required)} columns are "
+                            f"needed ({', '.join(required)})")
     key = required[0] if required else "text"
     with open(path, "rb") as f:
         def rows() -> Iterator[tuple[int, dict]]:
