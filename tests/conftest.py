@@ -1,34 +1,17 @@
-"""Shared test helpers: paths to the interop fixtures and tiny random HF models made on the fly."""
+"""Suite-wide pytest setup: thread count and the fixtures every test folder may use."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+from common import fixture_dir
 
 # Tests run on 2 shared cores; more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def fixture_dir(*parts: str) -> Path:
-    """A folder under ../shared/fixtures, or a skip with the reason when the checkout has no shared folder."""
-    path = SHARED_FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
-    return path
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `qwenlink ARGS...` in a fresh interpreter, as a user would, capturing output."""
-    return subprocess.run([sys.executable, "-m", "qwenlink.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from common import run_cli
 from hf_helpers import make_hf_model
 
 EXPECTED_PARAMS = {"qwen1.5-0.5b": "0.46B", "qwen1.5-1.8b": "1.84B", "qwen1.5-4b": "3.95B", "qwen1.5-7b": "7.72B",
@@ -108,6 +108,6 @@ def test_generate_with_preset_uses_embedded_tokenizer():
 
 
 def _fixture_tok():
-    from conftest import fixture_dir
+    from common import fixture_dir
 
     return fixture_dir("megatron-core-tiny-qwen2", "hf")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli
+from common import run_cli
 from hf_helpers import make_hf_model
 from qwenlink.checkpoint.hf import load_hf_model
 from qwenlink.inference.generate import SamplingParams, generate

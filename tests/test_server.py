@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai", reason="the openai client is a test depen
 
 @pytest.fixture(scope="module")
 def served(request):
-    from conftest import fixture_dir
+    from common import fixture_dir
 
     path = fixture_dir("megatron-core-tiny-qwen2", "hf")
     model = load_hf_model(path).eval()

@@ -56,6 +56,29 @@ def rotary_cos_sin(position_ids: Tensor, head_dim: int, theta: float, dtype: tor
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+class RotaryTables:
+    """The cos/sin tables of one forward pass, computed on first use by the first attention layer.
+
+    Computing them where q/k are known (rather than from the hidden states' shape at the model's entry) keeps the
+    model correct when parallelism changes shapes in between: with sequence parallelism the residual stream holds a
+    1/tp slice of the sequence, while attention sees the whole sequence after its all-gather.
+    """
+
+    def __init__(self, position_ids: Optional[Tensor], head_dim: int, theta: float) -> None:
+        self.position_ids = position_ids  # [B, T] or None for 0..T-1
+        self.head_dim = head_dim
+        self.theta = theta
+        self._tables: Optional[tuple[Tensor, Tensor]] = None
+
+    def get(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self._tables is None or self._tables[0].dtype != dtype:
+            positions = self.position_ids
+            if positions is None:
+                positions = torch.arange(seqlen, device=device)[None]  # [1, T]
+            self._tables = rotary_cos_sin(positions.to(device), self.head_dim, self.theta, dtype)
+        return self._tables
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -121,13 +144,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], *,
+    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # Head counts come from the weights, not the config, so a tensor-parallel shard sees its local heads.
         q = self.q_proj(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(bsz, seqlen, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        cos, sin = rope.get(seqlen, q.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
             slots, span, rows = cache
@@ -163,9 +187,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], *,
+    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache=kv_cache, layer_id=layer_id,
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache=kv_cache, layer_id=layer_id,
                                cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -245,7 +269,12 @@ class Qwen2Model(nn.Module):
           computes it for one position per row (the last real token of right-padded prompts). Returns [B, k, V].
         """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, T, H]
-        bsz, seqlen = h.shape[:2]
+        bsz, seqlen = inputs.shape[:2]
+        if kv_cache is None and attention_mask is None:
+            # Training / scoring a fresh sequence: causal attention, positions 0..T-1 unless given. Nothing here may
+            # depend on h's sequence length, which sequence parallelism shards.
+            return self._run_layers(h, RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta),
+                                    None, None, None, logits_to_keep)
         if cache_positions is None:
             slots = torch.arange(cache_start, cache_start + seqlen, device=h.device)[None]  # [1, T]
         else:
@@ -253,13 +282,19 @@ class Qwen2Model(nn.Module):
         span = int(slots.max()) + 1 if cache_positions is not None else cache_start + seqlen
         if position_ids is None:
             position_ids = slots.expand(bsz, seqlen)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, h.dtype)
+        rope = RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = build_attention_mask(attention_mask, slots, span, h.device)
         cache = (slots, span, cache_rows) if kv_cache is not None else None
-        for layer_id, layer in self.layers.items():
-            h = layer(h, cos, sin, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
+        out = self._run_layers(h, rope, mask, kv_cache, cache, logits_to_keep)
         if kv_cache is not None:
             kv_cache.length = max(kv_cache.length, span)
+        return out
+
+    def _run_layers(self, h: Tensor, rope: RotaryTables, mask: Optional[Tensor], kv_cache: Optional[KVCache],
+                    cache: Optional[tuple], logits_to_keep: int | Tensor) -> Tensor:
+        bsz = h.shape[0]
+        for layer_id, layer in self.layers.items():
+            h = layer(h, rope, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
         if isinstance(logits_to_keep, Tensor):
             h = h[torch.arange(bsz, device=h.device), logits_to_keep.to(h.device)][:, None]  # [B, 1, H]
         elif logits_to_keep > 0:

@@ -1,0 +1,27 @@
+"""Helpers shared by the test suite (a uniquely named module: `conftest` names clash across test folders)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def fixture_dir(*parts: str) -> Path:
+    """A folder under ../shared/fixtures, or a skip with the reason when the checkout has no shared folder."""
+    path = SHARED_FIXTURES.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `qwenlink ARGS...` in a fresh interpreter, as a user would, capturing output."""
+    return subprocess.run([sys.executable, "-m", "qwenlink.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
