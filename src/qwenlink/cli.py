@@ -172,6 +172,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "often fastest for small models on a busy machine)")
 
     def run(args: argparse.Namespace) -> int:
         from qwenlink.commands.eval import run_eval

@@ -63,6 +63,10 @@ def test_mmlu_scores_equal_lm_eval(mmlu_data, hflm, qwenlink_model, shots):
             for (their_ll, their_greedy), score in zip(theirs, ours):
                 assert score.logprob == pytest.approx(their_ll, abs=1e-4), layout
                 assert score.is_greedy == their_greedy
+            if layout.get("share_prefix"):
+                assert scorer.stats.prefix_tokens_reused > 0, "the prefix-cache path was not exercised"
+            # One forward row per question: the 4 answers share their input (lm-eval's one-token-continuation cache).
+            assert scorer.stats.forward_rows == len(requests) // 4
         # Per-question accuracy: lm-eval's own metric on its numbers vs qwenlink's whole pipeline.
         docs = {inst.doc_id: inst.doc for inst in instances}
         their_acc, their_pred = {}, {}
@@ -78,6 +82,24 @@ def test_mmlu_scores_equal_lm_eval(mmlu_data, hflm, qwenlink_model, shots):
         assert [r.prediction for r in results] == [their_pred[i] for i in range(limit)]
         assert [float(r.prediction == r.answer) for r in results] == [their_acc[i] for i in range(limit)]
         assert per_subject[0].correct == sum(their_acc.values())
+
+
+def test_left_truncation_equals_lm_eval(mmlu_data, random_hf_model, qwenlink_model):
+    """Prompts longer than max_length are cut from the left exactly as HFLM cuts them."""
+    from lm_eval.models.huggingface import HFLM
+
+    short = HFLM(pretrained=str(random_hf_model), device="cpu", batch_size=4, dtype="float32", max_length=96)
+    task = lm_eval_mmlu_task("world_religions", mmlu_data, 2)
+    instances, theirs = _lm_eval_scores(short, task, 3)
+    assert all(len(inst.args[0]) > 200 for inst in instances)  # byte-level tokenizer: well over 96 tokens
+    model, tokenizer = qwenlink_model
+    for layout in (dict(padding_side="left", min_prefix=4), dict(padding_side="right")):
+        scorer = LoglikelihoodScorer(model, tokenizer, prefix_token_id=short.prefix_token_id, batch_size=2,
+                                     max_length=96, **layout)
+        ours = scorer.loglikelihood([Request(*inst.args) for inst in instances])
+        for (their_ll, their_greedy), score in zip(theirs, ours):
+            assert score.logprob == pytest.approx(their_ll, abs=1e-4)
+            assert score.is_greedy == their_greedy
 
 
 TRICKY_PAIRS = [

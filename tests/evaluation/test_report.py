@@ -37,9 +37,10 @@ def test_lm_eval_group_weighting_is_micro():
 
 
 def test_known_sizes_and_comparison_line():
-    assert model_size(get_preset("qwen1.5-7b"), "qwen1.5-7b") == "7b"
-    assert model_size(get_preset("qwen1.5-1.8b"), "/models/some-dir") == "1.8b"  # recognised by architecture
-    assert model_size(get_preset("qwen-tiny"), "qwen-tiny") is None
+    assert model_size(get_preset("qwen1.5-7b")) == "7b"
+    assert model_size(get_preset("qwen1.5-1.8b")) == "1.8b"
+    assert model_size(get_preset("qwen1.5-32b")) == "32b"  # differs from 14b only in ffn, layers and kv heads
+    assert model_size(get_preset("qwen-tiny")) is None
     line = comparison_line("mmlu", "7b", 0.603, 5)
     assert line == "Qwen1.5-7B published MMLU (5-shot): 61.0; this run: 60.3 (-0.7)"
     assert "note: this run is 0-shot" in comparison_line("ceval", "72b", 0.85, 0)

@@ -86,3 +86,20 @@ def test_csv_task_and_errors(tmp_path):
     toml.write_text('data = "q.jsonl"\nlabels = ["A", "B"]\nchoices_field = "choices"\n', encoding="utf-8")
     with pytest.raises(QwenlinkError, match=r"q\.jsonl:1: field 'choices' must be a list of 2 choices"):
         load_task_file(toml)
+
+
+def test_chat_template_only_when_asked(tmp_path):
+    """Without `chat` no template is applied (ModelLink once scored 0 because one was applied by accident); with it,
+    the prompt is the user turn and the bare labels are scored after the assistant header."""
+    from qwenlink.tokenizer import ENDOFTEXT, IM_START, Tokenizer
+
+    path = _write_task(tmp_path, 'data = "q.jsonl"\nlabels = ["A", "B", "C"]\nchoices_field = "choices"\n')
+    task = load_task_file(path)
+    plain = build_requests(task, shots=0)
+    assert all(IM_START not in r.context and ENDOFTEXT not in r.context for *_, reqs in plain for r in reqs)
+    tok = Tokenizer.__new__(Tokenizer)  # apply_chat_template needs no vocabulary
+    chat = build_requests(task, shots=0, chat=lambda text: tok.apply_chat_template([{"role": "user", "content": text}]))
+    first = chat[0][3]
+    assert first[0].context == (f"{IM_START}system\nYou are a helpful assistant.<|im_end|>\n{IM_START}user\n"
+                                f"{plain[0][3][0].context}<|im_end|>\n{IM_START}assistant\n")
+    assert [r.continuation for r in first] == ["A", "B", "C"]

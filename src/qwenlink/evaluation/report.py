@@ -58,14 +58,13 @@ def aggregate(scores: Sequence[SubjectScore], categories: Sequence[str] = ()) ->
     }
 
 
-def model_size(config: Any, spec: str = "") -> Optional[str]:
-    """The Qwen1.5 size ("7b") a model is, by preset name or by matching its architecture to a preset; else None."""
+def model_size(config: Any) -> Optional[str]:
+    """The Qwen1.5 size ("7b") whose architecture the model has (a preset name resolves to it too), else None.
+
+    Matching the shape rather than a name means an HF directory of Qwen1.5-7B is recognised whatever it is called,
+    and a directory merely named "7b" is not."""
     from qwenlink.models.presets import PRESETS
 
-    key = spec.lower().rstrip("/").rsplit("/", 1)[-1]
-    for name in PRESETS:
-        if name.startswith("qwen1.5-") and key in (name, name.removeprefix("qwen1.5-")):
-            return name.removeprefix("qwen1.5-")
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads")
     for name, preset in PRESETS.items():
