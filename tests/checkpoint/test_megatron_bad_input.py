@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckpt_helpers import cli_main, fixture, random_model  # noqa: F401 (cli_main is a fixture)
-from qwenlink.checkpoint.convert import ConvertOptions, ModelSource, convert
+from qwenlink.checkpoint.convert import ModelSource
 from qwenlink.checkpoint.megatron import save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.megatron_read import MegatronSource

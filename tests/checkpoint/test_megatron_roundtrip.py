@@ -26,7 +26,8 @@ from qwenlink.models.qwen2 import build_model
 # (GQA or MHA, tied or not, qkv bias or not) rotate through the layouts so every combination meets several of them.
 VARIANTS = [dict(kv_heads=4), dict(kv_heads=8, tied=True), dict(kv_heads=4, tied=True, qkv_bias=False),
             dict(kv_heads=8, qkv_bias=False)]
-LAYOUTS = [(tp, pp, vpp) for tp, pp, vpp in itertools.product((1, 2, 4), (1, 2, 4), (1, 2)) if not (vpp > 1 and pp == 1)]
+LAYOUTS = [(tp, pp, vpp) for tp, pp, vpp in itertools.product((1, 2, 4), (1, 2, 4), (1, 2))
+           if not (vpp > 1 and pp == 1)]
 CASES = [(naming, *layout, VARIANTS[i % len(VARIANTS)])
          for i, (naming, layout) in enumerate(itertools.product(("core", "legacy"), LAYOUTS))]
 

@@ -17,7 +17,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
@@ -122,7 +122,8 @@ def find_rank_files(iteration_dir: Path) -> dict[tuple[int, int], Path]:
         for t in range(tp):
             if (t, p) not in ranks:
                 name = f"mp_rank_{t:02d}_{p:03d}" if False in kinds else f"mp_rank_{t:02d}"
-                raise QwenlinkError(f"{iteration_dir / name}: missing (tensor rank {t}, pipeline rank {p} of TP {tp} x PP {pp})")
+                raise QwenlinkError(f"{iteration_dir / name}: missing (tensor rank {t}, pipeline rank {p} of "
+                                    f"TP {tp} x PP {pp})")
     for (t, p), file in ranks.items():
         if not file.is_file():
             raise QwenlinkError(f"{file}: missing")
@@ -170,7 +171,8 @@ def megatron_args(config: ModelConfig, layout: ml.Layout, *, naming: str, padded
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------------
-def _layer_roles(source: TensorSource, layer: int, tp: int, dtype: Optional[torch.dtype]) -> list[dict[str, torch.Tensor]]:
+def _layer_roles(source: TensorSource, layer: int, tp: int,
+                 dtype: Optional[torch.dtype]) -> list[dict[str, torch.Tensor]]:
     """One decoder layer in Megatron's fused, TP-split form: a {role: tensor} dict per TP rank."""
     cfg = source.config
     pre = f"layers.{layer}."

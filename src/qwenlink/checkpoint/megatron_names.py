@@ -94,7 +94,7 @@ def flatten_chunk(chunk: dict[str, Any]) -> tuple[str, dict[Key, torch.Tensor]]:
             out[("head_copy", None)] = chunk["word_embeddings_for_head"]["weight"]
         return "legacy", out
     for key, tensor in chunk.items():
-        if key.endswith("._extra_state") or key.endswith("_extra_state"):
+        if key.endswith("_extra_state"):
             continue
         top = {v: k for k, v in _CORE_TOP.items()}
         if key in top:
