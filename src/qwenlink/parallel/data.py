@@ -1,0 +1,37 @@
+"""Data parallelism with FSDP2 (`fully_shard`): sharded (ZeRO-3 like), replicated, or both (HSDP).
+
+Each decoder layer is its own FSDP unit (all-gathered just before use, freed after), and the root unit holds the
+embedding, final norm and lm_head (so a tied embedding/head stays one parameter). With bf16, parameters are gathered
+and computed in bf16 while the sharded master weights, gradients' reduction and optimizer state stay fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from qwenlink.models.qwen2 import Qwen2Model
+
+
+def apply_fsdp(model: Qwen2Model, dp_mesh, *, param_dtype: Optional[torch.dtype] = None,
+               reshard_after_forward: bool = True) -> Qwen2Model:
+    """Shard `model` (or a pipeline stage of it) over `dp_mesh` in place; a 2-D mesh means replicate x shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root unit (embedding, final norm, lm_head) stays unsharded after forward: its parameters are needed again at
+    # once in backward, and the chunked loss applies lm_head's weight right after the forward returns.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def set_gradient_sync(modules: list[nn.Module], enabled: bool) -> None:
+    """Skip the gradient reduce-scatter for all but the last micro batch of a step (they accumulate locally)."""
+    for module in modules:
+        setter = getattr(module, "set_requires_gradient_sync", None)
+        if setter is not None:
+            setter(enabled)

@@ -1,0 +1,83 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: stages cut from a meta-device model, and schedules.
+
+A stage is a copy of the (meta) model with the layers of other stages deleted; the embedding stays only in the first
+stage and norm + lm_head only in the last. Layer names keep their global index, so checkpoints written by any layout
+hold the same keys. Virtual stages are placed like Megatron (stage = chunk x pp + pipeline rank).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.parallel.mesh import ParallelPlan, stage_layers, stages_of_rank
+
+
+def split_stages(model: Qwen2Model, plan: ParallelPlan, pp_rank: int) -> list[tuple[int, Qwen2Model]]:
+    """(stage index, stage module) for every model chunk this pipeline rank runs. `model` should be on meta."""
+    layout = stage_layers(plan, model.config.num_hidden_layers)
+    last = plan.num_stages - 1
+    stages = []
+    for index in stages_of_rank(plan, pp_rank):
+        stage = copy.deepcopy(model)
+        keep = {str(i) for i in layout[index]}
+        for name in list(stage.layers.keys()):
+            if name not in keep:
+                del stage.layers[name]
+        if index != 0:
+            stage.embed_tokens = None
+        if index != last:
+            stage.norm = None
+            stage.lm_head = None
+        stages.append((index, stage))
+    return stages
+
+
+def build_schedule(plan: ParallelPlan, stages: list[tuple[int, nn.Module]], *, device: torch.device, pp_group,
+                   n_microbatches: int, loss_fn: Callable):
+    """Wrap the stage modules in PipelineStages and build the configured schedule.
+
+    Gradients are not rescaled by the schedule (scale_grads=False): the loss of each micro batch is already divided
+    by the number of valid tokens of the whole global batch, so summing micro batches is the exact global mean.
+    """
+    from torch.distributed import pipelining as pl
+
+    pipeline_stages = [pl.PipelineStage(module, index, plan.num_stages, device, group=pp_group)
+                       for index, module in stages]
+    single = {"gpipe": getattr(pl, "ScheduleGPipe"), "1f1b": getattr(pl, "Schedule1F1B")}
+    multi = {"interleaved-1f1b": getattr(pl, "ScheduleInterleaved1F1B"),
+             "interleaved-zero-bubble": getattr(pl, "ScheduleInterleavedZeroBubble", None)}
+    if plan.schedule in single:
+        return single[plan.schedule](pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
+                                     scale_grads=False)
+    schedule_cls = multi.get(plan.schedule)
+    if schedule_cls is None:
+        raise QwenlinkError(f"parallel.schedule {plan.schedule} is not available in torch {torch.__version__}")
+    return schedule_cls(pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def tied_embedding_group(mesh, plan: ParallelPlan):
+    """The process group joining the first and last pipeline rank of this rank's (dp, tp) coordinate.
+
+    With tied embeddings the first stage's embedding and the last stage's lm_head are two copies of one weight;
+    summing their gradients over this group before each optimizer step keeps the copies identical (Megatron's
+    embedding group). Every rank must call this (group creation is collective); ranks in no group get None.
+    """
+    if plan.pp == 1:
+        return None
+    ranks = mesh.mesh  # [pp, ...] global ranks
+    columns = ranks.reshape(plan.pp, -1)
+    mine = None
+    me = dist.get_rank()
+    for j in range(columns.shape[1]):
+        members = sorted({int(columns[0, j]), int(columns[-1, j])})
+        group = dist.new_group(members)
+        if me in members:
+            mine = group
+    return mine

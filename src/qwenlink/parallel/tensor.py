@@ -1,0 +1,88 @@
+"""Tensor (+ sequence) parallelism for Qwen2Model with DTensor's `parallelize_module`.
+
+Megatron's layout: q/k/v and gate/up are column-parallel (each rank holds whole heads / a slice of the FFN), o and
+down are row-parallel, the embedding and lm_head are split over the vocabulary. With sequence parallelism the residual
+stream and the RMSNorms hold 1/tp of the sequence between blocks (all-gather before attention/MLP, reduce-scatter
+after), as ModelLink always runs. The lm_head returns this rank's vocabulary slice of the logits; `vocab_parallel_loss`
+computes cross entropy on it with `loss_parallel`, never gathering the full [tokens x vocab] logits.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                               SequenceParallel, loss_parallel, parallelize_module)
+
+from qwenlink.models.qwen2 import Qwen2Model
+
+IGNORE_INDEX = -100
+
+
+def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool = True) -> Qwen2Model:
+    """Shard `model` (possibly a pipeline stage with some modules removed) over `tp_mesh` in place."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, object] = {}
+    if model.embed_tokens is not None:
+        plan["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.norm is not None and sequence_parallel:
+        plan["norm"] = SequenceParallel()
+    if model.lm_head is not None:
+        # Local logits hold this rank's vocabulary slice: [B, T, V / tp].
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=True)
+    tied = model.config.tie_word_embeddings and model.embed_tokens is not None and model.lm_head is not None
+    if plan:
+        parallelize_module(model, tp_mesh, plan)
+    if tied:
+        # Both shard the [V, H] weight on dim 0, so one DTensor parameter serves both modules.
+        model.lm_head.weight = model.embed_tokens.weight
+    for layer in model.layers.values():
+        layer_plan: dict[str, object] = {
+            # (x, rope, mask): only x changes layout; the rotary tables and mask are plain Python / tensors.
+            "self_attn": PrepareModuleInput(input_layouts=(residual, None, None), desired_input_layouts=(Replicate(),
+                                                                                                          None, None)),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+        }
+        if sequence_parallel:
+            layer_plan["input_layernorm"] = SequenceParallel()
+            layer_plan["post_attention_layernorm"] = SequenceParallel()
+        parallelize_module(_unwrap(layer), tp_mesh, layer_plan)
+    return model
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The block inside an activation-checkpoint wrapper (plans address the block's own submodule names)."""
+    return getattr(module, "_checkpoint_wrapped_module", module)
+
+
+def vocab_parallel_loss(local_logits: torch.Tensor, labels: torch.Tensor, tp_mesh, *, scale: float) -> torch.Tensor:
+    """Summed cross entropy x scale from this rank's vocabulary slice of the logits [B, T, V/tp].
+
+    The slice is viewed as a DTensor sharded on the vocabulary and `loss_parallel` computes the softmax statistics
+    with all-reduces over tp, so no rank ever holds the full logits. labels: [B, T], IGNORE_INDEX where masked.
+    Must run (forward and backward) inside `loss_parallel()`; see `loss_context`.
+    """
+    logits = DTensor.from_local(local_logits.float(), tp_mesh, [Shard(-1)], run_check=False)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(local_logits.device),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    if isinstance(loss, DTensor):
+        loss = loss.full_tensor()
+    return loss * scale
+
+
+def loss_context(tp_mesh):
+    """`loss_parallel()` when the head is vocabulary-parallel, else a no-op context."""
+    import contextlib
+
+    return loss_parallel() if tp_mesh is not None else contextlib.nullcontext()
