@@ -186,3 +186,15 @@ def test_export_hf_loads_back(make_config, tmp_path: Path) -> None:
     for p, q in zip(t.model.parameters(), back.parameters()):
         assert torch.equal(p, q)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_validation_loss_and_perplexity(make_config, pretrain_prefix: str) -> None:
+    cfg = make_config("train.train_iters=4", f"data.valid_path={pretrain_prefix}", "metrics.eval_interval=2",
+                      "metrics.eval_iters=2", "checkpoint.save_final=false")
+    t = quiet(cfg)
+    t.train()
+    evaluated = [r for r in t.history if "val_loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    for r in evaluated:
+        assert math.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+    assert t.model.training  # evaluation put the model back in training mode
