@@ -198,3 +198,14 @@ def test_validation_loss_and_perplexity(make_config, pretrain_prefix: str) -> No
     for r in evaluated:
         assert math.isfinite(r["val_loss"]) and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
     assert t.model.training  # evaluation put the model back in training mode
+
+
+def test_bf16_compute_keeps_fp32_master_weights(make_config) -> None:
+    fp32 = quiet(make_config("train.train_iters=2", "checkpoint.save_final=false", out="a"))
+    bf16 = quiet(make_config("train.train_iters=2", "train.dtype=bf16", "checkpoint.save_final=false", out="b"))
+    fp32.train()
+    bf16.train()
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in bf16.optimizer.state.values())
+    for a, b in zip(fp32.history, bf16.history):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)

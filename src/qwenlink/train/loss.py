@@ -60,6 +60,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
+        if bool(grad_output == 1.0):  # the usual case (loss.backward()): skip two full-size multiplications
+            return (grad_hidden if ctx.needs_input_grad[0] else None,
+                    grad_weight if ctx.needs_input_grad[1] else None, None, None, None)
         gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         gw = grad_weight * grad_output.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None
