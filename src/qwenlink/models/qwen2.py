@@ -241,6 +241,10 @@ class Qwen2Model(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+                # Adapters added from outside (models/lora.py) initialise their own extra parameters.
+                reset_adapter = getattr(module, "reset_adapter_parameters", None)
+                if reset_adapter is not None:
+                    reset_adapter()
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
