@@ -38,6 +38,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "directory's own tokenizer, else the embedded Qwen vocabulary)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
+    p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply a PEFT LoRA adapter (unmerged); "
+                   "fails if it does not match the model")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, default_max_new: int) -> None:
@@ -261,6 +263,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    "input exactly (eps, rope theta, true vocab size), as ModelLink's --save-dir does")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir to copy into HF output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--merge-lora", metavar="ADAPTER_DIR", default=None, help="fold a PEFT LoRA adapter "
+                   "(adapter_config.json + adapter_model.safetensors) into the input's weights; fails if it does "
+                   "not match the model")
 
     def run(args: argparse.Namespace) -> int:
         from qwenlink.commands.convert import run_convert

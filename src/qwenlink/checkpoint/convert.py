@@ -174,6 +174,7 @@ class ConvertOptions:
     config_from: Optional[str] = None  # HF dir whose config.json (and tokenizer) describe a Megatron input
     tokenizer_dir: Optional[str] = None
     overwrite: bool = False
+    merge_lora: Optional[str] = None  # a PEFT adapter directory folded into the weights (base + adapter -> merged)
 
 
 def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: ConvertOptions,
@@ -189,6 +190,10 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     fmt = detect_format(input_path)
     reference = hf.read_hf_config(opts.config_from) if opts.config_from else None
     source = open_source(input_path, fmt=fmt, iteration=opts.input_iteration, reference=reference, notice=notice)
+    if opts.merge_lora:
+        from qwenlink.checkpoint.peft import MergedLoraSource
+
+        source = MergedLoraSource(source, opts.merge_lora)  # validated against the base before anything is written
     if opts.to in ("megatron", "megatron-legacy"):
         layout = make_layout(source.config, opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage,
                              opts.num_layer_list)

@@ -56,7 +56,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.input:
         raise QwenlinkError("give at least one --prompt or an --input JSONL file")
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                           seed=args.seed)
+                           seed=args.seed, lora=getattr(args, "lora", None))
     tok = session.tokenizer
     params = sampling_from_args(args, tok)
     texts = [tok.apply_chat_template([{"role": "user", "content": p}]) if args.chat else p for p in args.prompt]

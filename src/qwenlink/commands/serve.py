@@ -13,7 +13,8 @@ from qwenlink.inference.session import open_session
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+    session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                           lora=getattr(args, "lora", None))
     context = args.max_context or session.model.config.max_position_embeddings
     if context > session.model.config.max_position_embeddings:
         raise QwenlinkError(f"--max-context {context} exceeds the model's max_position_embeddings "

@@ -72,7 +72,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
     from qwenlink.inference.session import open_session
 
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                           seed=args.seed)
+                           seed=args.seed, lora=getattr(args, "lora", None))
     params = sampling_from_args(args, session.tokenizer)
     chat = ChatSession(session.model, session.tokenizer, params, system=args.system,
                        max_history_tokens=args.max_history_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,23 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
 
 
 def open_session(model: str, *, tokenizer: str | None = None, device: str | None = None, dtype: str = "fp32",
-                 seed: int = 0) -> InferenceSession:
-    """Load the model (HF dir or preset) and its tokenizer, and check they agree on the vocabulary."""
+                 seed: int = 0, lora: str | None = None) -> InferenceSession:
+    """Load the model (HF dir or preset) and its tokenizer, and check they agree on the vocabulary.
+
+    `lora`: a PEFT adapter directory applied on top (unmerged), validated against the model first: an adapter that
+    does not fit is an error, never silently skipped.
+    """
     dev = resolve_device(device)
     if dtype not in _DTYPES:
         raise QwenlinkError(f"unknown dtype {dtype!r} (expected fp32, bf16 or fp16)")
     loaded = load_model(model, device=dev, dtype=_DTYPES[dtype], seed=seed)
+    if lora is not None:
+        from qwenlink.checkpoint.peft import apply_peft_adapter
+
+        adapter = apply_peft_adapter(loaded.model, lora)
+        saved = "/".join(adapter.lora.saved_modules())
+        print(f"applied LoRA adapter {lora} (r={adapter.lora.r}, {len(adapter.modules)} projections"
+              f"{', modules_to_save ' + saved if saved else ''})", file=sys.stderr)
     tok = pick_tokenizer(tokenizer, loaded.tokenizer_dir)
     check_vocab(tok, loaded.model.config.vocab_size, model)
     loaded.model.eval()
