@@ -5,6 +5,8 @@ down are row-parallel, the embedding and lm_head are split over the vocabulary. 
 stream and the RMSNorms hold 1/tp of the sequence between blocks (all-gather before attention/MLP, reduce-scatter
 after), as ModelLink always runs. The lm_head returns this rank's vocabulary slice of the logits; `vocab_parallel_loss`
 computes cross entropy on it with `loss_parallel`, never gathering the full [tokens x vocab] logits.
+LoRA adapters (models/lora.py) follow their base projection: column-parallel bases split B on the output dim and
+replicate A; row-parallel bases split A on the input dim and replicate B.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, loss_parallel, parallelize_module)
 
@@ -23,8 +25,48 @@ from qwenlink.models.qwen2 import Qwen2Model
 IGNORE_INDEX = -100
 
 
+def _distribute_parameters(module: nn.Module, mesh, placements: dict[str, object]) -> None:
+    """Replace each named direct parameter of `module` by a DTensor with the given placement (missing ones skipped)."""
+    for name, placement in placements.items():
+        param = getattr(module, name, None)
+        if param is None:
+            continue
+        module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                     requires_grad=param.requires_grad))
+
+
+class LoraColwiseParallel(ColwiseParallel):
+    """ColwiseParallel that also places LoRA adapters (models/lora.py): base W [out, in] and B [out, r] are split on
+    the output dim, A [r, in] is replicated, so each rank computes its slice of x A^T B^T with no extra collective."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute_parameters(module, device_mesh, {"weight": Shard(0), "bias": Shard(0), "lora_A": Replicate(),
+                                                     "lora_B": Shard(0)})
+
+
+class LoraRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel that also places LoRA adapters: base W and A [r, in] are split on the input dim (x A^T is then
+    a partial sum, reduced together with the base output by the usual all-reduce / reduce-scatter), B is
+    replicated."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        _distribute_parameters(module, device_mesh, {"weight": Shard(1), "bias": Replicate(), "lora_A": Shard(1),
+                                                     "lora_B": Replicate()})
+
+
 def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool = True) -> Qwen2Model:
     """Shard `model` (possibly a pipeline stage with some modules removed) over `tp_mesh` in place."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    _shard_model(model, tp_mesh, sequence_parallel)
+    # SequenceParallel re-creates norm weights as new Parameters with requires_grad=True; keep frozen ones (LoRA's
+    # base) frozen, or the optimizer would silently train them.
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return model
+
+
+def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool) -> None:
     residual = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, object] = {}
     if model.embed_tokens is not None:
@@ -45,20 +87,19 @@ def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool
             # (x, rope, mask): only x changes layout; the rotary tables and mask are plain Python / tensors.
             "self_attn": PrepareModuleInput(input_layouts=(residual, None, None), desired_input_layouts=(Replicate(),
                                                                                                           None, None)),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+            "self_attn.q_proj": LoraColwiseParallel(),
+            "self_attn.k_proj": LoraColwiseParallel(),
+            "self_attn.v_proj": LoraColwiseParallel(),
+            "self_attn.o_proj": LoraRowwiseParallel(output_layouts=residual),
             "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+            "mlp.gate_proj": LoraColwiseParallel(),
+            "mlp.up_proj": LoraColwiseParallel(),
+            "mlp.down_proj": LoraRowwiseParallel(output_layouts=residual),
         }
         if sequence_parallel:
             layer_plan["input_layernorm"] = SequenceParallel()
             layer_plan["post_attention_layernorm"] = SequenceParallel()
         parallelize_module(_unwrap(layer), tp_mesh, layer_plan)
-    return model
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -1,0 +1,60 @@
+"""Run the LoRA steps of lora_reference under one parallel layout (launched by torchrun); write losses + weights.
+
+Usage: torchrun --nproc-per-node N lora_layout_worker.py OUT_DIR JSON_SPEC
+Adapters are added by `before_parallel` on each meta stage, exactly as the trainer does, so tensor parallelism sees
+LoraLinear modules and places A / B by its LoRA-aware styles.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lora_reference import lora_config, make_lora_initial_state  # noqa: E402
+from parallel_reference import make_batches, make_config, optimizer_for  # noqa: E402
+
+from qwenlink.models.lora import apply_lora  # noqa: E402
+from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
+from qwenlink.parallel.parallelize import build_parallel_model  # noqa: E402
+
+
+def main() -> None:
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    config, cfg = make_config(spec), lora_config(spec)
+    plan = ParallelPlan(**spec["layout"])
+    pm = build_parallel_model(config, plan, torch.device("cpu"), seed=spec["seed"],
+                              before_parallel=lambda stage: apply_lora(stage, cfg))
+    pm.load_full_state_dict(make_lora_initial_state(spec))
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    optimizer = optimizer_for(trainable)
+    losses = []
+    for ids, labels in make_batches(spec):
+        valid = int((labels != -100).sum())
+        per_dp = ids.shape[0] // plan.dp
+        mine = slice(pm.dp_rank * per_dp, (pm.dp_rank + 1) * per_dp)
+        optimizer.zero_grad(set_to_none=True)
+        loss = pm.forward_backward(ids[mine], labels[mine], n_microbatches=per_dp // spec["micro_batch"],
+                                   scale=plan.dp / valid)
+        total = loss.clone()
+        dist.all_reduce(total)
+        losses.append(float(total) / (plan.tp * plan.pp))
+        pm.clip_grad_norm_(1.0)
+        optimizer.step()
+    state = pm.full_state_dict()
+    n_state = sum(len(s) for s in optimizer.state.values())
+    if list(pm.mesh.get_coordinate())[1:] == [0, 0, 0]:
+        torch.save({"losses": losses, "state": state, "optimizer_states": len(optimizer.state),
+                    "trainable": len(trainable), "n_state": n_state}, out / f"pp{pm.pp_rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
