@@ -1,9 +1,9 @@
 """Generate the quickstart's bundled instruction dataset: digit tasks a tiny model can visibly learn on a CPU.
 
 Three tasks over four-digit strings (Qwen's tokenizer splits numbers into single digits, so every digit is one
-token): name the largest digit, name the smallest digit, sort the digits ascending. The first two are what a tiny
-model picks up within a few CPU minutes; sorting needs more steps and shows partial progress (digit copying tasks such
-as reversal need far more steps than a quickstart has, which is why they are not here). Records are alpaca-style JSON lines
+token): name the largest digit, name the smallest digit, sort the digits ascending. Answers depend on the whole
+bag of input digits rather than on their positions: in CPU-minute budgets a from-scratch tiny model did not get past
+answer priors on position-copying tasks (reversal: 0% after 150 steps), so those are not here. Records are alpaca-style JSON lines
 (instruction / input / output). The held-out prompts never occur in the training file, so accuracy on them measures
 generalisation, not recall. Deterministic: the same seed always writes byte-identical files.
 
