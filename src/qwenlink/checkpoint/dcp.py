@@ -136,22 +136,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _state_dicts(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+def _options(trainable_only: bool, *, load: bool = False):
+    """LoRA runs (trainable_only) save and load only trainable tensors; the frozen base comes from its own files."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if not trainable_only:
+        return None
+    return StateDictOptions(ignore_frozen_params=True, strict=not load)
+
+
+def _state_dicts(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 trainable_only: bool = False) -> dict[str, Any]:
     """Model (+ optimizer) state keyed by parameter names, DTensor/FSDP-aware, ready for DCP."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    options = _options(trainable_only)
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": get_model_state_dict(model, options=options)}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return {"model": model_sd, "optimizer": optim_sd}
 
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
                     optimizer: Optional[torch.optim.Optimizer], *, train_state: dict[str, Any], job_toml: str,
-                    keep_last: int, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> Path:
+                    keep_last: int, rank: int = 0, barrier: Callable[[], None] = lambda: None,
+                    trainable_only: bool = False, extra_files: Optional[dict[str, str]] = None) -> Path:
     """Write step `step` into a temporary directory, mark it complete, rename it, point `latest` at it, prune.
 
     Every rank calls this (DCP writes each rank's shards); rank 0 writes the small files and does the renames.
+    `trainable_only` (LoRA) keeps only trainable tensors and their optimizer state; `extra_files` (name -> text)
+    are written next to config.json (e.g. LoRA's reference to its base model).
     """
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
@@ -162,7 +176,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
             shutil.rmtree(tmp)  # left over from a crashed save of the same step
         tmp.mkdir()
     barrier()
-    state = _state_dicts(model, optimizer)
+    state = _state_dicts(model, optimizer, trainable_only)
     with _quiet():
         _dcp().save(state, checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
@@ -172,6 +186,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
         (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
         (tmp / "job.toml").write_text(job_toml, encoding="utf-8")
         (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2) + "\n", encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         (tmp / COMPLETE).write_text(f"step {step}\n", encoding="utf-8")
         if final.exists():  # re-saving a step (e.g. after a resume that saved at once): replace it
             shutil.rmtree(final)
@@ -192,14 +208,19 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.") -> None:
+def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.",
+                 trainable_only: bool = False) -> None:
     """Compare the checkpoint's tensor shapes with the model's before loading, naming the first mismatch."""
     try:
         with _quiet():
             metadata = _dcp().FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     except Exception as exc:
         raise QwenlinkError(f"{step_dir}: unreadable DCP metadata ({str(exc).strip().splitlines()[0]})") from None
+    trainable = {n.replace("_checkpoint_wrapped_module.", "")  # state_dict() drops the wrapper's prefix
+                 for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for name, tensor in model.state_dict().items():
+        if trainable_only and name not in trainable:
+            continue
         key = prefix + name
         meta = metadata.get(key)
         if meta is None:
@@ -211,21 +232,25 @@ def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.")
 
 
 def load_checkpoint(step_dir: str | os.PathLike, model: Qwen2Model, optimizer: Optional[torch.optim.Optimizer],
-                    *, rank: int = 0, load_rng: bool = True) -> dict[str, Any]:
-    """Load model (and optimizer, RNG) state in place; returns train_state.json (empty dict for weights only)."""
+                    *, rank: int = 0, load_rng: bool = True, trainable_only: bool = False) -> dict[str, Any]:
+    """Load model (and optimizer, RNG) state in place; returns train_state.json (empty dict for weights only).
+
+    `trainable_only` (LoRA): only trainable tensors are read; frozen ones keep what the model holds (the base)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     step_dir = Path(step_dir)
     if not is_complete(step_dir):
         raise QwenlinkError(f"{step_dir}: not a complete checkpoint (no {COMPLETE} marker)")
-    check_shapes(step_dir, model)
-    state = _state_dicts(model, optimizer)
+    check_shapes(step_dir, model, trainable_only=trainable_only)
+    state = _state_dicts(model, optimizer, trainable_only)
     with _quiet():
         _dcp().load(state, checkpoint_id=str(step_dir))
+    options = _options(trainable_only, load=True)
     if optimizer is None:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=options)
         return {}
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
     rng_file = step_dir / "rng" / f"rank_{rank:05d}.pt"
     if load_rng and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True))

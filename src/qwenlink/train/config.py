@@ -135,6 +135,24 @@ class MetricsSection:
 
 
 @dataclass
+class LoraSection:
+    """LoRA fine-tuning (models/lora.py): adapters on the named projections, everything else frozen."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    # HF names (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj) or ModelLink's (query_key_value -> q,k,v;
+    # dense -> o; dense_h_to_4h -> gate, up; dense_4h_to_h -> down).
+    target_modules: list = field(default_factory=lambda: ["query_key_value", "dense", "dense_h_to_4h",
+                                                          "dense_4h_to_h"])
+    modules_to_save: list = field(default_factory=list)  # trained in full: embed_tokens / lm_head (word_embeddings..)
+    use_rslora: bool = False        # scaling alpha / sqrt(r) instead of alpha / r
+    base_dtype: str = "fp32"        # "bf16": keep the frozen base in bf16 (needs train.dtype = "bf16")
+    export_adapter: str = ""        # write the final adapter here in PEFT format
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -144,6 +162,7 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     # ---- derived values -------------------------------------------------------------------------------------------
     @property
@@ -166,6 +185,7 @@ VALID_CHOICES: dict[str, tuple[str, ...]] = {
     "optim.decay_style": ("cosine", "linear", "constant"),
     "optim.implementation": ("auto", "fused", "foreach", "for-loop"),
     "metrics.progress": ("auto", "bar", "lines"),
+    "lora.base_dtype": ("fp32", "bf16"),
 }
 
 
@@ -296,6 +316,9 @@ def validate(cfg: JobConfig) -> None:
     for size in ("tensor_parallel", "pipeline_parallel"):
         if getattr(cfg.parallel, size) < 1:
             raise QwenlinkError(f"config: parallel.{size} must be at least 1")
+    from qwenlink.train.lora import validate_section
+
+    validate_section(cfg)
 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:

@@ -30,6 +30,7 @@ from qwenlink.device import resolve_device
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.train import lora as lora_train
 from qwenlink.train.config import JobConfig, accumulation_steps, data_parallel_size
 from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
 from qwenlink.train.loss import IGNORE_INDEX, model_loss
@@ -87,13 +88,16 @@ def build_training_model(cfg: JobConfig, config: ModelConfig, device: torch.devi
     with torch.device("meta"):
         model = Qwen2Model(config)
     apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_checkpoint_every)
+    model = lora_train.apply_to_meta_model(model, cfg)  # adapters + frozen base when [lora] is enabled
     if parallelize is not None:
         model = parallelize(model, cfg)
     model.to_empty(device=device)
     model.tie_weights()
     torch.manual_seed(cfg.job.seed)
     model.init_weights(cfg.model.init_std)
-    if cfg.model.init_from:
+    if cfg.model.init_from and cfg.lora.enabled:
+        lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg)
+    elif cfg.model.init_from:
         load_initial_weights(model, cfg.model.init_from)
     return model
 
@@ -192,6 +196,7 @@ class Trainer:
         self.dataset = build_dataset(cfg, cfg.data.path, num_samples)
         self.valid_dataset = (build_dataset(cfg, cfg.data.valid_path, cfg.metrics.eval_iters * cfg.train.micro_batch_size
                                             * self.dp_size) if cfg.data.valid_path else None)
+        self.lora = lora_train.lora_of(cfg)
         self.model = build_training_model(cfg, self.model_config, self.device, parallelize)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = Scheduler(self.optimizer, cfg)
@@ -200,7 +205,8 @@ class Trainer:
         latest = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
         if latest is not None:
             self._resume(latest)  # this run's own progress wins over init_from
-        elif cfg.model.init_from and not cfg.train.finetune and ckpt.is_qwenlink_checkpoint(cfg.model.init_from):
+        elif cfg.model.init_from and not cfg.train.finetune and self.lora is None and \
+                ckpt.is_qwenlink_checkpoint(cfg.model.init_from):
             # Megatron's --load without --finetune: continue that run's optimizer, step and data position.
             self._resume(ckpt.resolve_step_dir(cfg.model.init_from))
         self.data = MicroBatchStream(self.dataset, cfg, micro_batch_size=cfg.train.micro_batch_size,
@@ -212,7 +218,9 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def _resume(self, step_dir: Path) -> None:
-        saved = ckpt.load_checkpoint(step_dir, self.model, self.optimizer, rank=self.rank)
+        lora_train.check_resume(step_dir, self.cfg, self.lora)
+        saved = ckpt.load_checkpoint(step_dir, self.model, self.optimizer, rank=self.rank,
+                                     trainable_only=self.lora is not None)
         for key in ("global_batch_size", "seq_length"):
             if saved.get(key) not in (None, getattr(self.state, key)):
                 raise QwenlinkError(f"{step_dir}: checkpoint was written with {key}={saved[key]} but the config has "
@@ -289,7 +297,10 @@ class Trainer:
         state["lr"] = self.scheduler.lr_at(max(self.state.step, 1))
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state.step, self.model, self.optimizer,
                                     train_state=state, job_toml=self.cfg.to_toml(),
-                                    keep_last=self.cfg.checkpoint.keep_last, rank=self.rank)
+                                    keep_last=self.cfg.checkpoint.keep_last, rank=self.rank,
+                                    trainable_only=self.lora is not None,
+                                    extra_files={lora_train.LORA_FILE: lora_train.reference_json(self.cfg, self.lora)}
+                                    if self.lora is not None else None)
         return path
 
     # ---- loop ---------------------------------------------------------------------------------------------------
@@ -316,6 +327,13 @@ class Trainer:
                      f"{cfg.train.global_batch_size}; peak {peak:.3g} TFLOP/s ({peak_source})")
         if self.resumed_from is not None:
             metrics.info(f"resumed from {self.resumed_from} at step {self.state.step}")
+        if self.lora is not None:
+            from qwenlink.models.lora import count_parameters
+
+            trainable, total_params = count_parameters(self.model)
+            metrics.info(f"LoRA r={self.lora.r} alpha={self.lora.alpha:g} on {', '.join(self.lora.targets())}: "
+                         f"{trainable / 1e6:.3f}M of {total_params / 1e6:.1f}M parameters trainable "
+                         f"({100.0 * trainable / total_params:.2f}%)")
         old_handlers = {}
         import threading
 
@@ -393,6 +411,9 @@ class Trainer:
             if cfg.checkpoint.export_hf:
                 self.export_hf(cfg.checkpoint.export_hf)
                 metrics.info(f"exported HF model to {cfg.checkpoint.export_hf}")
+            if self.lora is not None and cfg.lora.export_adapter:
+                self.export_adapter(cfg.lora.export_adapter)
+                metrics.info(f"exported LoRA adapter (PEFT format) to {cfg.lora.export_adapter}")
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
@@ -407,7 +428,23 @@ class Trainer:
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; HF export refused")
         tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        return save_hf_model(_unwrapped(self.model), directory, tokenizer=tokenizer)
+        model = _unwrapped(self.model)
+        if self.lora is not None:  # the adapters folded into a copy: a plain HF model of the base's shape
+            import copy
+
+            from qwenlink.models.lora import merge_lora
+
+            model = merge_lora(copy.deepcopy(model))
+        return save_hf_model(model, directory, tokenizer=tokenizer)
+
+    def export_adapter(self, directory: str) -> Path:
+        """The trained adapter (+ modules_to_save) in PEFT format, loadable by peft and `qwenlink ... --lora`."""
+        from qwenlink.checkpoint.peft import save_model_adapter
+
+        if not self._params_finite():
+            raise QwenlinkError(f"weights are not finite at step {self.state.step}; adapter export refused")
+        assert self.lora is not None
+        return save_model_adapter(_unwrapped(self.model), directory, self.lora, base_model=self.cfg.model.init_from)
 
 
 def _unwrapped(model: Qwen2Model) -> Qwen2Model:
