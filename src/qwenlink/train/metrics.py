@@ -49,7 +49,8 @@ def measure_cpu_tflops(size: int = 1024, repeats: int = 4) -> float:
     """Achieved fp32 matmul TFLOP/s on this CPU with the current thread count (measured once per process)."""
     global _measured_cpu_tflops
     if _measured_cpu_tflops is None:
-        a, b = torch.randn(size, size), torch.randn(size, size)
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: dropout must see the same draws on resume
+        a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
         a @ b  # warm up
         start = time.perf_counter()
         for _ in range(repeats):
