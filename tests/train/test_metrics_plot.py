@@ -72,3 +72,17 @@ def test_plot_writes_png(make_config) -> None:
     Trainer(cfg, stream=io.StringIO()).train()
     png = plot_run(cfg.job.output_dir)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_step_flops_counts_the_head_only_where_labels_are() -> None:
+    from qwenlink.models.presets import get_preset
+    from qwenlink.train.data import MicroBatch
+    from qwenlink.train.trainer import step_flops
+
+    config = get_preset("test-tiny")
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    full = MicroBatch(ids, torch.ones(2, 8, dtype=torch.long))
+    assert step_flops(config, [full], dp_size=3) == 3 * 16 * config.flops_per_token(8)
+    sparse = MicroBatch(ids, torch.full((2, 8), -100).index_fill_(1, torch.tensor([7]), 1))
+    head = 6.0 * config.vocab_size * config.hidden_size
+    assert step_flops(config, [sparse]) == 16 * (config.flops_per_token(8) - head) + 2 * head

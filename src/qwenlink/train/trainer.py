@@ -141,6 +141,18 @@ def forward_backward(model: nn.Module, batches: Sequence[MicroBatch], *, total_v
     return total
 
 
+def step_flops(config: ModelConfig, batches: Sequence[MicroBatch], dp_size: int = 1) -> float:
+    """Training FLOPs of one step from `ModelConfig.flops_per_token`, with the lm_head's share (6 x V x H per token)
+    counted only at positions that have a label: the chunked loss never applies the head elsewhere, so counting it
+    for SFT prompt tokens would report more FLOPs than were computed (MFU above 100%)."""
+    head = 6.0 * config.vocab_size * config.hidden_size
+    total = 0.0
+    for b in batches:
+        valid = int((b.labels != IGNORE_INDEX).sum())
+        total += b.num_tokens * (config.flops_per_token(b.input_ids.shape[1]) - head) + valid * head
+    return total * dp_size
+
+
 def _all_reduce_sum(value: float) -> float:
     """Sum over all processes when a process group exists (data-parallel token counts and losses)."""
     import torch.distributed as dist
@@ -343,7 +355,7 @@ class Trainer:
         self.model.train()
         code = 0
         try:
-            window_tokens, window_time, window_data = 0, 0.0, 0.0
+            window_tokens, window_time, window_data, window_flops = 0, 0.0, 0.0, 0.0
             while self.state.step < total:
                 step = self.state.step + 1
                 t0 = time.perf_counter()
@@ -357,7 +369,7 @@ class Trainer:
                 self.state.tokens_seen += tokens
                 window_tokens, window_time, window_data = window_tokens + tokens, window_time + elapsed, \
                     window_data + t_data
-                seq = batches[0].input_ids.shape[1]
+                window_flops += step_flops(self.model_config, batches, self.dp_size)
                 record: dict[str, Any] = {"step": step, "loss": result.loss, "lr": result.lr,
                                           "grad_norm": result.grad_norm, "skipped_nonfinite": self.state.skipped_nonfinite,
                                           "tokens_seen": self.state.tokens_seen}
@@ -374,12 +386,12 @@ class Trainer:
                             f"{last if last else 'none'} (try a lower optim.lr or check the data)")
                 if step % cfg.metrics.log_interval == 0 or step == total:
                     rates = throughput(window_tokens, window_time, world_size=self.world_size,
-                                       flops_per_token=self.model_config.flops_per_token(seq), peak=peak)
+                                       flops_per_token=window_flops / max(window_tokens, 1), peak=peak)
                     record.update(tokens_per_s=rates.tokens_per_s,
                                   tokens_per_s_per_device=rates.tokens_per_s_per_device, tflops=rates.tflops_per_device,
                                   mfu=rates.mfu, peak_memory_gb=peak_memory_gb(self.device),
                                   data_time_share=window_data / max(window_time, 1e-9), step_time=window_time)
-                    window_tokens, window_time, window_data = 0, 0.0, 0.0
+                    window_tokens, window_time, window_data, window_flops = 0, 0.0, 0.0, 0.0
                     if cfg.metrics.eval_interval and self.valid_dataset is not None and \
                             step % cfg.metrics.eval_interval == 0:
                         record.update(self.evaluate())
