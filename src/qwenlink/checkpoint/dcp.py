@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from qwenlink.checkpoint import safe_dcp
+from qwenlink.checkpoint.safe_load import safe_torch_load
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text
 from qwenlink.models.config import ModelConfig
@@ -170,6 +172,55 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
     root = Path(ckpt_dir)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
+    try:
+        _write_step(root, tmp, final, step, model, optimizer, train_state=train_state, job_toml=job_toml,
+                    rank=rank, barrier=barrier, trainable_only=trainable_only, keep_last=keep_last,
+                    extra_files=extra_files)
+    except BaseException as exc:  # disk full, quota, permissions...: drop the partial save, keep the previous one
+        space = _free_space(root)  # before the partial save is removed
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_failure(exc):
+            raise  # KeyboardInterrupt / SystemExit: stop, having removed the partial save
+        error = safe_dcp.user_error_in(exc)
+        if error is not None:
+            raise error from None
+        previous = find_latest(root)
+        raise QwenlinkError(f"{tmp}: saving checkpoint step {step} failed ({_reason(exc)}; {space}); "
+                            f"the previous checkpoint ({previous if previous else 'none'}) is intact") from None
+    barrier()
+    return final
+
+
+def _is_failure(exc: BaseException) -> bool:
+    """An error to report (DCP's CheckpointException derives from BaseException), not an interrupt or exit."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "CheckpointException"
+
+
+def _free_space(root: Path) -> str:
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return "free space unknown"
+    # Below 1 MiB the cause is almost surely a full disk (torch's zip writer hides ENOSPC behind "unexpected pos").
+    return f"{free / 2**20:.1f} MiB free there" + (": the disk is full" if free < 2**20 else "")
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause of a (possibly DCP-wrapped) exception, in one line."""
+    inner = safe_dcp.rank_failures(exc)
+    if inner:
+        return _reason(inner[0])
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}{': ' + str(exc.filename) if exc.filename else ''}"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _write_step(root: Path, tmp: Path, final: Path, step: int, model: Qwen2Model,
+                optimizer: Optional[torch.optim.Optimizer], *, train_state: dict[str, Any], job_toml: str,
+                rank: int, barrier: Callable[[], None], trainable_only: bool, keep_last: int,
+                extra_files: Optional[dict[str, str]]) -> None:
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -190,12 +241,10 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
             (tmp / name).write_text(text, encoding="utf-8")
         (tmp / COMPLETE).write_text(f"step {step}\n", encoding="utf-8")
         if final.exists():  # re-saving a step (e.g. after a resume that saved at once): replace it
-            shutil.rmtree(final)
+            _remove_step(final)
         os.replace(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
         prune(root, keep_last)
-    barrier()
-    return final
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -204,18 +253,27 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
     latest = find_latest(ckpt_dir)
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != latest:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_step(old)
+    # Left by a crash: saves cut short (only one save runs at a time) and deletions cut short (no COMPLETE marker).
+    for stale in [*ckpt_dir.glob(".tmp-step_*"), *(p for p in ckpt_dir.glob("step_*")
+                                                   if STEP_RE.match(p.name) and not is_complete(p))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_dir.glob(f".{LATEST}.tmp-*"):  # a `latest` replacement cut short
+        stale.unlink(missing_ok=True)
+
+
+def _remove_step(step_dir: Path) -> None:
+    """Unmark first, then delete: a crash mid-delete leaves an incomplete (ignored) directory, never a step that
+    looks complete but lacks shards."""
+    (step_dir / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(step_dir, ignore_errors=True)
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
 def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.",
                  trainable_only: bool = False) -> None:
     """Compare the checkpoint's tensor shapes with the model's before loading, naming the first mismatch."""
-    try:
-        with _quiet():
-            metadata = _dcp().FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise QwenlinkError(f"{step_dir}: unreadable DCP metadata ({str(exc).strip().splitlines()[0]})") from None
+    metadata = safe_dcp.load_dcp_metadata(Path(step_dir) / ".metadata").state_dict_metadata
     trainable = {n.replace("_checkpoint_wrapped_module.", "")  # state_dict() drops the wrapper's prefix
                  for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
     for name, tensor in model.state_dict().items():
@@ -243,8 +301,16 @@ def load_checkpoint(step_dir: str | os.PathLike, model: Qwen2Model, optimizer: O
         raise QwenlinkError(f"{step_dir}: not a complete checkpoint (no {COMPLETE} marker)")
     check_shapes(step_dir, model, trainable_only=trainable_only)
     state = _state_dicts(model, optimizer, trainable_only)
-    with _quiet():
-        _dcp().load(state, checkpoint_id=str(step_dir))
+    try:  # never DCP's own reader/planner: they unpickle without restriction (see safe_dcp.py)
+        with _quiet():
+            _dcp().load(state, storage_reader=safe_dcp.safe_reader(step_dir), planner=safe_dcp.safe_planner(step_dir))
+    except BaseException as exc:
+        if not _is_failure(exc):
+            raise
+        error = safe_dcp.user_error_in(exc)
+        if error is not None:
+            raise error from None
+        raise QwenlinkError(f"{step_dir}: unreadable checkpoint ({_reason(exc)})") from None
     options = _options(trainable_only, load=True)
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
@@ -253,7 +319,7 @@ def load_checkpoint(step_dir: str | os.PathLike, model: Qwen2Model, optimizer: O
                    options=options)
     rng_file = step_dir / "rng" / f"rank_{rank:05d}.pt"
     if load_rng and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(safe_torch_load(rng_file, mmap=False))
     return json.loads((step_dir / "train_state.json").read_text(encoding="utf-8"))
 
 
