@@ -176,7 +176,9 @@ class MetricsLogger:
                 continue  # a line cut short by a crash
             if record.get("step", 0) <= step:
                 kept.append(line)
-        self.jsonl_path.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        from qwenlink.fileio import atomic_write_text  # a kill while trimming must not lose the whole history
+
+        atomic_write_text(self.jsonl_path, "".join(k + "\n" for k in kept))
 
     def info(self, text: str) -> None:
         """A message on its own line (never mixed into the progress bar)."""
