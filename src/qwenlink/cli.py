@@ -214,6 +214,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.__class__ = _OverrideParser
     p.add_argument("--config", default=None, help="TOML job config (see configs/); omitted: defaults + overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--nproc", type=int, default=None, help="start N processes on this machine (runs torchrun "
+                   "--standalone --nproc-per-node N for you); multi-node: launch with torchrun, see docs/parallel.md")
     p.set_defaults(overrides=[])
 
     def run(args: argparse.Namespace) -> int:

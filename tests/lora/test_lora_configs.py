@@ -20,7 +20,7 @@ def test_lora_recipes(size, tp, pp):
     lora = lora_of(cfg)
     assert lora is not None and (lora.r, lora.alpha, lora.scaling) == (16, 32.0, 2.0)
     assert lora.targets() == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (tp, pp)
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (tp, pp)
     assert cfg.train.dtype == "bf16" and cfg.lora.base_dtype == "bf16" and cfg.job.mode == "sft"
     config = resolve_model_config(cfg)
     assert config.num_key_value_heads % tp == 0 and config.num_hidden_layers % pp == 0

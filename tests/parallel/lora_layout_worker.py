@@ -40,8 +40,9 @@ def main() -> None:
         per_dp = ids.shape[0] // plan.dp
         mine = slice(pm.dp_rank * per_dp, (pm.dp_rank + 1) * per_dp)
         optimizer.zero_grad(set_to_none=True)
-        loss = pm.forward_backward(ids[mine], labels[mine], n_microbatches=per_dp // spec["micro_batch"],
-                                   scale=plan.dp / valid)
+        micro = spec["micro_batch"]
+        micro_batches = [(i, l, None, None) for i, l in zip(ids[mine].split(micro), labels[mine].split(micro))]
+        loss = pm.forward_backward(micro_batches, scale=plan.dp / valid)
         total = loss.clone()
         dist.all_reduce(total)
         losses.append(float(total) / (plan.tp * plan.pp))

@@ -73,8 +73,8 @@ def test_batch_geometry() -> None:
     with pytest.raises(QwenlinkError, match=r"global_batch_size \(16\) is not divisible by train.micro_batch_size "
                                             r"\(2\) x data-parallel size \(3\)"):
         accumulation_steps(cfg, dp_size=3)
-    tp = load_config(None, ["--parallel.tensor_parallel=8"])
-    with pytest.raises(QwenlinkError, match=r"= 8 needs a multiple of 8 processes, but 1 process\(es\) are running"):
+    tp = load_config(None, ["--parallel.tp=8"])
+    with pytest.raises(QwenlinkError, match=r"layout needs 8 processes .* but 1 process\(es\) are running"):
         data_parallel_size(tp, world_size=1)
     assert data_parallel_size(tp, world_size=16) == 2
 
@@ -97,7 +97,7 @@ def test_shipped_size_configs_follow_modellink(size: str, mode: str) -> None:
     assert cfg.train.finetune == (mode == "sft")
     if size in RECIPES:
         tp, pp, micro, global_ = RECIPES[size]
-        assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (tp, pp)
+        assert (cfg.parallel.tp, cfg.parallel.pp) == (tp, pp)
         assert (cfg.train.micro_batch_size, cfg.train.global_batch_size) == (micro, global_)
 
 

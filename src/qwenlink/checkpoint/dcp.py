@@ -139,12 +139,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _options(trainable_only: bool, *, load: bool = False):
-    """LoRA runs (trainable_only) save and load only trainable tensors; the frozen base comes from its own files."""
+    """LoRA runs (trainable_only) save and load only trainable tensors; the frozen base comes from its own files.
+
+    Optimizer state is flattened to one entry per parameter name ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"):
+    under pipeline parallelism each rank holds different parameters, and a per-rank `param_groups` list saved under
+    one key would be overwritten by another rank's; per-name entries also let a checkpoint load under any layout.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     if not trainable_only:
-        return None
-    return StateDictOptions(ignore_frozen_params=True, strict=not load)
+        return StateDictOptions(flatten_optimizer_state_dict=True)
+    return StateDictOptions(ignore_frozen_params=True, strict=not load, flatten_optimizer_state_dict=True)
 
 
 def _state_dicts(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],

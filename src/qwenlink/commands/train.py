@@ -8,13 +8,43 @@ import sys
 from qwenlink.train.config import load_config
 
 
+def check_layout(cfg, world_size: int) -> None:
+    """Validate the parallel layout for `world_size` processes against the model's shape and the batch."""
+    from qwenlink.parallel.mesh import validate_plan
+    from qwenlink.train.config import parallel_plan
+    from qwenlink.train.trainer import resolve_model_config
+
+    model_config = resolve_model_config(cfg)
+    plan = parallel_plan(cfg, world_size, model_config.num_hidden_layers)
+    validate_plan(plan, model_config, global_batch=cfg.train.global_batch_size,
+                  micro_batch=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from qwenlink.train import distributed
+
+    if getattr(args, "nproc", None) and not distributed.launched_by_torchrun():
+        # A bad config or layout fails here, once, before N processes start (and before any model is allocated).
+        check_layout(load_config(args.config, args.overrides), args.nproc)
+        argv = [a for a in sys.argv[1:] if a != "--debug"]
+        i = argv.index("--nproc") if "--nproc" in argv else None
+        argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
+        return distributed.launch_with_torchrun(args.nproc, argv)
     cfg = load_config(args.config, args.overrides)
-    print("# resolved job config", flush=True)
-    print(cfg.to_toml(), flush=True)
+    info = distributed.init_distributed(cfg.train.device)
+    if info.rank == 0:
+        print("# resolved job config", flush=True)
+        print(cfg.to_toml(), flush=True)
     if args.dry_run:
         return 0
     from qwenlink.train.trainer import Trainer
 
-    trainer = Trainer(cfg, stream=sys.stdout)
-    return trainer.train()
+    try:
+        trainer = Trainer(cfg, stream=sys.stdout, rank=info.rank, world_size=info.world_size)
+        return trainer.train()
+    finally:
+        if info.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()

@@ -25,6 +25,28 @@ from qwenlink.parallel.pipeline import build_schedule, split_stages, tied_embedd
 from qwenlink.parallel.tensor import IGNORE_INDEX, apply_tensor_parallel, loss_context, vocab_parallel_loss
 
 ModuleHook = Callable[[Qwen2Model], None]
+MicroBatchTensors = tuple  # (input_ids, labels, position_ids | None, attention_mask | None)
+
+
+class ModelParts(nn.Module):
+    """This rank's model chunks seen as one module with the full model's parameter names.
+
+    Optimizer, checkpoints (DCP reshards by these names) and exports work on it; it is never called forward
+    (the chunks run through the pipeline schedule).
+    """
+
+    def __init__(self, chunks: list[Qwen2Model], config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        first = next((m for m in chunks if m.embed_tokens is not None), None)
+        last = next((m for m in chunks if m.lm_head is not None), None)
+        self.embed_tokens = first.embed_tokens if first is not None else None
+        self.layers = nn.ModuleDict({k: v for m in chunks for k, v in m.layers.items()})
+        self.norm = last.norm if last is not None else None
+        self.lm_head = last.lm_head if last is not None else None
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - a container, not a model
+        raise RuntimeError("ModelParts holds pipeline chunks; run them through ParallelModel.forward_backward")
 
 
 @dataclass
@@ -64,6 +86,11 @@ class ParallelModel:
     @property
     def has_last_stage(self) -> bool:
         return self.plan.num_stages - 1 in self.stage_ids
+
+    @property
+    def state_module(self) -> nn.Module:
+        """One module with the full model's parameter names for optimizer, checkpoints and export."""
+        return self.modules[0] if len(self.modules) == 1 else ModelParts(self.modules, self.config)
 
     def parameters(self) -> list[nn.Parameter]:
         seen, out = set(), []
@@ -111,21 +138,19 @@ class ParallelModel:
         return out
 
     # ---- one optimizer step's forward and backward ---------------------------------------------------------------
-    def forward_backward(self, input_ids: torch.Tensor, labels: torch.Tensor, *, n_microbatches: int,
-                         scale: float) -> torch.Tensor:
-        """Accumulate gradients for this data-parallel rank's share of a global batch.
+    def forward_backward(self, micro_batches: list[MicroBatchTensors], *, scale: float) -> torch.Tensor:
+        """Accumulate gradients for this data-parallel rank's micro batches of one global batch.
 
-        input_ids, labels: [n_microbatches x micro, T] (labels aligned with inputs, IGNORE_INDEX where masked).
-        `scale` multiplies each summed token loss; the caller passes dp / (valid tokens in the global batch) so that
-        FSDP's averaging over data-parallel ranks yields the exact global mean. Returns this rank's summed loss x
-        scale / dp (the pipeline's loss lives on the last stage and is shared over the pipeline group).
+        Each micro batch is (input_ids [b, T], labels [b, T], position_ids or None, attention_mask or None), labels
+        aligned with inputs (IGNORE_INDEX where masked). `scale` multiplies each summed token loss; the caller passes
+        dp / (valid tokens in the global batch) so that FSDP's averaging over data-parallel ranks yields the exact
+        global mean. Returns this rank's share of the global mean loss (equal on every tp and pp rank).
         """
         self._scale = scale
-        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
         if self.plan.pp == 1:
-            total = self._forward_backward_local(input_ids, labels, n_microbatches)
+            total = self._forward_backward_local(micro_batches)
         else:
-            total = self._forward_backward_pipeline(input_ids, labels, n_microbatches)
+            total = self._forward_backward_pipeline(micro_batches)
         self._sync_tied_gradients()
         return total / self.plan.dp
 
@@ -136,24 +161,33 @@ class ParallelModel:
         return F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum") * self._scale
 
-    def _forward_backward_local(self, input_ids, labels, n_microbatches: int) -> torch.Tensor:
+    def _forward_backward_local(self, micro_batches: list[MicroBatchTensors]) -> torch.Tensor:
         from qwenlink.train.loss import model_loss
 
         module = self.modules[0]
         total = torch.zeros((), dtype=torch.float32)
-        ids_chunks, label_chunks = input_ids.chunk(n_microbatches), labels.chunk(n_microbatches)
-        for i, (ids, lab) in enumerate(zip(ids_chunks, label_chunks)):
-            set_gradient_sync([module], i == n_microbatches - 1)
+        for i, (ids, labels, positions, mask) in enumerate(micro_batches):
+            ids, labels = ids.to(self.device), labels.to(self.device)
+            positions = positions.to(self.device) if positions is not None else None
+            mask = mask.to(self.device) if mask is not None else None
+            set_gradient_sync([module], i == len(micro_batches) - 1)
             with loss_context(self.tp_mesh):
                 if self.tp_mesh is not None:
-                    loss = self._loss(module(ids), lab)
+                    loss = self._loss(module(ids, position_ids=positions, attention_mask=mask), labels)
                 else:
-                    loss, _ = model_loss(module, ids, lab, scale=self._scale, chunk_size=self.chunk_size)
+                    loss, _ = model_loss(module, ids, labels, scale=self._scale, chunk_size=self.chunk_size,
+                                         position_ids=positions, attention_mask=mask)
                 loss.backward()
             total += loss.detach().float().cpu()
         return total
 
-    def _forward_backward_pipeline(self, input_ids, labels, n_microbatches: int) -> torch.Tensor:
+    def _forward_backward_pipeline(self, micro_batches: list[MicroBatchTensors]) -> torch.Tensor:
+        """All micro batches go through the schedule at once; they must share one length (padded by the caller).
+        Per-sample positions / masks cannot cross stage boundaries, so packed samples are refused upstream and right
+        padding needs no mask (causal attention never looks ahead at the pads)."""
+        input_ids = torch.cat([mb[0] for mb in micro_batches]).to(self.device)  # [n x b, T]
+        labels = torch.cat([mb[1] for mb in micro_batches]).to(self.device)
+        n_microbatches = len(micro_batches)
         schedule = self._schedules.get(n_microbatches)
         if schedule is None:
             schedule = build_schedule(self.plan, list(zip(self.stage_ids, self.modules)), device=self.device,
@@ -171,6 +205,23 @@ class ParallelModel:
         dist.all_reduce(total, group=self.pp_group)  # only the last stage had it
         return total
 
+    @torch.no_grad()
+    def eval_loss(self, ids: torch.Tensor, labels: torch.Tensor, positions=None, mask=None) -> tuple[float, int]:
+        """Summed validation loss and valid-token count of one micro batch (no pipeline: pp must be 1)."""
+        module = self.modules[0]
+        ids, labels = ids.to(self.device), labels.to(self.device)
+        with loss_context(self.tp_mesh):
+            if self.tp_mesh is not None:
+                saved, self._scale = self._scale, 1.0
+                loss = self._loss(module(ids, position_ids=positions, attention_mask=mask), labels)
+                self._scale = saved
+            else:
+                from qwenlink.train.loss import model_loss
+
+                loss, _ = model_loss(module, ids, labels, scale=1.0, chunk_size=self.chunk_size,
+                                     position_ids=positions, attention_mask=mask)
+        return float(loss), int((labels != IGNORE_INDEX).sum())
+
     def _sync_tied_gradients(self) -> None:
         """Sum the gradients of the first stage's embedding and the last stage's (tied) lm_head."""
         if self.tied_group is None or not self.config.tie_word_embeddings:
@@ -184,6 +235,8 @@ class ParallelModel:
 
     # ---- clipping ---------------------------------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float) -> float:
+        if max_norm == float("inf"):
+            max_norm = 0.0
         """Global gradient norm over all stages and shards (a tied weight counted once), clipped to max_norm."""
         grads = []
         for name, p in self.named_parameters():

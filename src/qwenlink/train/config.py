@@ -99,14 +99,18 @@ class OptimSection:
 
 @dataclass
 class ParallelSection:
-    """Parallel sizes (applied by qwenlink.parallel; the product must equal the number of processes)."""
+    """Parallel layout (applied by qwenlink.parallel): world size = pp x dp_replicate x dp_shard x tp."""
 
-    data_parallel: int = -1         # -1: whatever is left of the world size
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    layers_per_virtual_stage: int = 0  # 0: no interleaving
-    sequence_parallel: bool = False
-    fsdp: bool = False              # shard parameters/gradients/optimizer over data-parallel ranks (FSDP2)
+    tp: int = 1                     # tensor parallel (Megatron's --tensor-model-parallel-size)
+    pp: int = 1                     # pipeline stages (--pipeline-model-parallel-size)
+    vpp: int = 1                    # model chunks per pipeline rank (interleaved schedule)
+    layers_per_virtual_stage: int = 0  # ModelLink's --num-layers-per-virtual-pipeline-stage (sets vpp); 0: unused
+    num_layer_list: list = field(default_factory=list)  # ModelLink's --num-layer-list: layers per pipeline rank
+    dp_shard: int = -1              # FSDP2 sharding degree (ZeRO-3 like); -1: whatever is left of the world size
+    dp_replicate: int = 1           # plain replicas (with dp_shard > 1: HSDP)
+    sequence_parallel: bool = True  # with tp > 1, shard norms / residual activations over the sequence
+    schedule: str = "1f1b"          # gpipe | 1f1b | interleaved-1f1b | interleaved-zero-bubble
+    compile: bool = False           # torch.compile each decoder block
 
 
 @dataclass
@@ -313,7 +317,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.path):
         raise QwenlinkError(f"config: data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.path)} "
                             f"data.path entries")
-    for size in ("tensor_parallel", "pipeline_parallel"):
+    for size in ("tp", "pp", "vpp", "dp_replicate"):
         if getattr(cfg.parallel, size) < 1:
             raise QwenlinkError(f"config: parallel.{size} must be at least 1")
     from qwenlink.train.lora import validate_section
@@ -321,20 +325,26 @@ def validate(cfg: JobConfig) -> None:
     validate_section(cfg)
 
 
+def parallel_plan(cfg: JobConfig, world_size: int, num_layers: Optional[int] = None):
+    """The validated-by-arithmetic ParallelPlan of this job for a world size (model checks come later)."""
+    from qwenlink.parallel.mesh import plan_from_sizes
+
+    p = cfg.parallel
+    if world_size < p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1):
+        raise QwenlinkError(f"config: the layout needs {p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1)} "
+                            f"processes (tp {p.tp} x pp {p.pp} x dp_replicate {p.dp_replicate} x dp_shard "
+                            f"{max(p.dp_shard, 1)}) but {world_size} process(es) are running (launch with "
+                            f"`qwenlink train --nproc N` or torchrun --nproc-per-node N)")
+    return plan_from_sizes(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp,
+                           layers_per_virtual_stage=p.layers_per_virtual_stage, dp_shard=p.dp_shard,
+                           dp_replicate=p.dp_replicate, num_layers=num_layers,
+                           sequence_parallel=p.sequence_parallel, schedule=p.schedule,
+                           num_layer_list=list(p.num_layer_list) or None)
+
+
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:
     """The data-parallel degree for a world size, checking that the parallel sizes multiply up to it."""
-    model_parallel = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
-    if cfg.parallel.data_parallel <= 0 and world_size % model_parallel:
-        raise QwenlinkError(f"config: parallel.tensor_parallel ({cfg.parallel.tensor_parallel}) x pipeline_parallel "
-                            f"({cfg.parallel.pipeline_parallel}) = {model_parallel} needs a multiple of "
-                            f"{model_parallel} processes, but {world_size} process(es) are running (launch with "
-                            f"torchrun --nproc-per-node ...)")
-    dp = cfg.parallel.data_parallel if cfg.parallel.data_parallel > 0 else world_size // model_parallel
-    if dp * model_parallel != world_size:
-        raise QwenlinkError(f"config: parallel.data_parallel ({dp}) x tensor_parallel "
-                            f"({cfg.parallel.tensor_parallel}) x pipeline_parallel ({cfg.parallel.pipeline_parallel}) "
-                            f"= {dp * model_parallel}, but {world_size} process(es) are running")
-    return dp
+    return parallel_plan(cfg, world_size).dp
 
 
 def accumulation_steps(cfg: JobConfig, dp_size: int) -> int:

@@ -31,7 +31,8 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.train import lora as lora_train
-from qwenlink.train.config import JobConfig, accumulation_steps, data_parallel_size
+from qwenlink.train import distributed as distrib
+from qwenlink.train.config import JobConfig, accumulation_steps, parallel_plan
 from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
 from qwenlink.train.loss import IGNORE_INDEX, model_loss
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
@@ -195,21 +196,36 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.stream = stream
-        self.dp_size = data_parallel_size(cfg, world_size)
-        self.dp_rank = dp_rank
-        self.accum = accumulation_steps(cfg, self.dp_size)
-        self.device = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
         self.model_config = resolve_model_config(cfg)
+        # The layout is checked against the model before anything is allocated (a bad launch fails in a second).
+        self.plan = parallel_plan(cfg, world_size, self.model_config.num_hidden_layers)
+        self.distributed = self.plan.world_size > 1
+        if self.distributed:
+            self._validate_parallel()
+        self.dp_size = self.plan.dp
+        self.dp_rank = dp_rank if not self.distributed else (rank // self.plan.tp) % self.plan.dp
+        self.accum = accumulation_steps(cfg, self.dp_size)
+        device = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
+        self.device = distrib.device_for(distrib.DistInfo(rank, world_size, int(__import__("os").environ.get(
+            "LOCAL_RANK", "0"))), device)
         if cfg.data.seq_length > self.model_config.max_position_embeddings:
             raise QwenlinkError(f"config: data.seq_length ({cfg.data.seq_length}) is above the model's "
                                 f"max_position_embeddings ({self.model_config.max_position_embeddings})")
         # Data before the model: a wrong path should fail in a second, not after building a 7B model.
         num_samples = cfg.train.train_iters * cfg.train.global_batch_size
+        if self.distributed and self.rank != 0:
+            distrib.barrier()  # rank 0 builds (and caches) the sample index first; the others then read the cache
         self.dataset = build_dataset(cfg, cfg.data.path, num_samples)
         self.valid_dataset = (build_dataset(cfg, cfg.data.valid_path, cfg.metrics.eval_iters * cfg.train.micro_batch_size
                                             * self.dp_size) if cfg.data.valid_path else None)
+        if self.distributed and self.rank == 0:
+            distrib.barrier()
         self.lora = lora_train.lora_of(cfg)
-        self.model = build_training_model(cfg, self.model_config, self.device, parallelize)
+        self.pm = None  # the ParallelModel when distributed
+        if self.distributed:
+            self.model = self._build_parallel_model()
+        else:
+            self.model = build_training_model(cfg, self.model_config, self.device, parallelize)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = Scheduler(self.optimizer, cfg)
         self.state = TrainState(global_batch_size=cfg.train.global_batch_size, seq_length=cfg.data.seq_length)
@@ -222,11 +238,80 @@ class Trainer:
             # Megatron's --load without --finetune: continue that run's optimizer, step and data position.
             self._resume(ckpt.resolve_step_dir(cfg.model.init_from))
         self.data = MicroBatchStream(self.dataset, cfg, micro_batch_size=cfg.train.micro_batch_size,
-                                     dp_rank=dp_rank, dp_size=self.dp_size,
+                                     dp_rank=self.dp_rank, dp_size=self.dp_size,
                                      consumed_samples=self.state.consumed_samples,
                                      shuffle=cfg.data.shuffle and cfg.job.mode == "sft")
         self.history: list[dict[str, Any]] = []  # every step's record (tests and the quickstart read it)
         self._signal: Optional[int] = None
+
+    # ---- parallel layout ----------------------------------------------------------------------------------------
+    def _validate_parallel(self) -> None:
+        from qwenlink.parallel.mesh import validate_plan
+
+        cfg, plan = self.cfg, self.plan
+        validate_plan(plan, self.model_config, global_batch=cfg.train.global_batch_size,
+                      micro_batch=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length)
+        if plan.pp > 1 and cfg.job.mode == "sft" and cfg.data.pack:
+            raise QwenlinkError("config: data.pack = true (per-sample positions and masks) is not supported with "
+                                "pipeline parallelism (parallel.pp > 1); use padding (data.pack = false)")
+        if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
+            raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
+                                "with pipeline parallelism yet; evaluate a saved checkpoint instead")
+
+    def _build_parallel_model(self) -> nn.Module:
+        """This rank's chunks under the plan (meta -> hooks -> TP/FSDP -> materialise -> init -> initial weights)."""
+        from qwenlink.parallel.parallelize import build_parallel_model
+
+        cfg = self.cfg
+        lora_hook = lora_train.before_parallel_hook(cfg)
+
+        def before_parallel(stage: Qwen2Model) -> None:
+            apply_activation_checkpointing(stage, cfg.train.activation_checkpoint,
+                                           cfg.train.activation_checkpoint_every)
+            if lora_hook is not None:
+                lora_hook(stage)
+            if cfg.parallel.compile:
+                for layer in stage.layers.values():
+                    layer.compile()
+
+        param_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
+        self.pm = build_parallel_model(self.model_config, self.plan, self.device, param_dtype=param_dtype,
+                                       before_parallel=before_parallel, seed=cfg.job.seed,
+                                       init_std=cfg.model.init_std)
+        self.pm.chunk_size = cfg.train.loss_chunk_size
+        model = self.pm.state_module
+        if cfg.model.init_from:
+            source = Path(cfg.model.init_from)
+            if ckpt.is_qwenlink_checkpoint(source) and self.lora is None:
+                ckpt.load_checkpoint(ckpt.resolve_step_dir(source), model, None)  # DCP reshards on load
+            else:
+                # HF / Megatron sources are read whole on each rank, then each rank keeps its shards.
+                full = build_training_model(dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, activation_checkpoint="none")), self.model_config, torch.device("cpu"))
+                self.pm.load_full_state_dict(full.state_dict())
+                del full
+        return model
+
+    def _full_cpu_model(self) -> Optional[Qwen2Model]:
+        """Rank 0: an unsharded CPU copy of the model gathered from every stage and shard (collective)."""
+        import torch.distributed as dist
+
+        state = self.pm.full_state_dict()
+        parts: list = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(state, parts, dst=0)
+        if self.rank != 0:
+            return None
+        merged: dict[str, torch.Tensor] = {}
+        for part in parts:
+            merged.update(part)
+        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, init_from=""),
+                                  train=dataclasses.replace(self.cfg.train, activation_checkpoint="none"))
+        model = build_training_model(cfg, self.model_config, torch.device("cpu"))
+        if self.model_config.tie_word_embeddings:
+            merged.pop("lm_head.weight", None)
+        model.load_state_dict(merged, strict=not self.model_config.tie_word_embeddings)
+        model.tie_weights()
+        return model
 
     # ---- resume -------------------------------------------------------------------------------------------------
     def _resume(self, step_dir: Path) -> None:
@@ -249,7 +334,9 @@ class Trainer:
         return nullcontext()
 
     def _params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
+        finite = all(bool(torch.isfinite(p).all()) for p in local)
+        return not distrib.all_reduce_max(0 if finite else 1)  # every rank takes the same decision
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -258,6 +345,8 @@ class Trainer:
     # ---- steps --------------------------------------------------------------------------------------------------
     def train_step(self, batches: Sequence[MicroBatch], step: int) -> StepResult:
         """One optimizer step over `batches` (this rank's micro batches of the global batch)."""
+        if self.pm is not None:
+            return self._parallel_step(batches, step)
         lr = self.scheduler.apply(step)
         total_valid = int(_all_reduce_sum(count_valid_tokens(batches)))
         loss = forward_backward(self.model, [b.to(self.device) for b in batches], total_valid=total_valid,
@@ -265,6 +354,32 @@ class Trainer:
         loss_value = _all_reduce_sum(float(loss))
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True))
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if skipped:
+            self.state.skipped_nonfinite += 1
+            self.state.nonfinite_in_row += 1
+        else:
+            self.optimizer.step()
+            self.state.nonfinite_in_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(step, loss_value, grad_norm, lr, skipped)
+
+    def _parallel_step(self, batches: Sequence[MicroBatch], step: int) -> StepResult:
+        """The same step under the parallel layout: every tp/pp rank of a data-parallel replica sees the same
+        batches, so sums over all ranks are divided by tp x pp to count each replica once."""
+        lr = self.scheduler.apply(step)
+        replicas = self.plan.tp * self.plan.pp
+        total_valid = int(round(_all_reduce_sum(count_valid_tokens(batches)) / replicas))
+        if self.plan.pp > 1:
+            batches = _pad_to_common_length(batches, self.cfg.data.pad_id)
+            tensors = [(b.input_ids, b.labels, None, None) for b in batches]
+        else:
+            tensors = [(b.input_ids, b.labels, b.position_ids, b.attention_mask) for b in batches]
+        with self._autocast():
+            loss = self.pm.forward_backward(tensors, scale=self.dp_size / max(total_valid, 1))
+        loss_value = _all_reduce_sum(float(loss)) / replicas
+        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
+        grad_norm = self.pm.clip_grad_norm_(clip)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             self.state.skipped_nonfinite += 1
@@ -285,6 +400,12 @@ class Trainer:
         total, count = 0.0, 0
         for _ in range(self.cfg.metrics.eval_iters):
             b = stream.next().to(self.device)
+            if self.pm is not None:
+                with self._autocast():
+                    loss, n = self.pm.eval_loss(b.input_ids, b.labels, b.position_ids, b.attention_mask)
+                total += loss / (self.plan.tp * self.plan.pp)
+                count += n / (self.plan.tp * self.plan.pp)
+                continue
             with self._autocast():
                 loss, n = model_loss(self.model, b.input_ids, b.labels, scale=1.0,
                                      chunk_size=self.cfg.train.loss_chunk_size, position_ids=b.position_ids,
@@ -310,6 +431,7 @@ class Trainer:
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state.step, self.model, self.optimizer,
                                     train_state=state, job_toml=self.cfg.to_toml(),
                                     keep_last=self.cfg.checkpoint.keep_last, rank=self.rank,
+                                    barrier=distrib.barrier,
                                     trainable_only=self.lora is not None,
                                     extra_files={lora_train.LORA_FILE: lora_train.reference_json(self.cfg, self.lora)}
                                     if self.lora is not None else None)
@@ -400,6 +522,9 @@ class Trainer:
                         line += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
                     metrics.log(record, line)
                 self.history.append(record)
+                if self.distributed:  # all ranks must save at the same step: agree on whether a signal arrived
+                    agreed = distrib.all_reduce_max(self._signal or 0)
+                    self._signal = agreed or None
                 if self._signal is not None:
                     path = self.save()
                     name = signal.Signals(self._signal).name
@@ -439,15 +564,21 @@ class Trainer:
 
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; HF export refused")
+        model = _unwrapped(self.model) if self.pm is None else self._full_cpu_model()
+        if model is None:  # not rank 0: its shards were gathered; wait until rank 0 wrote the directory
+            distrib.barrier()
+            return Path(directory)
         tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        model = _unwrapped(self.model)
         if self.lora is not None:  # the adapters folded into a copy: a plain HF model of the base's shape
             import copy
 
             from qwenlink.models.lora import merge_lora
 
             model = merge_lora(copy.deepcopy(model))
-        return save_hf_model(model, directory, tokenizer=tokenizer)
+        path = save_hf_model(model, directory, tokenizer=tokenizer)
+        if self.pm is not None:
+            distrib.barrier()
+        return path
 
     def export_adapter(self, directory: str) -> Path:
         """The trained adapter (+ modules_to_save) in PEFT format, loadable by peft and `qwenlink ... --lora`."""
@@ -456,7 +587,28 @@ class Trainer:
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; adapter export refused")
         assert self.lora is not None
-        return save_model_adapter(_unwrapped(self.model), directory, self.lora, base_model=self.cfg.model.init_from)
+        model = _unwrapped(self.model) if self.pm is None else self._full_cpu_model()
+        if model is None:
+            distrib.barrier()
+            return Path(directory)
+        path = save_model_adapter(model, directory, self.lora, base_model=self.cfg.model.init_from)
+        if self.pm is not None:
+            distrib.barrier()
+        return path
+
+
+def _pad_to_common_length(batches: Sequence[MicroBatch], pad_id: int) -> list[MicroBatch]:
+    """Right-pad micro batches to one length (a pipeline schedule splits one tensor into equal micro batches)."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    out = []
+    for b in batches:
+        extra = width - b.input_ids.shape[1]
+        ids, labels = b.input_ids, b.labels
+        if extra:
+            ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
+            labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
+        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=None, attention_mask=None))
+    return out
 
 
 def _unwrapped(model: Qwen2Model) -> Qwen2Model:

@@ -1,0 +1,90 @@
+"""Process-group setup for `qwenlink train` under torchrun, and the `--nproc N` convenience launcher.
+
+The backend follows the device: NCCL for CUDA, HCCL for Ascend NPUs, gloo for CPU. Collectives get a timeout so
+that a crashed rank ends the others with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from qwenlink.errors import QwenlinkError
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QWENLINK_COLLECTIVE_TIMEOUT", "600")))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the process group torchrun set up (no-op for a single process); pins each rank to its local device."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "gloo"
+    if device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    elif device_kind == "npu":
+        torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
+        backend = "hccl"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def device_for(info: DistInfo, device: torch.device) -> torch.device:
+    """The rank's own accelerator (cuda:LOCAL_RANK), or the given device on CPU."""
+    if device.type in ("cuda", "npu") and info.distributed:
+        return torch.device(device.type, info.local_rank)
+    return device
+
+
+def all_reduce_max(flag: int) -> int:
+    """Agree across ranks (e.g. on "a signal arrived": everyone saves at the same step)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([flag], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def launch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
+    """`qwenlink train --nproc N ...`: re-run the same command under `torchrun --standalone --nproc-per-node N`."""
+    if nproc < 1:
+        raise QwenlinkError(f"--nproc must be >= 1, got {nproc}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qwenlink.cli", *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,128 @@
+"""`qwenlink train` under torchrun: layouts equal one process, checkpoints resume under another layout, bad layouts
+are refused before any process starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwenlink.data.indexed import write_documents
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def corpus(data_prefix, init_dir) -> tuple[str, str]:
+    return data_prefix, init_dir
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    docs = [[(int(rng.integers(0, 50)) + i) % 50 + 10 for i in range(int(rng.integers(20, 60)))] for _ in range(80)]
+    prefix = str(root / "count_text_document")
+    write_documents(prefix, docs, dtype=np.uint16)
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory) -> str:
+    """Initial weights shared by every run (random init differs between layouts; training must not)."""
+    import dataclasses
+
+    from qwenlink.checkpoint.hf import save_hf_model
+    from qwenlink.models.presets import get_preset
+    from qwenlink.models.qwen2 import build_model
+
+    config = dataclasses.replace(get_preset("test-tiny"), num_hidden_layers=LAYERS)
+    path = tmp_path_factory.mktemp("init") / "hf"
+    save_hf_model(build_model(config, seed=7), path)
+    return str(path)
+
+
+def _args(corpus: tuple[str, str], out: Path, *extra: str) -> list[str]:
+    corpus, init = corpus
+    return ["train", f"--model.init_from={init}", f"--data.path={corpus}", "--data.seq_length=16", "--train.micro_batch_size=1",
+            "--train.global_batch_size=4", "--train.train_iters=4", "--train.device=cpu", "--optim.lr=1e-3",
+            "--optim.min_lr=1e-4", "--optim.warmup_iters=1", "--optim.implementation=foreach",
+            f"--job.output_dir={out}", "--metrics.tensorboard=false", "--metrics.progress=lines",
+            "--metrics.log_interval=1", "--checkpoint.interval=2", *extra]
+
+
+def _run(args: list[str], nproc: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "qwenlink.cli", *args] + ([f"--nproc={nproc}"] if nproc else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("single") / "run"
+    result = _run(_args(corpus, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _losses(out)
+
+
+def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for step in steps:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
+
+
+@pytest.mark.parametrize("layout", [["--parallel.tp=2"], ["--parallel.pp=2"]], ids=["tp2", "pp2"])
+def test_train_command_under_layout_equals_single_process(corpus, single, tmp_path, layout):
+    out = tmp_path / "run"
+    result = _run(_args(corpus, out, *layout), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(_losses(out), single, range(1, 5))
+    assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+def test_checkpoint_resumes_under_other_layouts(corpus, single, tmp_path):
+    """Save at tp2 x pp2 (steps 2 and 4), resume from step 2 at dp4 (FSDP) and at pp4: the losses of steps 3 and 4
+    equal the uninterrupted single-process run."""
+    import shutil
+
+    first = tmp_path / "first"
+    result = _run(_args(corpus, first, "--parallel.tp=2", "--parallel.pp=2"), nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(_losses(first), single, [1, 2, 3, 4])
+    for name, layout in (("dp4", []), ("pp4", ["--parallel.pp=4"])):
+        out = tmp_path / name
+        shutil.copytree(first / "checkpoints", out / "checkpoints")
+        shutil.rmtree(out / "checkpoints" / "step_00000004")
+        (out / "checkpoints" / "latest").write_text("step_00000002\n")
+        result = _run(_args(corpus, out, *layout), nproc=4)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from" in result.stdout and "step 2" in result.stdout
+        _close(_losses(out), single, [3, 4])
+
+
+@pytest.mark.parametrize("override,reason", [
+    ("--parallel.tp=3", "tp 3 does not divide num_attention_heads 4"),
+    ("--parallel.pp=3", "4 layers are not divisible by pp (3) x vpp (1)"),
+    ("--parallel.tp=4", "tp 4 does not divide num_key_value_heads 2"),
+])
+def test_bad_layouts_are_refused_before_launch(corpus, tmp_path, override, reason):
+    nproc = int(override.split("=")[1])
+    result = _run(_args(corpus, tmp_path / "run", override), nproc=nproc, timeout=60)
+    assert result.returncode == 2
+    assert reason in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_world_size_must_match_layout(corpus, tmp_path):
+    result = _run(_args(corpus, tmp_path / "run", "--parallel.tp=2", "--parallel.pp=2"), nproc=2, timeout=60)
+    assert result.returncode == 2 and "needs 4 processes" in result.stderr
