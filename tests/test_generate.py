@@ -170,3 +170,21 @@ def test_generate_cli_jsonl_in_and_out(tmp_path, tiny_fixture_hf):
     src.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
     bad = run_cli("generate", "--model", str(tiny_fixture_hf), "--input", str(src), "--output", str(tmp_path / "x"))
     assert bad.returncode != 0 and "prompts.jsonl:2" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_generate_reads_megatron_and_qwenlink_checkpoints(tmp_path, tiny_fixture_hf):
+    """`--model` takes a Megatron checkpoint (any TP/PP) or a qwenlink training checkpoint as well as an HF dir."""
+    from common import fixture_dir
+
+    args = ["--prompt", "hello world", "--greedy", "--max-new-tokens", "8", "--tokenizer", str(tiny_fixture_hf)]
+    reference = run_cli("generate", "--model", str(tiny_fixture_hf), *args)
+    assert reference.returncode == 0, reference.stderr
+    for layout in ("mcore-tp2", "mcore-tp1-pp2"):
+        got = run_cli("generate", "--model", str(fixture_dir("megatron-core-tiny-qwen2", layout)), *args)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == reference.stdout
+    converted = run_cli("convert", "--input", str(tiny_fixture_hf), "--output", str(tmp_path / "ql"), "--to", "qwenlink")
+    assert converted.returncode == 0, converted.stderr
+    got = run_cli("generate", "--model", str(tmp_path / "ql"), *args)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == reference.stdout

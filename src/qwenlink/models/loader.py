@@ -29,7 +29,10 @@ def resolve_config(spec: str) -> ModelConfig:
     if os.path.isdir(spec):
         if is_hf_dir(spec):
             return read_hf_config(spec)
-        raise QwenlinkError(f"{spec}: missing config.json (not an HF model directory)")
+        from qwenlink.checkpoint.convert import detect_format, open_source
+
+        detect_format(spec)  # a clear error when the directory is none of HF / qwenlink / Megatron
+        return open_source(spec).config
     if is_preset(spec):
         return get_preset(spec)
     if os.sep in spec or spec.startswith("."):
@@ -39,9 +42,15 @@ def resolve_config(spec: str) -> ModelConfig:
 
 def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
                seed: int = 0) -> LoadedModel:
-    """Load weights from an HF directory, or build a preset with random weights (seeded, for experiments)."""
-    from qwenlink.checkpoint.hf import load_hf_model
+    """Load weights from an HF directory, a qwenlink training checkpoint or a Megatron checkpoint (format detected),
+    or build a preset with random weights (seeded, for experiments)."""
+    from qwenlink.checkpoint.hf import is_hf_dir, load_hf_model
 
+    if os.path.isdir(spec) and not is_hf_dir(spec):
+        from qwenlink.checkpoint.convert import detect_format, load_any_model
+
+        detect_format(spec)
+        return LoadedModel(load_any_model(spec, device=device, dtype=dtype), None, spec)
     if os.path.isdir(spec):
         model = load_hf_model(spec, device=device, dtype=dtype)
         tok_dir = Path(spec) if any((Path(spec) / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
