@@ -68,11 +68,16 @@ def _losses(out: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def single(corpus, tmp_path_factory) -> dict[int, float]:
+def single_run(corpus, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    result = _run(_args(corpus, out))
+    result = _run(_args(corpus, out, f"--checkpoint.export_hf={out / 'hf'}"))
     assert result.returncode == 0, result.stderr[-3000:]
-    return _losses(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(single_run) -> dict[int, float]:
+    return _losses(single_run)
 
 
 def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
@@ -80,13 +85,21 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
 
 
-@pytest.mark.parametrize("layout", [["--parallel.tp=2"], ["--parallel.pp=2"]], ids=["tp2", "pp2"])
-def test_train_command_under_layout_equals_single_process(corpus, single, tmp_path, layout):
+@pytest.mark.parametrize("layout", [["--parallel.tp=2", "--train.activation_checkpoint=full"], ["--parallel.pp=2"]],
+                         ids=["tp2-activation-checkpointing", "pp2"])
+def test_train_command_under_layout_equals_single_process(corpus, single, single_run, tmp_path, layout):
+    """Losses per step, the final checkpoint and the HF export (gathered from every shard) match one process."""
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
-    result = _run(_args(corpus, out, *layout), nproc=2)
+    result = _run(_args(corpus, out, *layout, f"--checkpoint.export_hf={out / 'hf'}"), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     _close(_losses(out), single, range(1, 5))
     assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+    ours, ref = load_file(out / "hf" / "model.safetensors"), load_file(single_run / "hf" / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert (ours[name] - ref[name]).abs().max() <= 1e-5, name
 
 
 def test_checkpoint_resumes_under_other_layouts(corpus, single, tmp_path):
