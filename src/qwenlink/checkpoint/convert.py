@@ -83,6 +83,10 @@ def detect_format(path: str | os.PathLike) -> str:
         dcp = None
     if dcp is not None and dcp.is_qwenlink_checkpoint(p):
         return "qwenlink"
+    partial = dcp.interrupted_save(p) if dcp is not None else None
+    if partial is not None:
+        raise QwenlinkError(f"{partial}: qwenlink checkpoint is incomplete (no COMPLETE marker: its save was "
+                            f"interrupted) and {p} holds no complete one")
     raise QwenlinkError(f"{p}: unknown checkpoint format (expected an HF directory with config.json, a qwenlink "
                         f"checkpoint with step_*/COMPLETE, or a Megatron directory with {megatron.TRACKER})")
 

@@ -87,6 +87,21 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
+def interrupted_save(path: str | os.PathLike) -> Optional[Path]:
+    """A step directory under `path` (or `path` itself, or its `checkpoints/`) that a crash left without its
+    COMPLETE marker, for error messages about directories that hold no complete checkpoint."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        if (root / ".metadata").is_file() and not is_complete(root):
+            return root
+        if root.is_dir():
+            for child in sorted(root.iterdir()):
+                if (child.name.startswith(".tmp-step_") or STEP_RE.match(child.name)) and \
+                        (child / ".metadata").is_file() and not is_complete(child):
+                    return child
+    return None
+
+
 def is_qwenlink_checkpoint(path: str | os.PathLike) -> bool:
     """True for a complete step directory, or a checkpoint directory holding at least one."""
     p = Path(path)

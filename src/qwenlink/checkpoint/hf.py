@@ -62,6 +62,12 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     if not Path(directory).is_dir():
         raise QwenlinkError(f"{directory}: model directory not found")
     if not path.is_file():
+        from qwenlink.checkpoint.dcp import interrupted_save
+
+        partial = interrupted_save(directory)
+        if partial is not None:
+            raise QwenlinkError(f"{partial}: qwenlink checkpoint is incomplete (no COMPLETE marker: its save was "
+                                f"interrupted) and {directory} holds no complete one")
         raise QwenlinkError(f"{path}: missing config.json (not an HF model directory)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
