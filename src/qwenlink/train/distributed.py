@@ -85,6 +85,25 @@ def launch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
     """`qwenlink train --nproc N ...`: re-run the same command under `torchrun --standalone --nproc-per-node N`."""
     if nproc < 1:
         raise QwenlinkError(f"--nproc must be >= 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    cmd = [sys.executable, "-c", "import sys; from qwenlink.train.distributed import run_torchrun; "
+           "sys.exit(run_torchrun(sys.argv[1:]))", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "qwenlink.cli", *argv]
     return subprocess.call(cmd)
+
+
+def run_torchrun(args: Sequence[str]) -> int:
+    """torchrun's main; when a rank fails, its report (a launcher traceback and a table) becomes one line naming the
+    rank that failed first and how. The ranks' own messages are printed above it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(list(args))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        print(f"qwenlink train: error: rank {rank} (pid {failure.pid}) {how} first; torchrun stopped the other "
+              f"ranks (rerun the same command to resume from the latest checkpoint)", file=sys.stderr, flush=True)
+        return 1
+    return 0
