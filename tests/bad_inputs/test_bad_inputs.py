@@ -86,16 +86,16 @@ def _cases() -> list[Case]:
     add("info generate convert-hf eval serve train-init-from", "model_empty_dir",
         r"missing config\.json|not an HF model|no complete qwenlink checkpoint|neither an HF directory|"
         r"unknown checkpoint format")
-    add("convert-hf train-init-from", "ckpt_malicious_metadata",
+    add("generate convert-hf train-init-from", "ckpt_malicious_metadata",
         r"refused to load checkpoint metadata: disallowed global .*system.*nothing from the file was executed",
         "ckpt_malicious_metadata/step_00000001/.metadata")
-    add("convert-hf train-init-from", "ckpt_truncated_shards", r"unreadable checkpoint",
+    add("generate convert-hf train-init-from", "ckpt_truncated_shards", r"unreadable checkpoint",
         "ckpt_truncated_shards/step_00000001")
-    add("convert-hf train-init-from", "ckpt_incomplete", r"qwenlink checkpoint is incomplete \(no COMPLETE marker",
+    add("generate convert-hf train-init-from", "ckpt_incomplete", r"qwenlink checkpoint is incomplete \(no COMPLETE marker",
         "ckpt_incomplete/step_00000001")
-    add("convert-hf", "megatron_malicious", r"refused to load pickle: disallowed global .*system",
+    add("generate convert-hf", "megatron_malicious", r"refused to load pickle: disallowed global .*system",
         "megatron_malicious/iter_0000001/mp_rank_00/model_optim_rng.pt")
-    add("convert-hf", "megatron_truncated", r"unreadable checkpoint file|unreadable",
+    add("generate convert-hf", "megatron_truncated", r"unreadable checkpoint file|unreadable",
         "megatron_truncated/iter_0000001/mp_rank_00/model_optim_rng.pt")
     add("preprocess", "data_non_utf8.jsonl", r"UTF-8|utf-8", "data_non_utf8.jsonl")
     add("preprocess generate-input", "data_empty.jsonl", r"empty|no (records|prompts|documents)")
