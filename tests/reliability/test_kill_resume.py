@@ -164,7 +164,7 @@ def _assert_survives(cfg, out: Path, reference: dict[int, float], resume_step: i
 
 # ---- kill -9 of `qwenlink train` at random moments -----------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_kill_9_cli_at_a_random_moment_then_resume(seed: int, corpus: str, reference: dict[int, float],
                                                    tmp_path: Path) -> None:
     """The real command, killed a random time (seeded) after its first step; saves take much of each step here,
