@@ -173,6 +173,9 @@ def prompt_from_body(body: dict, state: ServerState, *, chat: bool) -> list[int]
 # ---- HTTP handler ------------------------------------------------------------------------------------------------
 class Handler(BaseHTTPRequestHandler):
     server_version = "qwenlink"
+    # A client that stalls mid-request (slowloris) loses its connection after this many seconds; it only ever holds
+    # its own handler thread, so other clients are not blocked meanwhile.
+    timeout = 30
     protocol_version = "HTTP/1.1"
     state: ServerState  # set on the subclass made by `make_server`
 
