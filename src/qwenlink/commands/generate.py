@@ -66,6 +66,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise QwenlinkError("a prompt is empty after tokenisation")
     results, stats = generate(session.model, prompts, params, decode=tok.decode, max_batch=args.max_batch)
+    if session.rank != 0:  # tensor-parallel ranks computed the same results; rank 0 reports them
+        return 0
     if args.output:
         lines = [json.dumps({"prompt": t, "text": r.text, "tokens": r.tokens, "finish_reason": r.finish_reason},
                             ensure_ascii=False) for t, r in zip(texts, results)]

@@ -18,7 +18,7 @@ import torch
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.inference.sampling import SamplingParams, sample_token
-from qwenlink.models.qwen2 import KVCache, Qwen2Model
+from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
 
 Tensor = torch.Tensor
 _ids = itertools.count()
@@ -82,6 +82,7 @@ class Engine:
     def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None) -> None:
         self.model = model.eval()
         param = next(model.parameters())
+        param = param.to_local() if hasattr(param, "to_local") else param
         self.device, self.dtype = param.device, param.dtype
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
@@ -130,7 +131,8 @@ class Engine:
         """Admit and prefill waiting requests, then decode one token for the others. Returns requests that ended."""
         if self.cache is None:
             self.cache = KVCache(self.model.config, self.max_batch, self.max_length, dtype=self.dtype,
-                                 device=self.device, layer_ids=list(self.model.layers.keys()))
+                                 device=self.device, layer_ids=list(self.model.layers.keys()),
+                                 num_kv_heads=local_kv_heads(self.model))
         finished: list[Request] = []
         decoding = list(self.running.values())
         free_rows = [r for r in range(self.max_batch) if r not in self.running]

@@ -21,6 +21,8 @@ class InferenceSession:
     model: Qwen2Model
     tokenizer: Tokenizer
     name: str
+    rank: int = 0  # under torchrun: this process's rank; only rank 0 prints results
+    world_size: int = 1
 
 
 def pick_tokenizer(tokenizer_spec: str | None, model_tokenizer_dir) -> Tokenizer:
@@ -60,4 +62,26 @@ def open_session(model: str, *, tokenizer: str | None = None, device: str | None
     tok = pick_tokenizer(tokenizer, loaded.tokenizer_dir)
     check_vocab(tok, loaded.model.config.vocab_size, model)
     loaded.model.eval()
-    return InferenceSession(loaded.model, tok, model.rstrip("/").split("/")[-1])
+    rank, world = _tensor_parallel(loaded.model, dev)
+    return InferenceSession(loaded.model, tok, model.rstrip("/").split("/")[-1], rank, world)
+
+
+def _tensor_parallel(model: Qwen2Model, device) -> tuple[int, int]:
+    """Under torchrun, shard the model over all processes (tensor parallel, full logits on every rank).
+
+    Every rank then runs the same engine loop on the same requests: greedy and seeded sampling see identical logits,
+    so the ranks stay in lockstep without exchanging tokens.
+    """
+    from qwenlink.train import distributed
+
+    if not distributed.launched_by_torchrun():
+        return 0, 1
+    from qwenlink.parallel.mesh import ParallelPlan, validate_plan
+    from qwenlink.parallel.tensor import apply_tensor_parallel
+    from torch.distributed.device_mesh import init_device_mesh
+
+    info = distributed.init_distributed(device.type)
+    validate_plan(ParallelPlan(tp=info.world_size), model.config)
+    mesh = init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("tp",))
+    apply_tensor_parallel(model, mesh, sequence_parallel=False, full_logits=True)
+    return info.rank, info.world_size

@@ -99,8 +99,10 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, *, dtype: torch.dtype,
-                 device: torch.device | str, layer_ids: Optional[list[str]] = None) -> None:
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+                 device: torch.device | str, layer_ids: Optional[list[str]] = None,
+                 num_kv_heads: Optional[int] = None) -> None:
+        # num_kv_heads: the heads this process computes (fewer than the config's under tensor parallelism).
+        shape = (batch_size, num_kv_heads or config.num_key_value_heads, max_length, config.head_dim)
         ids = layer_ids if layer_ids is not None else [str(i) for i in range(config.num_hidden_layers)]
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in ids}
@@ -308,6 +310,15 @@ class Qwen2Model(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(h)  # [B, K, V]
         return h
+
+
+def local_kv_heads(model: Qwen2Model) -> int:
+    """Key/value heads this process holds: the config's, or its share when k_proj is tensor-parallel sharded."""
+    layer = next(iter(model.layers.values()))
+    layer = getattr(layer, "_checkpoint_wrapped_module", layer)
+    weight = layer.self_attn.k_proj.weight
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return local.shape[0] // model.config.head_dim
 
 
 def build_model(config: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -54,10 +54,16 @@ class LoraRowwiseParallel(RowwiseParallel):
                                                      "lora_B": Replicate()})
 
 
-def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool = True) -> Qwen2Model:
-    """Shard `model` (possibly a pipeline stage with some modules removed) over `tp_mesh` in place."""
+def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool = True,
+                          full_logits: bool = False) -> Qwen2Model:
+    """Shard `model` (possibly a pipeline stage with some modules removed) over `tp_mesh` in place.
+
+    Works on a meta model (training: materialise afterwards) or on a loaded one (inference: every rank holds the
+    full weights and keeps its shards). `full_logits` all-gathers the head's output so each rank gets [B, T, V]
+    (generation samples from the whole vocabulary); training keeps the vocabulary slice for `vocab_parallel_loss`.
+    """
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    _shard_model(model, tp_mesh, sequence_parallel)
+    _shard_model(model, tp_mesh, sequence_parallel, full_logits)
     # SequenceParallel re-creates norm weights as new Parameters with requires_grad=True; keep frozen ones (LoRA's
     # base) frozen, or the optimizer would silently train them.
     for name, param in model.named_parameters():
@@ -66,7 +72,7 @@ def apply_tensor_parallel(model: Qwen2Model, tp_mesh, *, sequence_parallel: bool
     return model
 
 
-def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool) -> None:
+def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool, full_logits: bool = False) -> None:
     residual = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, object] = {}
     if model.embed_tokens is not None:
@@ -74,8 +80,10 @@ def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool) -> None:
     if model.norm is not None and sequence_parallel:
         plan["norm"] = SequenceParallel()
     if model.lm_head is not None:
-        # Local logits hold this rank's vocabulary slice: [B, T, V / tp].
-        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=True)
+        # Local logits hold this rank's vocabulary slice [B, T, V / tp], or all of it with full_logits.
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual,
+                                          output_layouts=Replicate() if full_logits else Shard(-1),
+                                          use_local_output=True)
     tied = model.config.tie_word_embeddings and model.embed_tokens is not None and model.lm_head is not None
     if plan:
         parallelize_module(model, tp_mesh, plan)
