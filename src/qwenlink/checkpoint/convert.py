@@ -206,12 +206,13 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
                                       divisible_by=opts.divisible_by, dtype=opts.dtype)
     if (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage, opts.num_layer_list) != (1, 1, None, None, None):
         raise QwenlinkError(f"--tp/--pp/--vpp/--num-layer-list apply to Megatron output only, not --to {opts.to}")
-    model = model_from_source(source, dtype=opts.dtype)
-    del source  # unmaps the input's files before the output is serialised
     if opts.to == "hf":
         tokenizer_dir = opts.tokenizer_dir or opts.config_from or (input_path if fmt == "hf" else None)
-        # safetensors serialises a whole file in memory: 1 GiB shards bound that extra copy.
-        return hf.save_hf_model(model, output, tokenizer_dir=tokenizer_dir, max_shard_bytes=HF_SHARD_BYTES)
+        # Streamed shard by shard: safetensors serialises one whole file in memory, so 1 GiB shards bound the peak.
+        return hf.save_hf_from_source(source, output, dtype=opts.dtype, tokenizer_dir=tokenizer_dir,
+                                      max_shard_bytes=HF_SHARD_BYTES)
+    model = model_from_source(source, dtype=opts.dtype)
+    del source  # unmaps the input's files before the output is serialised
     return _save_qwenlink(model, output, notice)
 
 

@@ -195,17 +195,81 @@ def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = 
     return model
 
 
-def _shard_plan(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Group tensor names (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
     shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes:
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def _write_weights(tmp: Path, sizes: list[tuple[str, int]], fetch, max_shard_bytes: int) -> None:
+    """Write safetensors shards, fetching each shard's tensors only when that shard is written, so at most one
+    shard is in memory beyond what `fetch` reads from (an in-memory model, or a streamed checkpoint)."""
+    shards = _shard_plan(sizes, max_shard_bytes)
+    if len(shards) == 1:
+        save_file({n: fetch(n) for n in shards[0]}, str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: fetch(n) for n in names}, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in names})
+    index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+    (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, tokenizer_dir, tokenizer,
+                    generation_config: Optional[dict]) -> None:
+    hf_config = config.to_hf_dict(dtype=_DTYPE_NAMES.get(out_dtype, "float32"))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    gen = dict(generation_config or {})
+    eos_id = getattr(tokenizer, "eos_id", None)
+    if eos_id is not None:
+        gen.setdefault("eos_token_id", eos_id)
+        gen.setdefault("pad_token_id", tokenizer.pad_id)
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
+    elif tokenizer is not None:
+        tokenizer.save(tmp)
+
+
+def save_hf_from_source(source, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                        max_shard_bytes: int = 1 << 30, tokenizer_dir: str | os.PathLike | None = None,
+                        tokenizer=None) -> Path:
+    """Write an HF directory from a tensor source (`.config`, `.get(qwenlink_name)`) one shard at a time.
+
+    Conversion from a Megatron or qwenlink checkpoint never holds the whole model: peak memory is about one output
+    shard plus what the source has mapped.
+    """
+    config: ModelConfig = source.config
+    torch_dtype = parse_dtype(dtype) or source.get("embed_tokens.weight").dtype
+    with torch.device("meta"):
+        shapes = [(n, p.shape) for n, p in Qwen2Model(config).named_parameters()]  # a tied head is listed once
+    sizes = [(hf_name(n), int(torch.Size(shape).numel()) * torch.tensor([], dtype=torch_dtype).element_size())
+             for n, shape in shapes]
+
+    def fetch(name: str) -> torch.Tensor:
+        tensor = source.get(qwenlink_name(name)).detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch_dtype)
+        return tensor.to("cpu").contiguous()
+
+    directory = Path(directory)
+    with atomic_path(directory, is_dir=True) as tmp:
+        _write_weights(tmp, sizes, fetch, max_shard_bytes)
+        _write_metadata(tmp, config, torch_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
+                        generation_config=None)
+    return directory
 
 
 def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -228,34 +292,9 @@ def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str
             tensor = tensor.to(torch_dtype)
         state[hf_name(name)] = tensor.to("cpu").contiguous()
     out_dtype = next(iter(state.values())).dtype
+    sizes = [(n, t.numel() * t.element_size()) for n, t in state.items()]
     with atomic_path(directory, is_dir=True) as tmp:
-        shards = _shard_plan(state, max_shard_bytes)
-        if len(shards) == 1:
-            save_file(state, str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            total = 0
-            for i, names in enumerate(shards, start=1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: state[n] for n in names}, str(tmp / file), metadata={"format": "pt"})
-                for n in names:
-                    weight_map[n] = file
-                    total += state[n].numel() * state[n].element_size()
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        hf_config = config.to_hf_dict(dtype=_DTYPE_NAMES.get(out_dtype, "float32"))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        gen = dict(generation_config or {})
-        eos_id = getattr(tokenizer, "eos_id", None)
-        if eos_id is not None:
-            gen.setdefault("eos_token_id", eos_id)
-            gen.setdefault("pad_token_id", tokenizer.pad_id)
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
-        elif tokenizer is not None:
-            tokenizer.save(tmp)
+        _write_weights(tmp, sizes, state.__getitem__, max_shard_bytes)
+        _write_metadata(tmp, config, out_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
+                        generation_config=generation_config)
     return directory
