@@ -23,6 +23,8 @@ LAYOUTS = {
     "tp2-dp2": dict(tp=2, dp_shard=2),
     "tp2-pp2": dict(tp=2, pp=2),
     "pp2-dp2": dict(pp=2, dp_shard=2),
+    "dp2-replicate": dict(dp_shard=1, dp_replicate=2),
+    "pp2-vpp2-zero-bubble": dict(pp=2, vpp=2, schedule="interleaved-zero-bubble"),
 }
 
 
