@@ -354,6 +354,10 @@ class Trainer:
         loss_value = _all_reduce_sum(float(loss))
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True))
+        return self._finish_step(step, loss_value, grad_norm, lr)
+
+    def _finish_step(self, step: int, loss_value: float, grad_norm: float, lr: float) -> StepResult:
+        """Apply the update, or skip and count it when the loss or the gradient norm is not finite."""
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             self.state.skipped_nonfinite += 1
@@ -380,15 +384,7 @@ class Trainer:
         loss_value = _all_reduce_sum(float(loss)) / replicas
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
         grad_norm = self.pm.clip_grad_norm_(clip)
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        if skipped:
-            self.state.skipped_nonfinite += 1
-            self.state.nonfinite_in_row += 1
-        else:
-            self.optimizer.step()
-            self.state.nonfinite_in_row = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(step, loss_value, grad_norm, lr, skipped)
+        return self._finish_step(step, loss_value, grad_norm, lr)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
