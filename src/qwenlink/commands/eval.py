@@ -105,6 +105,9 @@ def run_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=device, dtype=parse_dtype(args.dtype), seed=args.seed)
     tokenizer = pick_tokenizer(args.tokenizer, loaded.tokenizer_dir)
     check_vocab(tokenizer, loaded.model.config.vocab_size, args.model)
+    from qwenlink.inference.session import _tensor_parallel
+
+    rank, _ = _tensor_parallel(loaded.model, device)  # under torchrun: tensor-parallel scoring, rank 0 reports
     load_seconds = time.perf_counter() - t0
 
     chat = None
@@ -139,6 +142,8 @@ def run_eval(args: argparse.Namespace) -> int:
             "prefix_tokens_reused": stats.prefix_tokens_reused,
         },
     }
+    if rank != 0:
+        return 0
     if args.log_samples:
         report["samples"] = [{"subject": r.subject, "index": r.index, "source": r.source, "answer": r.answer,
                               "prediction": r.prediction, "logprobs": list(r.logprobs),

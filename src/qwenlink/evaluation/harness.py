@@ -27,7 +27,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
-from qwenlink.models.qwen2 import KVCache, Qwen2Model
+from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
 
 Tensor = torch.Tensor
 
@@ -283,13 +283,15 @@ class LoglikelihoodScorer:
         p = len(prefix)
         cached = self._prefix
         if cached.tokens[:p] != prefix or len(cached.tokens) < p:
-            one = KVCache(model.config, 1, p, dtype=self._dtype(), device=self.device, layer_ids=list(model.layers))
+            one = KVCache(model.config, 1, p, dtype=self._dtype(), device=self.device, layer_ids=list(model.layers),
+                          num_kv_heads=local_kv_heads(model))
             ids = torch.tensor([prefix], device=self.device)
             model(ids, kv_cache=one, cache_start=0, logits_to_keep=1)
             self.stats.tokens += p
             self._prefix = cached = _PrefixCache(prefix, {k: v[:, :, :p] for k, v in one.keys.items()},
                                                  {k: v[:, :, :p] for k, v in one.values.items()})
         cache = KVCache(model.config, bsz, total, dtype=self._dtype(), device=self.device,
+                        num_kv_heads=local_kv_heads(model),
                         layer_ids=list(model.layers))
         for layer_id in cache.keys:
             cache.keys[layer_id][:, :, :p] = cached.keys[layer_id][:, :, :p]
@@ -298,4 +300,5 @@ class LoglikelihoodScorer:
         return cache
 
     def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        param = next(self.model.parameters())
+        return (param.to_local() if hasattr(param, "to_local") else param).dtype
