@@ -7,6 +7,7 @@ and a failed command leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -48,3 +49,18 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (UTF-8)."""
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """Read a JSON file that must hold an object (config.json, adapter_config.json, ...), failing in one line."""
+    from qwenlink.errors import QwenlinkError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()
+        raise QwenlinkError(f"{path}: not valid JSON ({first[0] if first else type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise QwenlinkError(f"{path}: expected a JSON object")
+    return data

@@ -20,7 +20,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normal
 from tokenizers import AddedToken
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.fileio import atomic_write_text
+from qwenlink.fileio import atomic_write_text, read_json_object
 
 QWEN_PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -293,15 +293,7 @@ def _from_vocab_and_merges(path: Path, config: dict) -> HFTokenizer:
 
 
 def _read_json_if_exists(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QwenlinkError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
-    if not isinstance(data, dict):
-        raise QwenlinkError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: object) -> str | None:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.fileio import atomic_path
+from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model, build_model
 
@@ -69,13 +69,7 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
             raise QwenlinkError(f"{partial}: qwenlink checkpoint is incomplete (no COMPLETE marker: its save was "
                                 f"interrupted) and {directory} holds no complete one")
         raise QwenlinkError(f"{path}: missing config.json (not an HF model directory)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QwenlinkError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise QwenlinkError(f"{path}: expected a JSON object")
-    return ModelConfig.from_hf_dict(data, source=str(path))
+    return ModelConfig.from_hf_dict(read_json_object(path), source=str(path))
 
 
 def _slice_dtype(f, key: str) -> torch.dtype:

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.fileio import atomic_path
+from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.lora import PROJECTIONS, LoraConfig, apply_lora, iter_lora_modules, merged_weight
 
@@ -137,12 +137,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise QwenlinkError(f"{path}: LoRA adapter directory not found")
     if not file.is_file():
         raise QwenlinkError(f"{path}: no {CONFIG_FILE} (not a PEFT adapter directory)")
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise QwenlinkError(f"{file}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise QwenlinkError(f"{file}: expected a JSON object")
+    data = read_json_object(file)
     if data.get("peft_type", "LORA") != "LORA":
         raise QwenlinkError(f"{file}: peft_type {data.get('peft_type')!r} is not supported (only LORA)")
     for key, default in _UNSUPPORTED.items():
