@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from parallel_reference import make_batches, make_config, make_initial_state, optimizer_for
+from parallel_reference import make_config, make_initial_state, train_steps
 from qwenlink.models.lora import LoraConfig, apply_lora, iter_lora_modules, trainable_parameters
 from qwenlink.models.qwen2 import build_model
-from qwenlink.train.loss import model_loss
 
 
 def lora_config(spec: dict) -> LoraConfig:
@@ -34,19 +33,5 @@ def lora_reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]
     """Losses and final weights of the same LoRA steps on one process (only trainable parameters optimised)."""
     model = apply_lora(build_model(make_config(spec), seed=spec["seed"]), lora_config(spec))
     model.load_state_dict(make_lora_initial_state(spec))
-    params = trainable_parameters(model)
-    optimizer = optimizer_for(params)
-    losses = []
-    micro = spec["micro_batch"]
-    for ids, labels in make_batches(spec):
-        valid = int((labels != -100).sum())
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, ids.shape[0], micro):
-            loss, _ = model_loss(model, ids[i:i + micro], labels[i:i + micro], scale=1.0 / valid, chunk_size=64)
-            loss.backward()
-            total += float(loss.detach())
-        losses.append(total)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    losses = train_steps(model, list(trainable_parameters(model)), spec)
     return losses, {k: v.clone() for k, v in model.state_dict().items()}

@@ -41,11 +41,9 @@ def optimizer_for(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
 
 
-def reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses and final weights of the same steps on one process, without any parallelism."""
-    model = build_model(make_config(spec), seed=spec["seed"])
-    model.load_state_dict(make_initial_state(spec))
-    optimizer = optimizer_for(model.parameters())
+def train_steps(model, params: list, spec: dict) -> list[float]:
+    """STEPS optimizer steps of `params` on the spec's batches (accumulating micro batches); the loss of each step."""
+    optimizer = optimizer_for(params)
     losses = []
     micro = spec["micro_batch"]
     for ids, labels in make_batches(spec):
@@ -55,8 +53,16 @@ def reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
         for i in range(0, ids.shape[0], micro):
             loss, _ = model_loss(model, ids[i:i + micro], labels[i:i + micro], scale=1.0 / valid, chunk_size=64)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(total)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+    return losses
+
+
+def reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses and final weights of the same steps on one process, without any parallelism."""
+    model = build_model(make_config(spec), seed=spec["seed"])
+    model.load_state_dict(make_initial_state(spec))
+    losses = train_steps(model, list(model.parameters()), spec)
     return losses, {k: v.clone() for k, v in model.state_dict().items()}
