@@ -2,9 +2,11 @@
 
 Measures generated tokens per second (prefill of the 32-token prompts included, greedy, no early stop) at batch 1
 and batch 8, each side run alternately `--repeats` times and the best kept (the machine is shared and noisy), plus
-the server's throughput with 16 concurrent clients. Same dtype on both sides.
+the server's throughput with 16 concurrent clients. Same dtype on both sides. On CPU a third column runs qwenlink
+with `prepack=False` (plain `F.linear`, as `--no-prepack`) to show what the oneDNN-prepacked weights contribute.
 
-    python benchmarks/bench_generate.py                      # CPU: qwen-bench and the Qwen1.5-0.5B shape, fp32
+    python benchmarks/bench_generate.py                      # CPU: qwen-bench and the Qwen1.5-0.5B shape, fp32 + bf16
+    python benchmarks/bench_generate.py --dtypes bf16        # CPU, bf16 only
     python benchmarks/bench_generate.py --gpu                # GPU section: Qwen1.5-1.8B shape, bf16
     python benchmarks/bench_generate.py --shapes qwen-bench --new-tokens 32 --repeats 1   # quick check
 """
@@ -23,6 +25,9 @@ from qwenlink.inference.engine import Engine, Request
 from qwenlink.inference.sampling import SamplingParams
 from qwenlink.models.presets import get_preset
 from qwenlink.models.qwen2 import build_model
+
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _hf_twin(model):
@@ -45,9 +50,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts: torch.Tensor, new_tokens: int) -> float:
+def run_ours(model, prompts: torch.Tensor, new_tokens: int, prepack: bool = True) -> float:
     device = next(model.parameters()).device
-    engine = Engine(model, max_batch=prompts.shape[0], max_length=prompts.shape[1] + new_tokens)
+    engine = Engine(model, max_batch=prompts.shape[0], max_length=prompts.shape[1] + new_tokens, prepack=prepack)
     params = SamplingParams(max_new_tokens=new_tokens)
     requests = [Request(p, params) for p in prompts.tolist()]
     _sync(device)
@@ -77,22 +82,30 @@ def bench_shape(name: str, *, device: torch.device, dtype: torch.dtype, batches:
     config = get_preset(name)
     model = build_model(config, device=device, dtype=dtype, seed=0).eval()
     hf = _hf_twin(model)
+    # The no-prepack column needs its own copy: once an engine has prepacked `model`, its layers stay swapped.
+    plain = build_model(config, device=device, dtype=dtype, seed=0).eval() if device.type == "cpu" else None
     rows = []
     for batch in batches:
         prompts = torch.randint(0, 150000, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
         prompts = prompts.to(device)
-        run_ours(model, prompts[:, :8], 4)  # warm-up both
+        run_ours(model, prompts[:, :8], 4)  # warm-up all sides
         run_hf(hf, prompts[:, :8], 4)
-        ours, theirs = [], []
+        if plain is not None:
+            run_ours(plain, prompts[:, :8], 4, prepack=False)
+        ours, unpacked, theirs = [], [], []
         for _ in range(repeats):
             ours.append(run_ours(model, prompts, new_tokens))
+            if plain is not None:
+                unpacked.append(run_ours(plain, prompts, new_tokens, prepack=False))
             theirs.append(run_hf(hf, prompts, new_tokens))
-        row = {"shape": name, "batch": batch, "qwenlink_tok_s": max(ours), "hf_tok_s": max(theirs),
-               "ratio": max(ours) / max(theirs)}
+        row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+               "qwenlink_tok_s": max(ours), "qwenlink_no_prepack_tok_s": max(unpacked) if unpacked else None,
+               "hf_tok_s": max(theirs), "ratio": max(ours) / max(theirs)}
         rows.append(row)
-        print(f"{name:14s} batch {batch:2d}: qwenlink {row['qwenlink_tok_s']:8.1f} tok/s | HF generate "
-              f"{row['hf_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}x", flush=True)
-    del hf, model
+        plain_text = f"no-prepack {row['qwenlink_no_prepack_tok_s']:8.1f} | " if unpacked else ""
+        print(f"{name:14s} {row['dtype']:8s} batch {batch:2d}: qwenlink {row['qwenlink_tok_s']:8.1f} tok/s | "
+              f"{plain_text}HF generate {row['hf_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}x", flush=True)
+    del hf, model, plain
     return rows
 
 
@@ -124,9 +137,9 @@ def bench_server(name: str, *, device: torch.device, dtype: torch.dtype, clients
     elapsed = time.perf_counter() - start
     server.shutdown()
     server.state.worker.stop()
-    result = {"shape": name, "clients": clients, "requests": clients * 2, "tokens": tokens,
+    result = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "clients": clients, "requests": clients * 2, "tokens": tokens,
               "tok_s": tokens / elapsed, "seconds": elapsed}
-    print(f"server {name}: {clients} concurrent clients, {clients * 2} requests, {tokens} tokens in "
+    print(f"server {name} {str(dtype).removeprefix('torch.')}: {clients} concurrent clients, {clients * 2} requests, {tokens} tokens in "
           f"{elapsed:.1f}s = {result['tok_s']:.1f} tok/s", flush=True)
     return result
 
@@ -135,6 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="GPU section: Qwen1.5-1.8B shape in bf16 on cuda")
     parser.add_argument("--shapes", nargs="*", default=None)
+    parser.add_argument("--dtypes", nargs="*", choices=sorted(_DTYPES), default=None,
+                        help="CPU dtypes to compare in (default: fp32 and bf16; the GPU section is bf16)")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -146,21 +161,22 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.gpu:
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtypes = torch.device("cuda"), [_DTYPES[d] for d in args.dtypes or ["bf16"]]
         shapes = args.shapes or ["qwen1.5-1.8b"]
     else:
-        device, dtype = torch.device("cpu"), torch.float32
+        device, dtypes = torch.device("cpu"), [_DTYPES[d] for d in args.dtypes or ["fp32", "bf16"]]
         shapes = args.shapes or ["qwen-bench", "qwen1.5-0.5b"]
-    print(f"# {time.strftime('%Y-%m-%d')} {platform.processor() or platform.machine()} torch {torch.__version__} "
-          f"threads {torch.get_num_threads()} device {device} dtype {dtype}", flush=True)
-    results = {"generate": [], "server": None}
-    for shape in shapes:
-        results["generate"] += bench_shape(shape, device=device, dtype=dtype, batches=args.batches,
-                                           prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                           repeats=args.repeats)
-    if not args.no_server:
-        results["server"] = bench_server(shapes[0], device=device, dtype=dtype, clients=16,
-                                         new_tokens=min(64, args.new_tokens))
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()} torch "
+          f"{torch.__version__} threads {torch.get_num_threads()} device {device}", flush=True)
+    results = {"generate": [], "server": []}
+    for dtype in dtypes:
+        for shape in shapes:
+            results["generate"] += bench_shape(shape, device=device, dtype=dtype, batches=args.batches,
+                                               prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                               repeats=args.repeats)
+        if not args.no_server:
+            results["server"].append(bench_server(shapes[0], device=device, dtype=dtype, clients=16,
+                                                  new_tokens=min(64, args.new_tokens)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

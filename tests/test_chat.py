@@ -56,7 +56,7 @@ def test_old_turns_are_dropped_beyond_the_budget(session):
 def test_run_chat_commands(tiny_fixture_hf):
     args = SimpleNamespace(model=str(tiny_fixture_hf), tokenizer=None, device="cpu", dtype="fp32", seed=0,
                            greedy=True, temperature=None, top_k=0, top_p=1.0, repetition_penalty=1.0, stop=[],
-                           max_new_tokens=4, system="sys", max_history_tokens=256)
+                           max_new_tokens=4, system="sys", max_history_tokens=256, prepack=True)
     out = io.StringIO()
     assert run_chat(args, stdin=io.StringIO("hi\n/clear\n/system new\nyo\n/quit\nignored\n"), stdout=out) == 0
     text = out.getvalue()

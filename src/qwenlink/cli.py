@@ -40,6 +40,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
     p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply a PEFT LoRA adapter (unmerged); "
                    "fails if it does not match the model")
+    p.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="on CPU, keep the plain linear kernels instead of oneDNN-prepacked weights (prepacking "
+                   "decodes faster but holds a second copy of the linear weights)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, default_max_new: int) -> None:

@@ -19,7 +19,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if context > session.model.config.max_position_embeddings:
         raise QwenlinkError(f"--max-context {context} exceeds the model's max_position_embeddings "
                             f"{session.model.config.max_position_embeddings}")
-    engine = Engine(session.model, max_batch=args.max_batch, max_length=context)
+    engine = Engine(session.model, max_batch=args.max_batch, max_length=context,
+                    prepack=args.prepack)
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                           max_concurrent=args.max_concurrent, max_body_bytes=args.max_body_bytes)
     name = args.served_model_name or session.name

@@ -20,12 +20,13 @@ from qwenlink.tokenizer import IM_END, IM_START, Tokenizer
 
 class ChatSession:
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, params: SamplingParams, *,
-                 system: str = "You are a helpful assistant.", max_history_tokens: int = 4096) -> None:
+                 system: str = "You are a helpful assistant.", max_history_tokens: int = 4096,
+                 prepack: bool = True) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.max_history_tokens = max_history_tokens
         max_length = min(model.config.max_position_embeddings, max_history_tokens + params.max_new_tokens + 64)
-        self.engine = Engine(model, max_batch=1, max_length=max_length)
+        self.engine = Engine(model, max_batch=1, max_length=max_length, prepack=prepack)
         self.set_system(system)
 
     def set_system(self, system: str) -> None:
@@ -75,7 +76,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
                            seed=args.seed, lora=getattr(args, "lora", None))
     params = sampling_from_args(args, session.tokenizer)
     chat = ChatSession(session.model, session.tokenizer, params, system=args.system,
-                       max_history_tokens=args.max_history_tokens)
+                       max_history_tokens=args.max_history_tokens, prepack=args.prepack)
     interactive = stdin.isatty()
     if interactive:
         print("qwenlink chat: /clear resets the conversation, /system TEXT sets the system prompt, /quit exits",

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.inference.prepack import prepack_linears
 from qwenlink.inference.sampling import SamplingParams, sample_token
 from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
 
@@ -79,11 +80,16 @@ class EngineStats:
 class Engine:
     """Runs requests on a model with a fixed number of cache rows (max_batch) of max_length slots each."""
 
-    def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None) -> None:
+    def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None,
+                 prepack: bool = True) -> None:
+        """prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
+        decoding for twice the linear weights' memory). The model's parameters and state dict are unchanged."""
         self.model = model.eval()
         param = next(model.parameters())
         param = param.to_local() if hasattr(param, "to_local") else param
         self.device, self.dtype = param.device, param.dtype
+        if prepack and self.device.type == "cpu":
+            prepack_linears(model, batch_hint=max_batch)
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
         self.cache: Optional[KVCache] = None  # allocated on first use
@@ -185,7 +191,9 @@ class Engine:
         greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and r.params.repetition_penalty == 1.0]
         chosen: dict[int, int] = {}
         if greedy_rows:
-            picks = logits[greedy_rows].argmax(dim=-1).tolist()
+            greedy_logits = logits if len(greedy_rows) == len(requests) else logits[greedy_rows]
+            # max(dim) returns the first maximal index like argmax, and its CPU kernel is 2.5-4.5x faster here.
+            picks = greedy_logits.max(dim=-1).indices.tolist()
             chosen.update(zip(greedy_rows, picks))
         for i, r in enumerate(requests):
             if i not in chosen:
