@@ -18,7 +18,7 @@ import torch
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.inference.prepack import prepack_linears
-from qwenlink.inference.sampling import SamplingParams, sample_token
+from qwenlink.inference.sampling import SamplingParams, sample_rows
 from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
 
 Tensor = torch.Tensor
@@ -188,16 +188,13 @@ class Engine:
 
     def _append(self, requests: list[Request], logits: Tensor) -> list[Request]:
         """Choose each request's next token, record it, and end the requests that are complete."""
-        greedy_rows = [i for i, r in enumerate(requests) if r.params.greedy and r.params.repetition_penalty == 1.0]
-        chosen: dict[int, int] = {}
-        if greedy_rows:
-            greedy_logits = logits if len(greedy_rows) == len(requests) else logits[greedy_rows]
+        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests):
             # max(dim) returns the first maximal index like argmax, and its CPU kernel is 2.5-4.5x faster here.
-            picks = greedy_logits.max(dim=-1).indices.tolist()
-            chosen.update(zip(greedy_rows, picks))
-        for i, r in enumerate(requests):
-            if i not in chosen:
-                chosen[i] = sample_token(logits[i], r.params, r.generator, seen=r.prompt + r.tokens)
+            chosen = dict(enumerate(logits.max(dim=-1).indices.tolist()))
+        else:
+            seen = [r.prompt + r.tokens if r.params.repetition_penalty != 1.0 else () for r in requests]
+            chosen = dict(enumerate(sample_rows(logits, [r.params for r in requests],
+                                                [r.generator for r in requests], seen)))
         want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs]
         logprobs = {}
         if want_logprobs:

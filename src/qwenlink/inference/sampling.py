@@ -71,11 +71,47 @@ def filter_top_k_top_p(scores: Tensor, top_k: int, top_p: float) -> Tensor:
     return scores
 
 
-def sample_token(logits: Tensor, params: SamplingParams, generator: Optional[torch.Generator],
-                 seen: Sequence[int] = ()) -> int:
-    """logits [V] of one sequence -> the chosen token id."""
-    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if params.greedy:
-        return int(scores.argmax())
-    scores = filter_top_k_top_p(scores / params.temperature, params.top_k, params.top_p)
-    return int(torch.multinomial(scores.softmax(dim=-1), 1, generator=generator))
+def draw(probs: Tensor, generators: Sequence[Optional[torch.Generator]]) -> list[int]:
+    """One token per row of probs [n, V], each row with its own generator (None: the global one).
+
+    Inverse-CDF sampling: one uniform number per row located in the row's cumulative distribution (float64, so the
+    151936-token sum stays exact to ~1e-16). It draws from the same distribution as `torch.multinomial`, which takes
+    2.7 ms per 151936-token row on the 2-core VM, against ~0.2 ms for the whole batch here. Tokens of probability 0
+    (filtered by top-k / top-p) are never chosen: they add no width to the CDF, and the search takes the first slot
+    whose cumulative mass exceeds the draw.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # [n, V]
+    uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=g, device=probs.device)
+                            for g in generators])  # [n]
+    targets = (uniforms * cdf[:, -1])[:, None]  # [n, 1] in [0, total mass)
+    picks = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)  # [n]
+    return picks.tolist()
+
+
+def sample_rows(logits: Tensor, params: Sequence[SamplingParams], generators: Sequence[Optional[torch.Generator]],
+                seen: Sequence[Sequence[int]]) -> list[int]:
+    """logits [n, V] of n sequences -> the chosen token id of each, under each row's own sampling parameters.
+
+    Rows are processed together: a per-row temperature, then top-k / top-p and repetition penalty only on the rows
+    that ask for them, then one batched draw.
+    """
+    scores = logits.float()  # [n, V]
+    needs_row_work = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.top_k > 0 or p.top_p < 1.0]
+    if needs_row_work:
+        scores = scores.clone()
+        for i in needs_row_work:
+            scores[i] = apply_repetition_penalty(scores[i], seen[i], params[i].repetition_penalty)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    picks: dict[int, int] = {}
+    if greedy:
+        picks.update(zip(greedy, scores[greedy].max(dim=-1).indices.tolist()))
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        temperatures = torch.tensor([params[i].temperature for i in sampled], device=scores.device)
+        tempered = scores[sampled] / temperatures[:, None]  # [m, V]
+        for j, i in enumerate(sampled):
+            if params[i].top_k > 0 or params[i].top_p < 1.0:
+                tempered[j] = filter_top_k_top_p(tempered[j], params[i].top_k, params[i].top_p)
+        picks.update(zip(sampled, draw(tempered.softmax(dim=-1), [generators[i] for i in sampled])))
+    return [picks[i] for i in range(len(params))]
+
