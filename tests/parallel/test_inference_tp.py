@@ -44,3 +44,92 @@ def test_tp2_eval_equals_single_process(tiny_fixture_hf, tmp_path):
     for a, b in zip(one["samples"], two["samples"]):
         assert a["prediction"] == b["prediction"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "qwenlink.cli",
+            *args]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_tp2_chat_equals_single_process(tiny_fixture_hf):
+    """Rank 0 reads the conversation and shares each line; the sharded ranks reply exactly as one process does."""
+    args = ["chat", "--model", str(tiny_fixture_hf), "--max-new-tokens", "8", "--temperature", "0.8", "--seed", "5"]
+    conversation = "hello there\nwhat is two plus two?\n/clear\n/system be brief\nagain\n/quit\nnever read\n"
+    single = subprocess.run([sys.executable, "-m", "qwenlink.cli", *args], input=conversation, capture_output=True,
+                            text=True, env=ENV, timeout=120)
+    assert single.returncode == 0, single.stderr
+    tp = subprocess.run(_torchrun(*args), input=conversation, capture_output=True, text=True, env=ENV, timeout=180)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert tp.stdout == single.stdout and single.stdout.count("assistant> ") == 3
+
+
+class _Server:
+    """A `qwenlink serve --port 0` subprocess; the port is read from its start-up line on stderr."""
+
+    def __init__(self, command: list[str]) -> None:
+        import re
+        import threading
+
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+        self.log: list[str] = []
+        self.base: str | None = None
+        started = threading.Event()
+
+        def read() -> None:
+            for line in self.process.stderr:
+                self.log.append(line)
+                found = re.search(r"on (http://[\d.]+:\d+)/v1", line)
+                if found:
+                    self.base = found.group(1)
+                    started.set()
+            started.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        started.wait(timeout=150)
+        assert self.base is not None, "server did not start:\n" + "".join(self.log)[-3000:]
+
+    def stop(self) -> int:
+        import signal
+
+        os.killpg(self.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process gets it
+        return self.process.wait(timeout=60)
+
+
+def test_tp2_server_equals_single_process(tiny_fixture_hf):
+    """Requests arrive on rank 0 only; the other rank follows its admissions and steps, and the replies (greedy,
+    seeded sampling, streaming, concurrent requests of different lengths) equal a one-process server's."""
+    import concurrent.futures
+
+    import pytest
+
+    openai = pytest.importorskip("openai")
+    serve = ["serve", "--model", str(tiny_fixture_hf), "--port", "0", "--max-batch", "4"]
+    servers = {"single": _Server([sys.executable, "-m", "qwenlink.cli", *serve]), "tp": _Server(_torchrun(*serve))}
+    try:
+        replies = {}
+        for name, server in servers.items():
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+            out = [client.completions.create(model="hf", prompt="The capital of", max_tokens=12,
+                                             temperature=0).choices[0].text,
+                   client.chat.completions.create(model="hf", messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=10, temperature=0.9, seed=4).choices[0].message.content,
+                   "".join(c.choices[0].text for c in client.completions.create(
+                       model="hf", prompt="Once upon", max_tokens=9, temperature=0.7, seed=1, stream=True))]
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                out += list(pool.map(lambda i: client.completions.create(
+                    model="hf", prompt="x " * (i + 1), max_tokens=5 + 3 * i, temperature=1.0,
+                    seed=i).choices[0].text, range(3)))
+            unseeded = client.completions.create(model="hf", prompt="free", max_tokens=6, temperature=1.0)
+            assert unseeded.usage.completion_tokens >= 1
+            replies[name] = out
+        assert replies["tp"] == replies["single"]
+        assert all(replies["single"])
+    finally:
+        codes = {name: server.stop() for name, server in servers.items()}
+    log = "".join(servers["tp"].log)
+    # Ctrl-C: rank 0 stops and announces it, the follower ignores the signal and leaves after it; no rank errors.
+    assert codes["single"] == 0 and "Exception in thread" not in log and "internal error" not in log, log[-3000:]

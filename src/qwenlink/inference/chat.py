@@ -3,16 +3,21 @@
 The conversation is kept as token ids, one list per turn: a new user message is tokenised once and appended, and the
 assistant's reply is kept as exactly the tokens the model produced (never re-tokenised). When the conversation
 outgrows `max_history_tokens`, the oldest user/assistant turns are dropped (the system turn stays).
+
+Under torchrun the model is tensor-parallel: rank 0 reads the input and shares each line, every rank runs the same
+conversation, and rank 0 prints it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Callable, Optional, TextIO
 
 from qwenlink.inference.engine import Engine, Request
+from qwenlink.inference.lockstep import SharedLines
 from qwenlink.inference.sampling import SamplingParams
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.tokenizer import IM_END, IM_START, Tokenizer
@@ -77,7 +82,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
     params = sampling_from_args(args, session.tokenizer)
     chat = ChatSession(session.model, session.tokenizer, params, system=args.system,
                        max_history_tokens=args.max_history_tokens, prepack=args.prepack)
-    interactive = stdin.isatty()
+    interactive = stdin.isatty() and session.rank == 0
+    lines: TextIO | SharedLines = stdin
+    if session.world_size > 1:
+        lines = SharedLines(stdin)
+        if session.rank != 0:
+            stdout = open(os.devnull, "w")  # the other ranks compute the same replies; rank 0 shows them
     if interactive:
         print("qwenlink chat: /clear resets the conversation, /system TEXT sets the system prompt, /quit exits",
               file=stdout)
@@ -85,7 +95,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
         if interactive:
             stdout.write("you> ")
             stdout.flush()
-        line = stdin.readline()
+        line = lines.readline()
         if not line:
             break
         message = line.rstrip("\n")

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.inference.engine import Engine, Request
@@ -51,13 +51,13 @@ class ServerState:
     """Everything handlers share: model name, tokenizer, worker, limits, API key."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, *, limits: ServerLimits,
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, lockstep: bool = False) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.limits = limits
         self.api_key = api_key
-        self.worker = EngineWorker(engine).start()
+        self.worker = EngineWorker(engine, lockstep=lockstep).start()
         self.created = int(time.time())
 
 
@@ -277,7 +277,7 @@ class Handler(BaseHTTPRequestHandler):
                            param="model", code="model_not_found")
         params = sampling_from_body(body, state, chat=chat)
         prompt = prompt_from_body(body, state, chat=chat)
-        request = Request(prompt, params, decode=lambda ids: state.tokenizer.decode(ids, skip_special_tokens=False))
+        request = Request(prompt, params, decode=response_decoder(state.tokenizer))
         try:
             state.engine.check(request)
         except QwenlinkError as exc:
@@ -383,10 +383,19 @@ class QwenlinkHTTPServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
+def response_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
+    """How generated ids become response text (special tokens kept: stop strings may name them)."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+
+
 def make_server(engine: Engine, tokenizer: Tokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
-                limits: Optional[ServerLimits] = None, api_key: Optional[str] = None) -> QwenlinkHTTPServer:
-    """Create (not start) the server; `serve_forever()` runs it, `port 0` picks a free port."""
-    state = ServerState(engine, tokenizer, model_name, limits=limits or ServerLimits(), api_key=api_key)
+                limits: Optional[ServerLimits] = None, api_key: Optional[str] = None,
+                lockstep: bool = False) -> QwenlinkHTTPServer:
+    """Create (not start) the server; `serve_forever()` runs it, `port 0` picks a free port.
+
+    lockstep: this is rank 0 of a tensor-parallel group whose other ranks run `lockstep.follow`."""
+    state = ServerState(engine, tokenizer, model_name, limits=limits or ServerLimits(), api_key=api_key,
+                        lockstep=lockstep)
     handler = type("BoundHandler", (Handler,), {"state": state})
     server = QwenlinkHTTPServer((host, port), handler)
     server.state = state  # type: ignore[attr-defined]

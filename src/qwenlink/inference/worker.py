@@ -1,7 +1,8 @@
 """A background thread that owns the engine: requests arrive from any thread, tokens flow back per request.
 
 The model and KV cache are touched by this thread only, so HTTP handler threads never race on them; each request
-gets its own queue of events (new text, end) that its handler reads.
+gets its own queue of events (new text, end) that its handler reads. Under tensor parallelism (`lockstep=True`, on
+rank 0) every admission, abort and step is announced to the other ranks first (inference/lockstep.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import queue
 import threading
 from typing import Optional
 
+from qwenlink.inference import lockstep as lockstep_ops
 from qwenlink.inference.engine import Engine, Request
 
 _STOP = object()
@@ -18,8 +20,9 @@ _STOP = object()
 class EngineWorker:
     """Runs `engine.step()` whenever there is work, admitting new requests between steps (continuous batching)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, lockstep: bool = False) -> None:
         self.engine = engine
+        self.lockstep = lockstep
         self.inbox: "queue.Queue[object]" = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="qwenlink-engine", daemon=True)
         self.error: Optional[BaseException] = None
@@ -62,45 +65,64 @@ class EngineWorker:
     def abort(self, request: Request) -> None:
         self.inbox.put(("abort", request))
 
-    def _handle(self, item: object) -> bool:
+    def _handle(self, item: object, ops: list) -> bool:
+        """Apply one inbox item to the engine, noting in `ops` what the other ranks must replay."""
         if item is _STOP:
+            ops.append(("stop",))
             return False
         kind, request = item  # type: ignore[misc]
         if kind == "submit":
             try:
+                op = lockstep_ops.announced_submit(request) if self.lockstep else ("submit", request.id)
                 self.engine.submit(request)
+                ops.append(op)
             except Exception as exc:  # validated before, so this is unexpected; end the request, keep serving
                 request.finish_reason = "error"
                 request.text = str(exc)
                 request.on_update(request)
         elif kind == "abort" and not request.done:
             self.engine.abort(request)
+            ops.append(("abort", request.id))
             request.on_update(request)
         return True
 
+    def _next_items(self) -> list:
+        """Everything in the inbox; blocks while the engine is idle (under lockstep at most a heartbeat long)."""
+        items = []
+        try:
+            if self.engine.busy:
+                items.append(self.inbox.get_nowait())
+            else:
+                items.append(self.inbox.get(timeout=lockstep_ops.HEARTBEAT_SECONDS if self.lockstep else None))
+            while True:  # drain everything that is already waiting
+                items.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
     def _loop(self) -> None:
         while True:
-            try:
-                # Block only when idle; otherwise take whatever arrived and keep stepping.
-                item = self.inbox.get() if not self.engine.busy else self.inbox.get_nowait()
-            except queue.Empty:
-                item = None
-            if item is not None:
-                if not self._handle(item):
+            ops: list = []
+            running = all([self._handle(item, ops) for item in self._next_items()])
+            if self.lockstep:
+                try:
+                    lockstep_ops.share(ops)  # also when empty: the other ranks step (or wait) with this one
+                except Exception as exc:  # another rank is gone: nothing can be computed any more
+                    self._fail_all(exc)
                     return
-                while True:  # drain everything that is already waiting
-                    try:
-                        if not self._handle(self.inbox.get_nowait()):
-                            return
-                    except queue.Empty:
-                        break
+            if not running:
+                return
             if self.engine.busy:
                 try:
                     self.engine.step()
                 except Exception as exc:  # a bug: fail the running requests loudly but keep the server alive
-                    self.error = exc
-                    for r in list(self.engine.running.values()) + list(self.engine.waiting):
-                        self.engine.abort(r)
-                        r.finish_reason = "error"
-                        r.text = f"internal error: {type(exc).__name__}: {exc}"
-                        r.on_update(r)
+                    self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every running and waiting request with an error naming `exc`."""
+        self.error = exc
+        for r in list(self.engine.running.values()) + list(self.engine.waiting):
+            self.engine.abort(r)
+            r.finish_reason = "error"
+            r.text = f"internal error: {type(exc).__name__}: {exc}"
+            r.on_update(r)
