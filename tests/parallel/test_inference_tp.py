@@ -133,3 +133,55 @@ def test_tp2_server_equals_single_process(tiny_fixture_hf):
     log = "".join(servers["tp"].log)
     # Ctrl-C: rank 0 stops and announces it, the follower ignores the signal and leaves after it; no rank errors.
     assert codes["single"] == 0 and "Exception in thread" not in log and "internal error" not in log, log[-3000:]
+
+
+def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
+    """Each rank's anonymous memory grows by about half the checkpoint while loading at tp2 (the model is sharded on
+    the meta device and the files are read slice by slice), not by the whole model as a load-then-shard would."""
+    import textwrap
+
+    from qwenlink.checkpoint.hf import save_hf_model
+    from qwenlink.models.config import ModelConfig
+    from qwenlink.models.qwen2 import build_model
+
+    config = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    save_hf_model(build_model(config, seed=0), tmp_path / "m")
+    small = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2)
+    save_hf_model(build_model(small, seed=0), tmp_path / "warmup")
+    size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(f"""
+        import threading, time
+        import torch
+        from qwenlink.inference.session import load_for_inference
+
+        def anon():
+            for line in open('/proc/self/status'):
+                if line.startswith('RssAnon:'):
+                    return int(line.split()[1]) * 1024
+
+        cpu = torch.device('cpu')
+        load_for_inference({str(tmp_path / 'warmup')!r}, device=cpu, dtype=None)  # first-use allocations
+        base = anon(); peak = [base]; done = [False]
+        def watch():
+            while not done[0]:
+                peak[0] = max(peak[0], anon()); time.sleep(0.002)
+        t = threading.Thread(target=watch); t.start()
+        loaded, rank, world = load_for_inference({str(tmp_path / 'm')!r}, device=cpu, dtype=None)
+        done[0] = True; t.join()
+        peak[0] = max(peak[0], anon())
+        local = sum((p.to_local() if hasattr(p, 'to_local') else p).nbytes for p in loaded.model.parameters())
+        print(f"rank {{rank}}/{{world}} growth {{peak[0] - base}} local {{local}}", flush=True)
+    """))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], capture_output=True, text=True, env=ENV, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.splitlines() if line.startswith("rank ")]
+    assert sorted(line[1] for line in lines) == ["0/2", "1/2"]
+    for line in lines:
+        growth, local = int(line[3]), int(line[5])
+        assert local < 0.55 * size  # each rank holds half the weights (norms are replicated)
+        assert growth < 0.75 * size, f"rank {line[1]}: loading a {size / 1e6:.0f} MB checkpoint grew anonymous " \
+                                     f"memory by {growth / 1e6:.0f} MB"

@@ -85,8 +85,8 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
 
 
-@pytest.mark.parametrize("layout", [["--parallel.tp=2", "--train.activation_checkpoint=full"], ["--parallel.pp=2"]],
-                         ids=["tp2-activation-checkpointing", "pp2"])
+@pytest.mark.parametrize("layout", [["--parallel.tp=2", "--train.activation_checkpoint=full"], ["--parallel.pp=2"], []],
+                         ids=["tp2-activation-checkpointing", "pp2", "dp2-fsdp"])
 def test_train_command_under_layout_equals_single_process(corpus, single, single_run, tmp_path, layout):
     """Losses per step, the final checkpoint and the HF export (gathered from every shard) match one process."""
     from safetensors.torch import load_file

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -130,7 +130,8 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
     parameter it does hold must be found exactly once.
     """
     directory = Path(directory)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    # Wrappers added from outside (activation checkpointing, torch.compile) do not change the checkpoint's names.
+    params = {_unwrapped_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     expected = {hf_name(n) for n in params if not (tied and n == "lm_head.weight" and "embed_tokens.weight" in params)}
     full_model_names = _full_model_hf_names(model.config)
@@ -154,15 +155,34 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
             raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(param.shape)} "
                                 f"from config.json")
         try:
-            tensor = f.get_tensor(key)
+            _read_into(param, f, key)
         except Exception as exc:
             raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
-        param.copy_(tensor)
         seen.add(key)
     missing = sorted(expected - seen)
     if missing:
         raise QwenlinkError(f"{directory}: tensor {missing[0]!r} missing from the checkpoint"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def _unwrapped_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _read_into(param: torch.Tensor, f, key: str) -> None:
+    """Copy tensor `key` into `param`; a tensor-parallel (DTensor) parameter reads only its own shard from the file.
+
+    safetensors maps the file and `get_slice` copies just the requested rows/columns, so a rank of a TP group never
+    holds more than its shards (plus the replicated norms and biases) in memory.
+    """
+    if hasattr(param, "to_local"):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        index = tuple(slice(start, start + size) for start, size in zip(offset, shape))
+        param.to_local().copy_(f.get_slice(key)[index])
+    else:
+        param.copy_(f.get_tensor(key))
 
 
 def _full_model_hf_names(config: ModelConfig) -> set[str]:
@@ -172,10 +192,12 @@ def _full_model_hf_names(config: ModelConfig) -> set[str]:
 
 
 def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
-                  dtype: str | torch.dtype | None = None) -> Qwen2Model:
+                  dtype: str | torch.dtype | None = None,
+                  shard: Optional[Callable[[Qwen2Model], object]] = None) -> Qwen2Model:
     """Build a model from an HF directory: config on meta, allocate once on `device`, stream the weights in.
 
-    dtype defaults to the checkpoint's own dtype, so a round trip keeps every bit.
+    dtype defaults to the checkpoint's own dtype, so a round trip keeps every bit. `shard` (e.g. tensor parallelism)
+    is applied to the meta model before anything is allocated, so each process allocates and reads only its shards.
     """
     config = read_hf_config(directory)
     files = _safetensors_files(Path(directory))
@@ -184,7 +206,11 @@ def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = 
         with _open(files[0]) as f:
             keys = list(f.keys())
             torch_dtype = _slice_dtype(f, keys[0]) if keys else torch.float32
-    model = build_model(config, device=device, dtype=torch_dtype, init=False)
+    model = build_model(config, device="meta", dtype=torch_dtype)
+    if shard is not None:
+        shard(model)
+    model = model.to_empty(device=device)
+    model.tie_weights()
     load_hf_weights(model, directory)
     return model
 

@@ -94,7 +94,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from qwenlink.evaluation.harness import LoglikelihoodScorer
     from qwenlink.evaluation.report import aggregate, comparison_line, format_table, model_size
     from qwenlink.evaluation.runner import run_task
-    from qwenlink.models.loader import load_model
+    from qwenlink.inference.session import load_for_inference
 
     if args.threads is not None:
         import torch
@@ -102,12 +102,10 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, dtype=parse_dtype(args.dtype), seed=args.seed)
+    # Under torchrun: tensor-parallel scoring (each rank reads its shards of an HF checkpoint), rank 0 reports.
+    loaded, rank, _ = load_for_inference(args.model, device=device, dtype=parse_dtype(args.dtype), seed=args.seed)
     tokenizer = pick_tokenizer(args.tokenizer, loaded.tokenizer_dir)
     check_vocab(tokenizer, loaded.model.config.vocab_size, args.model)
-    from qwenlink.inference.session import _tensor_parallel
-
-    rank, _ = _tensor_parallel(loaded.model, device)  # under torchrun: tensor-parallel scoring, rank 0 reports
     load_seconds = time.perf_counter() - t0
 
     chat = None

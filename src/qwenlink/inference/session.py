@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from qwenlink.device import resolve_device
 from qwenlink.errors import QwenlinkError
-from qwenlink.models.loader import load_model
+from qwenlink.models.loader import LoadedModel, load_model
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.tokenizer import Tokenizer, load_tokenizer
 
@@ -51,37 +52,56 @@ def open_session(model: str, *, tokenizer: str | None = None, device: str | None
     dev = resolve_device(device)
     if dtype not in _DTYPES:
         raise QwenlinkError(f"unknown dtype {dtype!r} (expected fp32, bf16 or fp16)")
-    loaded = load_model(model, device=dev, dtype=_DTYPES[dtype], seed=seed)
+    loaded, rank, world = load_for_inference(model, device=dev, dtype=_DTYPES[dtype], seed=seed, lora=lora)
+    tok = pick_tokenizer(tokenizer, loaded.tokenizer_dir)
+    check_vocab(tok, loaded.model.config.vocab_size, model)
+    return InferenceSession(loaded.model, tok, model.rstrip("/").split("/")[-1], rank, world)
+
+
+def load_for_inference(spec: str, *, device: torch.device, dtype: torch.dtype | None, seed: int = 0,
+                       lora: str | None = None) -> tuple[LoadedModel, int, int]:
+    """Load `--model` in eval mode; under torchrun, tensor-parallel over all processes. Returns (model, rank, world).
+
+    Every rank then runs the same loop on the same inputs; greedy and seeded sampling see identical logits (the
+    head's output is gathered), so the ranks stay in step. An HF directory is sharded before anything is allocated
+    and each rank reads only its slices of the checkpoint, so a model that fits the group but not one device loads.
+    With a LoRA adapter the model is loaded whole, adapted, then sharded (the adapter must see the full projections).
+    """
+    shard, rank, world = _tensor_parallel_plan(spec, device)
+    loaded = load_model(spec, device=device, dtype=dtype, seed=seed, shard=shard if lora is None else None)
     if lora is not None:
         from qwenlink.checkpoint.peft import apply_peft_adapter
 
         adapter = apply_peft_adapter(loaded.model, lora)
         saved = "/".join(adapter.lora.saved_modules())
-        print(f"applied LoRA adapter {lora} (r={adapter.lora.r}, {len(adapter.modules)} projections"
-              f"{', modules_to_save ' + saved if saved else ''})", file=sys.stderr)
-    tok = pick_tokenizer(tokenizer, loaded.tokenizer_dir)
-    check_vocab(tok, loaded.model.config.vocab_size, model)
+        if rank == 0:
+            print(f"applied LoRA adapter {lora} (r={adapter.lora.r}, {len(adapter.modules)} projections"
+                  f"{', modules_to_save ' + saved if saved else ''})", file=sys.stderr)
+        if shard is not None:
+            shard(loaded.model)
     loaded.model.eval()
-    rank, world = _tensor_parallel(loaded.model, dev)
-    return InferenceSession(loaded.model, tok, model.rstrip("/").split("/")[-1], rank, world)
+    return loaded, rank, world
 
 
-def _tensor_parallel(model: Qwen2Model, device) -> tuple[int, int]:
-    """Under torchrun, shard the model over all processes (tensor parallel, full logits on every rank).
-
-    Every rank then runs the same engine loop on the same requests: greedy and seeded sampling see identical logits,
-    so the ranks stay in lockstep without exchanging tokens.
-    """
+def _tensor_parallel_plan(spec: str, device: torch.device) -> tuple[Optional[Callable[[Qwen2Model], object]], int,
+                                                                      int]:
+    """Outside torchrun: (None, 0, 1). Under torchrun: join the process group and return the function that shards a
+    model over all processes (tensor parallel, no sequence parallelism, full logits on every rank)."""
     from qwenlink.train import distributed
 
     if not distributed.launched_by_torchrun():
-        return 0, 1
-    from qwenlink.parallel.mesh import ParallelPlan, validate_plan
-    from qwenlink.parallel.tensor import apply_tensor_parallel
+        return None, 0, 1
     from torch.distributed.device_mesh import init_device_mesh
 
+    from qwenlink.models.loader import resolve_config
+    from qwenlink.parallel.mesh import ParallelPlan, validate_plan
+    from qwenlink.parallel.tensor import apply_tensor_parallel
+
     info = distributed.init_distributed(device.type)
-    validate_plan(ParallelPlan(tp=info.world_size), model.config)
+    validate_plan(ParallelPlan(tp=info.world_size), resolve_config(spec))
     mesh = init_device_mesh(device.type, (info.world_size,), mesh_dim_names=("tp",))
-    apply_tensor_parallel(model, mesh, sequence_parallel=False, full_logits=True)
-    return info.rank, info.world_size
+
+    def shard(model: Qwen2Model) -> None:
+        apply_tensor_parallel(model, mesh, sequence_parallel=False, full_logits=True)
+
+    return shard, info.rank, info.world_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,20 +41,28 @@ def resolve_config(spec: str) -> ModelConfig:
 
 
 def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, shard: Optional[Callable[[Qwen2Model], object]] = None) -> LoadedModel:
     """Load weights from an HF directory, a qwenlink training checkpoint or a Megatron checkpoint (format detected),
-    or build a preset with random weights (seeded, for experiments)."""
+    or build a preset with random weights (seeded, for experiments).
+
+    `shard` (tensor parallelism) is applied in place. An HF directory is sharded on the meta device and each process
+    then reads only its slices of the files; the other sources are loaded whole and sharded afterwards (a preset keeps
+    exactly the weights one process would draw).
+    """
     from qwenlink.checkpoint.hf import is_hf_dir, load_hf_model
 
-    if os.path.isdir(spec) and not is_hf_dir(spec):
+    if os.path.isdir(spec) and is_hf_dir(spec):
+        model = load_hf_model(spec, device=device, dtype=dtype, shard=shard)
+        tok_dir = Path(spec) if any((Path(spec) / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
+        return LoadedModel(model, tok_dir, spec)
+    if os.path.isdir(spec):
         from qwenlink.checkpoint.convert import detect_format, load_any_model
 
         detect_format(spec)
-        return LoadedModel(load_any_model(spec, device=device, dtype=dtype), None, spec)
-    if os.path.isdir(spec):
-        model = load_hf_model(spec, device=device, dtype=dtype)
-        tok_dir = Path(spec) if any((Path(spec) / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
-        return LoadedModel(model, tok_dir, spec)
-    config = resolve_config(spec)
-    model = build_model(config, device=device, dtype=dtype or torch.float32, seed=seed)
-    return LoadedModel(model, None, spec)
+        loaded = LoadedModel(load_any_model(spec, device=device, dtype=dtype), None, spec)
+    else:
+        config = resolve_config(spec)
+        loaded = LoadedModel(build_model(config, device=device, dtype=dtype or torch.float32, seed=seed), None, spec)
+    if shard is not None:
+        shard(loaded.model)
+    return loaded

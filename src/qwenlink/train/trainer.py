@@ -282,10 +282,15 @@ class Trainer:
         model = self.pm.state_module
         if cfg.model.init_from:
             source = Path(cfg.model.init_from)
+            from qwenlink.checkpoint.hf import is_hf_dir, load_hf_weights
+
+            tied_across_stages = self.model_config.tie_word_embeddings and self.plan.pp > 1
             if ckpt.is_qwenlink_checkpoint(source) and self.lora is None:
                 ckpt.load_checkpoint(ckpt.resolve_step_dir(source), model, None)  # DCP reshards on load
+            elif is_hf_dir(source) and self.lora is None and not tied_across_stages:
+                load_hf_weights(model, source)  # each rank reads only its stages' tensors, sliced to its shards
             else:
-                # HF / Megatron sources are read whole on each rank, then each rank keeps its shards.
+                # LoRA bases and heads tied to another stage's embedding: read whole on each rank, then sharded.
                 full = build_training_model(dataclasses.replace(cfg, train=dataclasses.replace(
                     cfg.train, activation_checkpoint="none")), self.model_config, torch.device("cpu"))
                 self.pm.load_full_state_dict(full.state_dict())
