@@ -23,6 +23,12 @@ def _model(dtype=torch.float32):
     return build_model(get_preset("test-tiny"), dtype=dtype, seed=0).eval()
 
 
+@pytest.fixture(autouse=True)
+def pack_small_fp32(monkeypatch):
+    """The test model's fp32 matrices are far below the size where packing pays off; pack them anyway here."""
+    monkeypatch.setattr(prepack, "FP32_MIN_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_prepacked_linear_equals_linear_for_any_row_count(dtype, bias):
@@ -113,3 +119,11 @@ def test_generate_cli_no_prepack_gives_the_same_text(tiny_fixture_hf):
     plain = run_cli(*common, "--no-prepack")
     assert fast.returncode == 0 and plain.returncode == 0, fast.stderr + plain.stderr
     assert fast.stdout == plain.stdout and fast.stdout.strip()
+
+
+def test_small_fp32_matrices_keep_the_plain_kernel(monkeypatch):
+    monkeypatch.setattr(prepack, "FP32_MIN_ELEMENTS", 1 << 20)
+    model = _model()
+    assert prepack_linears(model, batch_hint=8) == 0
+    bf16 = _model(torch.bfloat16)
+    assert prepack_linears(bf16, batch_hint=8) == 7 * bf16.config.num_hidden_layers + 1

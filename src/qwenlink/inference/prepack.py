@@ -2,15 +2,16 @@
 
 Decoding multiplies a few rows (one per running request) by every weight matrix. With the plain `[out, in]` layout,
 `F.linear` on CPU is far from the memory bandwidth at those row counts: on the 2-core Zen4 VM the 151936 x 512 head
-takes 37 ms for 8 rows in fp32 against 14 ms prepacked, and 8.6 ms for one row in bf16 against 4.6 ms (measured in
-`benchmarks/bench_generate.py`, see BENCHMARKS.md). Reordering each weight once into oneDNN's blocked layout (what
+takes 40 ms for 8 rows in fp32 against 15 ms prepacked, and 9.9 ms for one row in bf16 against 6.5 ms
+(`benchmarks/bench_prepack.py`; end-to-end decoding figures in BENCHMARKS.md). Reordering each weight once into oneDNN's blocked layout (what
 inductor's `freezing` does for compiled CPU models) removes that gap without compiling anything.
 
 `prepack_linears(model)` swaps every plain `nn.Linear` for a `PrepackedLinear` that shares the same parameters (the
 state dict, tying and `model.parameters()` are unchanged) and keeps a packed copy next to them, so memory for the
 linear weights doubles. The one case the plain kernel wins (a single row in fp32, where `F.linear` already streams at
-memory speed) keeps using it. Anything else stays on `F.linear`: autograd, a weight changed in place since packing is
-repacked first, and non-CPU, DTensor, fp16 or LoRA-wrapped layers are never swapped.
+memory speed) keeps using it, and so do small fp32 matrices (`FP32_MIN_ELEMENTS`). Autograd also runs `F.linear`, a
+weight changed in place since packing is repacked first, and non-CPU, DTensor, fp16 or LoRA-wrapped layers are never
+swapped.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from torch import nn
 Tensor = torch.Tensor
 
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+# fp32 weights smaller than this stay on `F.linear`: measured on the 2-core VM, the packed kernel's fixed cost
+# (~19 us a call) outweighs its gain below ~1M elements in fp32 (e.g. 512 x 1408: 156 us packed vs 146 us plain for
+# 8 rows), while in bf16 packing wins down to 128 x 512.
+FP32_MIN_ELEMENTS = 1 << 20
 
 
 def prepack_available() -> bool:
@@ -74,6 +80,8 @@ def _packable(module: nn.Module) -> bool:
     if type(module) is not nn.Linear:  # LoRA and other wrappers keep their own forward
         return False
     weight = module.weight
+    if weight.dtype == torch.float32 and weight.numel() < FP32_MIN_ELEMENTS:
+        return False
     return (weight.device.type == "cpu" and weight.dtype in _PACKABLE_DTYPES and weight.layout == torch.strided
             and not hasattr(weight, "to_local"))  # DTensor shards run through their own dispatch
 
