@@ -29,6 +29,8 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create 0600/0700 entries; give the result the mode a plain open()/mkdir() would have had.
+        os.chmod(tmp, _default_mode(is_dir))
         if is_dir and target.exists():
             # Replace a previous directory: move it aside first so the swap is two renames, then delete it.
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -43,6 +45,24 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing with other threads) where Linux says."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _default_mode(is_dir: bool) -> int:
+    return (0o777 if is_dir else 0o666) & ~_current_umask()
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
