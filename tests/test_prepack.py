@@ -88,6 +88,32 @@ def test_training_through_prepacked_layers_uses_autograd():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_lora_adapters_train_after_the_base_was_prepacked():
+    """Frozen prepacked layers must stay differentiable for their inputs: adapters behind them get gradients."""
+    model = _model()
+    generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=2))  # the engine prepacks the model in place
+    assert isinstance(model.lm_head, PrepackedLinear)
+    apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    model(torch.tensor([[5, 6, 7, 8]])).float().logsumexp(-1).mean().backward()
+    adapters = [(n, p) for n, p in model.named_parameters() if "lora_B" in n]
+    assert adapters and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in adapters)
+
+
+def test_replaced_or_converted_weights_are_not_served_stale():
+    model = _model()
+    prepack_linears(model, batch_hint=2)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    fresh = _model()
+    with torch.inference_mode():
+        for m in (model, fresh):
+            m.layers["1"].mlp.up_proj.weight = nn.Parameter(m.layers["1"].mlp.up_proj.weight * 2)
+        torch.testing.assert_close(model(tokens), fresh(tokens), atol=1e-5, rtol=1e-5)
+        model.to(torch.bfloat16)
+        fresh.to(torch.bfloat16)
+        torch.testing.assert_close(model(tokens), fresh(tokens), atol=2e-2, rtol=2e-2)
+
+
 def test_lora_layers_are_left_alone():
     model = _model()
     apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))

@@ -125,6 +125,9 @@ def test_tp2_server_equals_single_process(tiny_fixture_hf):
                     seed=i).choices[0].text, range(3)))
             unseeded = client.completions.create(model="hf", prompt="free", max_tokens=6, temperature=1.0)
             assert unseeded.usage.completion_tokens >= 1
+            # The ranks are still in step after an unseeded request (its seed is drawn on rank 0 and shared).
+            out.append(client.completions.create(model="hf", prompt="Afterwards", max_tokens=8,
+                                                  temperature=0).choices[0].text)
             replies[name] = out
         assert replies["tp"] == replies["single"]
         assert all(replies["single"])

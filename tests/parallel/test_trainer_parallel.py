@@ -85,14 +85,15 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert abs(a[step] - b[step]) <= 1e-5 * abs(b[step]), f"step {step}: {a[step]} vs {b[step]}"
 
 
-@pytest.mark.parametrize("layout", [["--parallel.tp=2", "--train.activation_checkpoint=full"], ["--parallel.pp=2"], []],
-                         ids=["tp2-activation-checkpointing", "pp2", "dp2-fsdp"])
-def test_train_command_under_layout_equals_single_process(corpus, single, single_run, tmp_path, layout):
+@pytest.mark.parametrize("layout, nproc", [(["--parallel.tp=2", "--train.activation_checkpoint=full"], 2),
+                                           (["--parallel.pp=2"], 2), ([], 2), (["--parallel.tp=2"], 4)],
+                         ids=["tp2-activation-checkpointing", "pp2", "dp2-fsdp", "tp2-dp2"])
+def test_train_command_under_layout_equals_single_process(corpus, single, single_run, tmp_path, layout, nproc):
     """Losses per step, the final checkpoint and the HF export (gathered from every shard) match one process."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    result = _run(_args(corpus, out, *layout, f"--checkpoint.export_hf={out / 'hf'}"), nproc=2)
+    result = _run(_args(corpus, out, *layout, f"--checkpoint.export_hf={out / 'hf'}"), nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     _close(_losses(out), single, range(1, 5))
     assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()

@@ -179,8 +179,12 @@ def _read_into(param: torch.Tensor, f, key: str) -> None:
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        local = param.to_local()
+        if tuple(shape) != tuple(local.shape):  # a sharding this reader cannot map to file offsets
+            raise ValueError(f"cannot map the shard {list(local.shape)} of {list(param.shape)} "
+                             f"({param.placements}) to a slice of the file")
         index = tuple(slice(start, start + size) for start, size in zip(offset, shape))
-        param.to_local().copy_(f.get_slice(key)[index])
+        local.copy_(f.get_slice(key)[index])
     else:
         param.copy_(f.get_tensor(key))
 

@@ -66,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise QwenlinkError("a prompt is empty after tokenisation")
     results, stats = generate(session.model, prompts, params, decode=tok.decode, max_batch=args.max_batch,
-                              prepack=args.prepack)
+                              prepack=getattr(args, "prepack", True))
     if session.rank != 0:  # tensor-parallel ranks computed the same results; rank 0 reports them
         return 0
     if args.output:

@@ -11,7 +11,7 @@ conversation, and rank 0 prints it.
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 from dataclasses import replace
 from typing import Callable, Optional, TextIO
@@ -73,6 +73,13 @@ class ChatSession:
         return request.text
 
 
+class _Discard(io.TextIOBase):
+    """A text sink for the ranks that compute but do not print."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from qwenlink.commands.generate import sampling_from_args
     from qwenlink.inference.session import open_session
@@ -81,13 +88,13 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
                            seed=args.seed, lora=getattr(args, "lora", None))
     params = sampling_from_args(args, session.tokenizer)
     chat = ChatSession(session.model, session.tokenizer, params, system=args.system,
-                       max_history_tokens=args.max_history_tokens, prepack=args.prepack)
+                       max_history_tokens=args.max_history_tokens, prepack=getattr(args, "prepack", True))
     interactive = stdin.isatty() and session.rank == 0
     lines: TextIO | SharedLines = stdin
     if session.world_size > 1:
         lines = SharedLines(stdin)
         if session.rank != 0:
-            stdout = open(os.devnull, "w")  # the other ranks compute the same replies; rank 0 shows them
+            stdout = _Discard()  # the other ranks compute the same replies; rank 0 shows them
     if interactive:
         print("qwenlink chat: /clear resets the conversation, /system TEXT sets the system prompt, /quit exits",
               file=stdout)

@@ -43,8 +43,10 @@ def announced_submit(request: Request) -> tuple:
 def follow(engine: Engine, decode: Callable[[list[int]], str]) -> None:
     """Ranks other than 0: replay rank 0's announced operations and step with it until it announces stop.
 
-    Ctrl-C reaches every process of the group; only rank 0 acts on it (it announces stop), so a follower never
-    leaves rank 0 waiting on a collective mid-step.
+    A SIGINT reaching a follower (a terminal's Ctrl-C, or torchrun forwarding its own) is ignored: only rank 0 acts on
+    it, by announcing stop, so a follower never leaves rank 0 waiting on a collective mid-step. A step that fails on
+    a follower ends it with an error, and torchrun then stops the whole group (rank 0 included): a rank that missed a
+    step cannot rejoin.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     twins: dict[int, Request] = {}

@@ -9,9 +9,10 @@ inductor's `freezing` does for compiled CPU models) removes that gap without com
 `prepack_linears(model)` swaps every plain `nn.Linear` for a `PrepackedLinear` that shares the same parameters (the
 state dict, tying and `model.parameters()` are unchanged) and keeps a packed copy next to them, so memory for the
 linear weights doubles. The one case the plain kernel wins (a single row in fp32, where `F.linear` already streams at
-memory speed) keeps using it, and so do small fp32 matrices (`FP32_MIN_ELEMENTS`). Autograd also runs `F.linear`, a
-weight changed in place since packing is repacked first, and non-CPU, DTensor, fp16 or LoRA-wrapped layers are never
-swapped.
+memory speed) keeps using it, and so do small fp32 matrices (`FP32_MIN_ELEMENTS`). Whenever autograd is on the layers
+run `F.linear` (so training, LoRA adapters behind frozen layers included, is unaffected); a weight changed in place or
+replaced since packing is repacked before its next use (changes through `.data` bypass the modification counter, as
+they do for autograd); non-CPU, DTensor, fp16 or LoRA-wrapped layers are never swapped.
 """
 
 from __future__ import annotations
@@ -51,15 +52,23 @@ class PrepackedLinear(nn.Linear):
         weight = self.weight.detach()
         # Kept as plain attributes, not buffers: they are a cache, never saved or moved with the module.
         self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
-        self._packed_version = _version(self.weight)
+        self._packed_key = self._weight_key()
+
+    def _weight_key(self) -> tuple:
+        """What the packed copy was made from: storage, dtype, device and in-place modification count."""
+        weight = self.weight
+        return weight.data_ptr(), weight.dtype, weight.device, _version(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
-        if (torch.is_grad_enabled() and self.weight.requires_grad) or x.dtype != self.weight.dtype \
-                or (rows == 1 and x.dtype == torch.float32):
-            return F.linear(x, self.weight, self.bias)
-        if _version(self.weight) != self._packed_version:
-            self._pack()  # the weight was updated in place (e.g. training between generations)
+        weight = self.weight
+        # Anything that needs autograd (training, LoRA adapters behind frozen layers) or that the packed kernel does
+        # not cover runs the plain layer.
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != weight.dtype \
+                or weight.dtype not in _PACKABLE_DTYPES or (rows == 1 and x.dtype == torch.float32):
+            return F.linear(x, weight, self.bias)
+        if self._weight_key() != self._packed_key:
+            self._pack()  # the weight was changed in place or replaced since packing
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, self.in_features), self._packed, self.bias,
                                                   "none", [], "")  # [rows, out]
         return out.view(*x.shape[:-1], self.out_features)

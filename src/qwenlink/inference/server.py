@@ -238,9 +238,7 @@ class Handler(BaseHTTPRequestHandler):
     # -- routes
     def do_GET(self) -> None:
         def route() -> None:
-            if self.path == "/health":
-                self._send_json(200, {"status": "ok", "in_flight": self.state.worker.load})
-            elif self.path == "/v1/models":
+            if self.path == "/v1/models":
                 self._send_json(200, {"object": "list", "data": [self._model_card()]})
             elif self.path == f"/v1/models/{self.state.model_name}":
                 self._send_json(200, self._model_card())
@@ -248,8 +246,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"unknown route GET {self.path}", code="not_found")
 
         if self.path == "/health":  # health checks need no key
+            worker = self.state.worker
             try:
-                self._send_json(200, {"status": "ok", "in_flight": self.state.worker.load})
+                if worker.alive:
+                    self._send_json(200, {"status": "ok", "in_flight": worker.load})
+                else:
+                    self._send_json(503, {"status": "engine stopped", "error": str(worker.error or "")})
             except OSError:
                 pass
             return
@@ -284,6 +286,9 @@ class Handler(BaseHTTPRequestHandler):
             if "context length" in str(exc):
                 raise ApiError(413, str(exc), param="max_tokens", code="context_length_exceeded") from None
             raise ApiError(422, str(exc)) from None
+        if not state.worker.alive:
+            raise ApiError(503, f"the engine has stopped ({state.worker.error or 'shut down'}); restart the server",
+                           kind="server_error")
         if state.worker.load >= state.limits.max_concurrent:
             raise ApiError(429, f"too many requests in flight ({state.limits.max_concurrent}); retry later",
                            kind="rate_limit_error")

@@ -29,6 +29,11 @@ class EngineWorker:
         self._pending = 0
         self._lock = threading.Lock()
 
+    @property
+    def alive(self) -> bool:
+        """False once the loop has ended (stopped, or under lockstep after a failure that ended the group)."""
+        return self.thread.is_alive()
+
     def start(self) -> "EngineWorker":
         self.thread.start()
         return self
@@ -117,6 +122,16 @@ class EngineWorker:
                     self.engine.step()
                 except Exception as exc:  # a bug: fail the running requests loudly but keep the server alive
                     self._fail_all(exc)
+                    if self.lockstep:
+                        # This rank's engine no longer matches the others': end the group instead of diverging.
+                        self._announce_stop()
+                        return
+
+    def _announce_stop(self) -> None:
+        try:
+            lockstep_ops.share([("stop",)])
+        except Exception:  # the others are gone already
+            pass
 
     def _fail_all(self, exc: BaseException) -> None:
         """End every running and waiting request with an error naming `exc`."""
