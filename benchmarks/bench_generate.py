@@ -7,6 +7,7 @@ with `prepack=False` (plain `F.linear`, as `--no-prepack`) to show what the oneD
 
     python benchmarks/bench_generate.py                      # CPU: qwen-bench and the Qwen1.5-0.5B shape, fp32 + bf16
     python benchmarks/bench_generate.py --dtypes bf16        # CPU, bf16 only
+    python benchmarks/bench_generate.py --compiled           # plus a column with the compiled decode step
     python benchmarks/bench_generate.py --gpu                # GPU section: Qwen1.5-1.8B shape, bf16
     python benchmarks/bench_generate.py --shapes qwen-bench --new-tokens 32 --repeats 1   # quick check
 """
@@ -50,9 +51,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts: torch.Tensor, new_tokens: int, prepack: bool = True) -> float:
+def run_ours(model, prompts: torch.Tensor, new_tokens: int, prepack: bool = True,
+             engine: Engine | None = None) -> float:
+    """Timed generation on a fresh engine, or on `engine` (the compiled one, built and compiled once)."""
     device = next(model.parameters()).device
-    engine = Engine(model, max_batch=prompts.shape[0], max_length=prompts.shape[1] + new_tokens, prepack=prepack)
+    if engine is None:
+        engine = Engine(model, max_batch=prompts.shape[0], max_length=prompts.shape[1] + new_tokens, prepack=prepack)
     params = SamplingParams(max_new_tokens=new_tokens)
     requests = [Request(p, params) for p in prompts.tolist()]
     _sync(device)
@@ -78,12 +82,14 @@ def run_hf(hf, prompts: torch.Tensor, new_tokens: int) -> float:
 
 
 def bench_shape(name: str, *, device: torch.device, dtype: torch.dtype, batches: list[int], prompt_len: int,
-                new_tokens: int, repeats: int) -> list[dict]:
+                new_tokens: int, repeats: int, compiled: bool = False) -> list[dict]:
     config = get_preset(name)
     model = build_model(config, device=device, dtype=dtype, seed=0).eval()
     hf = _hf_twin(model)
     # The no-prepack column needs its own copy: once an engine has prepacked `model`, its layers stay swapped.
     plain = build_model(config, device=device, dtype=dtype, seed=0).eval() if device.type == "cpu" else None
+    # The compiled engine's warm-up compiles its decode step (not timed); same weights, its own copy.
+    twin = build_model(config, device=device, dtype=dtype, seed=0).eval() if compiled else None
     rows = []
     for batch in batches:
         prompts = torch.randint(0, 150000, (batch, prompt_len), generator=torch.Generator().manual_seed(batch))
@@ -92,20 +98,30 @@ def bench_shape(name: str, *, device: torch.device, dtype: torch.dtype, batches:
         run_hf(hf, prompts[:, :8], 4)
         if plain is not None:
             run_ours(plain, prompts[:, :8], 4, prepack=False)
-        ours, unpacked, theirs = [], [], []
+        compiled_engine = None
+        if twin is not None:  # compiled once, outside the timed runs, then reused
+            compiled_engine = Engine(twin, max_batch=batch, max_length=prompt_len + new_tokens, compile=True)
+            run_ours(twin, prompts, 2, engine=compiled_engine)
+        ours, unpacked, compiled_rates, theirs = [], [], [], []
         for _ in range(repeats):
             ours.append(run_ours(model, prompts, new_tokens))
             if plain is not None:
                 unpacked.append(run_ours(plain, prompts, new_tokens, prepack=False))
+            if twin is not None:
+                compiled_rates.append(run_ours(twin, prompts, new_tokens, engine=compiled_engine))
             theirs.append(run_hf(hf, prompts, new_tokens))
         row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
                "qwenlink_tok_s": max(ours), "qwenlink_no_prepack_tok_s": max(unpacked) if unpacked else None,
+               "qwenlink_compiled_tok_s": max(compiled_rates) if compiled_rates else None,
                "hf_tok_s": max(theirs), "ratio": max(ours) / max(theirs)}
         rows.append(row)
         plain_text = f"no-prepack {row['qwenlink_no_prepack_tok_s']:8.1f} | " if unpacked else ""
+        if compiled_rates:
+            plain_text += (f"compiled {row['qwenlink_compiled_tok_s']:8.1f} "
+                           f"({row['qwenlink_compiled_tok_s'] / row['hf_tok_s']:.2f}x) | ")
         print(f"{name:14s} {row['dtype']:8s} batch {batch:2d}: qwenlink {row['qwenlink_tok_s']:8.1f} tok/s | "
               f"{plain_text}HF generate {row['hf_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}x", flush=True)
-    del hf, model, plain
+    del hf, model, plain, twin
     return rows
 
 
@@ -156,6 +172,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     parser.add_argument("--no-server", action="store_true")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add a column for the engine with compile=True (--compile; compile time not timed)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
@@ -173,7 +191,7 @@ def main() -> None:
         for shape in shapes:
             results["generate"] += bench_shape(shape, device=device, dtype=dtype, batches=args.batches,
                                                prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                               repeats=args.repeats)
+                                               repeats=args.repeats, compiled=args.compiled)
         if not args.no_server:
             results["server"].append(bench_server(shapes[0], device=device, dtype=dtype, clients=16,
                                                   new_tokens=min(64, args.new_tokens)))

@@ -43,6 +43,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
                    help="on CPU, keep the plain linear kernels instead of oneDNN-prepacked weights (prepacking "
                    "decodes faster but holds a second copy of the linear weights)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a torch.compile'd static-shape step (CUDA graphs on GPU; compiling takes seconds "
+                   "to a minute at start-up; one process only)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, default_max_new: int) -> None:

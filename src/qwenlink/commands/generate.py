@@ -66,7 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise QwenlinkError("a prompt is empty after tokenisation")
     results, stats = generate(session.model, prompts, params, decode=tok.decode, max_batch=args.max_batch,
-                              prepack=getattr(args, "prepack", True))
+                              prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False))
     if session.rank != 0:  # tensor-parallel ranks computed the same results; rank 0 reports them
         return 0
     if args.output:
@@ -78,6 +78,7 @@ def run_generate(args: argparse.Namespace) -> int:
             if len(texts) > 1:
                 print(f"### prompt: {text}")
             print(result.text)
-    print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; prefill "
+    compiled = f"compile {stats.compile_seconds:.1f}s, " if stats.compile_seconds else ""
+    print(f"[{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated; {compiled}prefill "
           f"{stats.prefill_seconds:.3f}s, decode {stats.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return 0

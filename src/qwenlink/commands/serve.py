@@ -24,7 +24,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise QwenlinkError(f"--max-context {context} exceeds the model's max_position_embeddings "
                             f"{session.model.config.max_position_embeddings}")
     engine = Engine(session.model, max_batch=args.max_batch, max_length=context,
-                    prepack=getattr(args, "prepack", True))
+                    prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False))
     if session.rank != 0:
         follow(engine, response_decoder(session.tokenizer))
         return 0

@@ -68,6 +68,7 @@ class Request:
 class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0  # compiling the decode step (compile=True), before the first prefill
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
@@ -81,14 +82,20 @@ class Engine:
     """Runs requests on a model with a fixed number of cache rows (max_batch) of max_length slots each."""
 
     def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None,
-                 prepack: bool = True) -> None:
+                 prepack: bool = True, compile: bool = False) -> None:
         """prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
-        decoding for twice the linear weights' memory). The model's parameters and state dict are unchanged."""
+        decoding for twice the linear weights' memory). The model's parameters and state dict are unchanged.
+        compile: decode with a compiled static-shape step (inference/compiled.py; compiled on the first decode, and
+        it then packs the weights itself, so prepacking is skipped)."""
         self.model = model.eval()
         param = next(model.parameters())
+        if compile and hasattr(param, "to_local"):
+            raise QwenlinkError("compiled decoding does not support tensor-parallel (sharded) models yet")
         param = param.to_local() if hasattr(param, "to_local") else param
         self.device, self.dtype = param.device, param.dtype
-        if prepack and self.device.type == "cpu":
+        self.compile = compile
+        self._decode_step: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+        if prepack and not compile and self.device.type == "cpu":
             prepack_linears(model, batch_hint=max_batch)
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
@@ -139,6 +146,8 @@ class Engine:
             self.cache = KVCache(self.model.config, self.max_batch, self.max_length, dtype=self.dtype,
                                  device=self.device, layer_ids=list(self.model.layers.keys()),
                                  num_kv_heads=local_kv_heads(self.model))
+            if self.compile:
+                self._compile_decode_step()
         finished: list[Request] = []
         decoding = list(self.running.values())
         free_rows = [r for r in range(self.max_batch) if r not in self.running]
@@ -174,17 +183,39 @@ class Engine:
 
     def _decode(self, requests: list[Request]) -> list[Request]:
         start = time.perf_counter()
-        tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)  # [b, 1]
-        slots = torch.tensor([[r.next_slot] for r in requests], device=self.device)  # [b, 1]
-        rows_list = [r.row for r in requests]
-        rows = None if rows_list == list(range(self.max_batch)) else torch.tensor(rows_list, device=self.device)
-        logits = self.model(tokens, kv_cache=self.cache, cache_positions=slots, cache_rows=rows)[:, -1]  # [b, V]
+        if self._decode_step is not None:
+            logits = self._decode_static(requests)
+        else:
+            tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)  # [b, 1]
+            slots = torch.tensor([[r.next_slot] for r in requests], device=self.device)  # [b, 1]
+            rows_list = [r.row for r in requests]
+            rows = None if rows_list == list(range(self.max_batch)) else torch.tensor(rows_list, device=self.device)
+            logits = self.model(tokens, kv_cache=self.cache, cache_positions=slots, cache_rows=rows)[:, -1]  # [b, V]
         for r in requests:
             r.next_slot += 1
         finished = self._append(requests, logits)
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_steps += 1
         return finished
+
+    def _compile_decode_step(self) -> None:
+        """Compile the static decode step now (an all-idle step), so compilation is not counted as decoding."""
+        from qwenlink.inference.compiled import compile_decode_step
+
+        start = time.perf_counter()
+        self._decode_step = compile_decode_step(self.model, self.cache)
+        self._decode_static([])
+        self.stats.compile_seconds += time.perf_counter() - start
+
+    def _decode_static(self, requests: list[Request]) -> Tensor:
+        """One compiled step over every cache row; idle rows feed token 0 at the never-used last slot."""
+        tokens = [0] * self.max_batch
+        slots = [self.max_length - 1] * self.max_batch
+        for r in requests:
+            tokens[r.row], slots[r.row] = r.tokens[-1], r.next_slot
+        logits = self._decode_step(torch.tensor(tokens, device=self.device)[:, None],
+                                   torch.tensor(slots, device=self.device)[:, None])  # [max_batch, V]
+        return logits[torch.tensor([r.row for r in requests], dtype=torch.long, device=self.device)]  # [b, V]
 
     def _append(self, requests: list[Request], logits: Tensor) -> list[Request]:
         """Choose each request's next token, record it, and end the requests that are complete."""
@@ -233,6 +264,8 @@ class Engine:
                     r.text = r.text[:min(hits)[0]]
                     r.finish_reason = "stop"
                     return
+        # Ending a request before its next slot is the last one keeps that slot unused by every request, which the
+        # compiled decode step relies on (idle rows write there).
         if len(r.tokens) >= params.max_new_tokens or r.next_slot + 1 >= self.max_length:
             r.finish_reason = "length"
 

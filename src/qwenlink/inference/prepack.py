@@ -64,7 +64,8 @@ class PrepackedLinear(nn.Linear):
         weight = self.weight
         # Anything that needs autograd (training, LoRA adapters behind frozen layers) or that the packed kernel does
         # not cover runs the plain layer.
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != weight.dtype \
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or x.device.type != "cpu" \
+                or x.dtype != weight.dtype \
                 or weight.dtype not in _PACKABLE_DTYPES or (rows == 1 and x.dtype == torch.float32):
             return F.linear(x, weight, self.bias)
         if self._weight_key() != self._packed_key:

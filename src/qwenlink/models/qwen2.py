@@ -111,18 +111,19 @@ class KVCache:
         self.length = 0  # slots filled so far (the largest written slot + 1)
 
     def update(self, layer_id: str, k: Tensor, v: Tensor, slots: Tensor, span: int,
-               rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-        """Write k/v [b, Hkv, T, D] at `slots` [b|1, T] of `rows` and return keys/values [b, Hkv, span, D]."""
+               rows: Optional[Tensor] = None, start: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """Write k/v [b, Hkv, T, D] at `slots` [b|1, T] of `rows` and return keys/values [b, Hkv, span, D].
+
+        `start`: the slots are start..start+T-1 for every row (known on the host, so no device sync is needed)."""
         if span > self.max_length:
             raise ValueError(f"KV cache of {self.max_length} slots cannot hold position {span - 1}")
         kc, vc = self.keys[layer_id], self.values[layer_id]
         bsz = k.shape[0]
-        if rows is None and slots.shape[0] == 1 and bsz == self.batch_size:
-            start, end = int(slots[0, 0]), int(slots[0, -1]) + 1
-            if end - start == slots.shape[1]:  # contiguous slots shared by all rows: plain slice assignment
-                kc[:, :, start:end] = k
-                vc[:, :, start:end] = v
-                return kc[:, :, :span], vc[:, :, :span]
+        if start is not None and rows is None and bsz == self.batch_size:
+            # Contiguous slots shared by all rows: plain slice assignment.
+            kc[:, :, start:start + k.shape[2]] = k
+            vc[:, :, start:start + k.shape[2]] = v
+            return kc[:, :, :span], vc[:, :, :span]
         row_idx = (rows if rows is not None else torch.arange(bsz, device=k.device))[:, None]  # [b, 1]
         slot_idx = slots.expand(bsz, -1)  # [b, T]
         kc[row_idx, :, slot_idx] = k.transpose(1, 2)  # indexed view is [b, T, Hkv, D]
@@ -156,8 +157,8 @@ class Attention(nn.Module):
         cos, sin = rope.get(seqlen, q.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            slots, span, rows = cache
-            k, v = kv_cache.update(layer_id, k, v, slots, span, rows)  # [B, Hkv, S, D], S = span
+            slots, span, rows, start = cache
+            k, v = kv_cache.update(layer_id, k, v, slots, span, rows, start)  # [B, Hkv, S, D], S = span
         gqa = q.shape[1] != k.shape[1]
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -263,7 +264,7 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs: Tensor, *, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
                 cache_start: int = 0, cache_positions: Optional[Tensor] = None, cache_rows: Optional[Tensor] = None,
-                logits_to_keep: int | Tensor = 0) -> Tensor:
+                cache_span: Optional[int] = None, logits_to_keep: int | Tensor = 0) -> Tensor:
         """inputs: token ids [B, T] (or hidden states [B, T, H] when the embedding was removed).
 
         Returns logits [B, T, V], or hidden states [B, T, H] when lm_head was removed.
@@ -271,6 +272,8 @@ class Qwen2Model(nn.Module):
         - attention_mask: a 2-D padding mask [B, S] over all key slots, or a 4-D boolean mask [B, 1, T, S].
         - kv_cache: write this call's keys/values at slots cache_start + arange(T) for every row, or at per-row
           `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1).
+        - cache_span: attend over cache slots [0, cache_span) (default: up to the largest slot written). A fixed
+          span (the whole cache) keeps every shape static for a compiled decode step; later slots are masked.
         - logits_to_keep: an int k > 0 computes the head only for the last k positions; a tensor [B] of indices
           computes it for one position per row (the last real token of right-padded prompts). Returns [B, k, V].
         """
@@ -285,14 +288,18 @@ class Qwen2Model(nn.Module):
             slots = torch.arange(cache_start, cache_start + seqlen, device=h.device)[None]  # [1, T]
         else:
             slots = cache_positions.to(h.device)  # [B, T]
-        span = int(slots.max()) + 1 if cache_positions is not None else cache_start + seqlen
+        if cache_span is not None:
+            span = cache_span
+        else:
+            span = int(slots.max()) + 1 if cache_positions is not None else cache_start + seqlen
         if position_ids is None:
             position_ids = slots.expand(bsz, seqlen)
         rope = RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta)
         mask = build_attention_mask(attention_mask, slots, span, h.device)
-        cache = (slots, span, cache_rows) if kv_cache is not None else None
+        start = cache_start if cache_positions is None else None
+        cache = (slots, span, cache_rows, start) if kv_cache is not None else None
         out = self._run_layers(h, rope, mask, kv_cache, cache, logits_to_keep)
-        if kv_cache is not None:
+        if kv_cache is not None and not torch.compiler.is_compiling():  # host bookkeeping, not part of a graph
             kv_cache.length = max(kv_cache.length, span)
         return out
 

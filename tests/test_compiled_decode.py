@@ -1,0 +1,57 @@
+"""The compiled static-shape decode step (`Engine(compile=True)`): the same tokens as eager decoding in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.inference.engine import Engine, Request
+from qwenlink.inference.sampling import SamplingParams
+from qwenlink.models.presets import get_preset
+from qwenlink.models.qwen2 import build_model
+
+
+def _model():
+    return build_model(get_preset("test-tiny"), seed=0).eval()
+
+
+def _run(engine: Engine, schedule: list[tuple[int, list[int], SamplingParams]]) -> list[list[int]]:
+    """Submit each prompt at its step (requests join mid-flight), step until all end; returns their tokens."""
+    requests, step = [], 0
+    pending = sorted(schedule, key=lambda item: item[0])
+    while pending or any(not r.done for r in requests):
+        while pending and pending[0][0] <= step:
+            _, prompt, params = pending.pop(0)
+            requests.append(engine.submit(Request(prompt, params)))
+        engine.step()
+        step += 1
+    return [r.tokens for r in requests]
+
+
+def test_compiled_decoding_equals_eager_with_rows_joining_and_leaving():
+    greedy = SamplingParams(max_new_tokens=10)
+    schedule = [(0, [5, 17, 42, 99, 3], greedy), (0, [7, 8], SamplingParams(max_new_tokens=4)),
+                (3, [250, 11, 12, 13, 14], greedy), (5, [1], SamplingParams(max_new_tokens=6, temperature=0.8, seed=2)),
+                (6, [9, 9, 9], greedy)]
+    eager = _run(Engine(_model(), max_batch=3, max_length=48, prepack=False), schedule)
+    compiled = _run(Engine(_model(), max_batch=3, max_length=48, compile=True), schedule)
+    assert compiled == eager and all(eager)
+
+
+def test_compiled_decoding_runs_to_the_context_limit():
+    """A request ending at the context length never touches the last slot idle rows write into."""
+    prompts = [[3, 4, 5, 6], [8]]
+    params = SamplingParams(max_new_tokens=20)
+    eager = _run(Engine(_model(), max_batch=3, max_length=24, prepack=False), [(0, p, params) for p in prompts])
+    compiled = _run(Engine(_model(), max_batch=3, max_length=24, compile=True), [(0, p, params) for p in prompts])
+    assert compiled == eager
+    assert len(eager[0]) == 20 and len(eager[1]) == 20
+
+
+def test_compiled_decoding_refuses_sharded_models(monkeypatch):
+    model = _model()
+    weight = next(model.parameters())
+    monkeypatch.setattr(type(weight), "to_local", lambda self: self, raising=False)
+    with pytest.raises(QwenlinkError, match="tensor-parallel"):
+        Engine(model, compile=True)
