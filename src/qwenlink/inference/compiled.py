@@ -31,6 +31,10 @@ def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, 
         return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=span)[:, -1]  # [B, V]
 
     if device.type == "cuda":
+        # The cache is written in place by every step; marking it static lets the CUDA graph keep it as is (mutated
+        # non-static inputs make inductor skip graph capture).
+        for tensor in [*cache.keys.values(), *cache.values.values()]:
+            torch._dynamo.mark_static_address(tensor)
         return torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
 
