@@ -25,3 +25,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """Run `qwenlink ARGS...` in a fresh interpreter, as a user would, capturing output."""
     return subprocess.run([sys.executable, "-m", "qwenlink.cli", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def write_counting_corpus(root: Path, documents: int) -> str:
+    """A pretraining corpus with learnable structure: each document counts up modulo 50 from a random start (ids
+    10..59 of the test-tiny vocabulary), seeded. Returns the dataset prefix."""
+    import numpy as np
+
+    from qwenlink.data.indexed import write_documents
+
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(documents):
+        start, n = int(rng.integers(0, 50)), int(rng.integers(20, 60))
+        docs.append([(start + i) % 50 + 10 for i in range(n)])
+    prefix = str(Path(root) / "count_text_document")
+    write_documents(prefix, docs, dtype=np.uint16)
+    return prefix

@@ -31,3 +31,16 @@ def make_hf_model(tmp: Path, *, vocab: int = 320, hidden: int = 64, layers: int 
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy2(f, tmp / f.name)
     return model, tmp
+
+
+def hf_greedy_left_padded(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """HF `generate` (greedy) on prompts of different lengths, left-padded into one batch; the new tokens per prompt."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    return out[:, width:].tolist()

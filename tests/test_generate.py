@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common import run_cli
-from hf_helpers import make_hf_model
+from hf_helpers import hf_greedy_left_padded, make_hf_model
 from qwenlink.checkpoint.hf import load_hf_model
 from qwenlink.inference.generate import SamplingParams, generate
 
@@ -100,15 +100,8 @@ def test_cli_greedy_on_fixture_equals_transformers(tiny_fixture_hf):
 
 def test_batched_greedy_equals_transformers_left_padded_batch(tiny):
     hf, model = tiny
-    width = max(map(len, PROMPTS))
-    ids = torch.zeros(len(PROMPTS), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(PROMPTS):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours, _ = generate(model, PROMPTS, SamplingParams(max_new_tokens=12))
-    assert [r.tokens for r in ours] == ref[:, width:].tolist()
+    assert [r.tokens for r in ours] == hf_greedy_left_padded(hf, PROMPTS, 12)
 
 
 def test_repetition_penalty_equals_transformers(tiny):

@@ -158,19 +158,12 @@ def test_small_fp32_matrices_keep_the_plain_kernel(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prepacked_greedy_batch_equals_transformers_generate(tmp_path, dtype):
     """With every projection prepacked, batched greedy decoding still equals HF `generate` token for token."""
-    from hf_helpers import make_hf_model
+    from hf_helpers import hf_greedy_left_padded, make_hf_model
     from qwenlink.checkpoint.hf import load_hf_model
 
     hf, path = make_hf_model(tmp_path, kv_heads=2, dtype=dtype)
     model = load_hf_model(path).eval()
     prompts = [[5, 17, 42, 99, 3], [7, 8], [250, 11, 12, 13, 14, 15, 16, 19, 200]]
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     ours, _ = generate(model, prompts, SamplingParams(max_new_tokens=12))
     assert isinstance(model.layers["0"].mlp.down_proj, PrepackedLinear)
-    assert [g.tokens for g in ours] == ref[:, width:].tolist()
+    assert [g.tokens for g in ours] == hf_greedy_left_padded(hf, prompts, 12)

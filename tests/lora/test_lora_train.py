@@ -7,14 +7,13 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
+from common import write_counting_corpus
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.checkpoint.hf import load_hf_model, save_hf_model
 from qwenlink.checkpoint.peft import apply_peft_adapter
-from qwenlink.data.indexed import write_documents
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.presets import get_preset
 from qwenlink.models.qwen2 import build_model
@@ -27,11 +26,7 @@ def setup(tmp_path_factory):
     """(base HF dir, pretraining data prefix) for the test-tiny architecture."""
     root = tmp_path_factory.mktemp("lora_train")
     base = save_hf_model(build_model(get_preset("test-tiny"), seed=11), root / "base")
-    rng = np.random.default_rng(0)
-    docs = [[(int(rng.integers(0, 50)) + i) % 50 + 10 for i in range(int(rng.integers(20, 60)))] for _ in range(60)]
-    prefix = str(root / "count_text_document")
-    write_documents(prefix, docs, dtype=np.uint16)
-    return base, prefix
+    return base, write_counting_corpus(root, 60)
 
 
 def _config(setup, out: Path, *extra: str):

@@ -22,16 +22,9 @@ from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
 from qwenlink.parallel.parallelize import build_parallel_model  # noqa: E402
 
 
-def main() -> None:
-    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    config = make_config(spec)
-    plan = ParallelPlan(**spec["layout"])
-    pm = build_parallel_model(config, plan, torch.device("cpu"), seed=spec["seed"])
-    pm.load_full_state_dict(make_initial_state(spec))
-    optimizer = optimizer_for(pm.parameters())
+def train_steps(pm, plan: ParallelPlan, spec: dict, optimizer) -> list[float]:
+    """The reference's optimizer steps under the layout: each dp replica takes its slice of every global batch.
+    Returns the global loss per step (the same on every rank)."""
     micro = spec["micro_batch"]
     losses = []
     for ids, labels in make_batches(spec):
@@ -46,6 +39,20 @@ def main() -> None:
         losses.append(float(total) / (plan.tp * plan.pp))
         pm.clip_grad_norm_(1.0)
         optimizer.step()
+    return losses
+
+
+def main() -> None:
+    out, spec = Path(sys.argv[1]), json.loads(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = make_config(spec)
+    plan = ParallelPlan(**spec["layout"])
+    pm = build_parallel_model(config, plan, torch.device("cpu"), seed=spec["seed"])
+    pm.load_full_state_dict(make_initial_state(spec))
+    optimizer = optimizer_for(pm.parameters())
+    losses = train_steps(pm, plan, spec, optimizer)
     state = pm.full_state_dict()
     if list(pm.mesh.get_coordinate())[1:] == [0, 0, 0]:  # one rank per pipeline stage group writes its stages
         torch.save({"losses": losses, "state": state}, out / f"pp{pm.pp_rank}.pt")

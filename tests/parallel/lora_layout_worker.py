@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_reference import lora_config, make_lora_initial_state  # noqa: E402
-from parallel_reference import make_batches, make_config, optimizer_for  # noqa: E402
+from layout_worker import train_steps  # noqa: E402
+from parallel_reference import make_config, optimizer_for  # noqa: E402
 
 from qwenlink.models.lora import apply_lora  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
@@ -34,20 +35,7 @@ def main() -> None:
     pm.load_full_state_dict(make_lora_initial_state(spec))
     trainable = [p for p in pm.parameters() if p.requires_grad]
     optimizer = optimizer_for(trainable)
-    losses = []
-    for ids, labels in make_batches(spec):
-        valid = int((labels != -100).sum())
-        per_dp = ids.shape[0] // plan.dp
-        mine = slice(pm.dp_rank * per_dp, (pm.dp_rank + 1) * per_dp)
-        optimizer.zero_grad(set_to_none=True)
-        micro = spec["micro_batch"]
-        micro_batches = [(i, l, None, None) for i, l in zip(ids[mine].split(micro), labels[mine].split(micro))]
-        loss = pm.forward_backward(micro_batches, scale=plan.dp / valid)
-        total = loss.clone()
-        dist.all_reduce(total)
-        losses.append(float(total) / (plan.tp * plan.pp))
-        pm.clip_grad_norm_(1.0)
-        optimizer.step()
+    losses = train_steps(pm, plan, spec, optimizer)
     state = pm.full_state_dict()
     n_state = sum(len(s) for s in optimizer.state.values())
     if list(pm.mesh.get_coordinate())[1:] == [0, 0, 0]:

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from qwenlink.data.indexed import write_documents
+from common import write_counting_corpus
 
 LAYERS = 4
 
@@ -24,12 +23,7 @@ def corpus(data_prefix, init_dir) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def data_prefix(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    docs = [[(int(rng.integers(0, 50)) + i) % 50 + 10 for i in range(int(rng.integers(20, 60)))] for _ in range(80)]
-    prefix = str(root / "count_text_document")
-    write_documents(prefix, docs, dtype=np.uint16)
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus"), 80)
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
+from common import write_counting_corpus
 from qwenlink.checkpoint import dcp as ckpt
-from qwenlink.data.indexed import write_documents
 from qwenlink.train.config import JobConfig, load_config
 
 TRAIN_ITERS = 6
 
 
 def write_corpus(root: Path) -> str:
-    """Documents counting up modulo 50 (ids 10..59 of the test-tiny vocabulary); returns the dataset prefix."""
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(60):
-        start, n = int(rng.integers(0, 50)), int(rng.integers(20, 60))
-        docs.append([(start + i) % 50 + 10 for i in range(n)])
-    prefix = str(root / "count_text_document")
-    write_documents(prefix, docs, dtype=np.uint16)
-    return prefix
+    """Documents counting up modulo 50; returns the dataset prefix."""
+    return write_counting_corpus(root, 60)
 
 
 def job_overrides(prefix: str, out: Path, *extra: str) -> list[str]:

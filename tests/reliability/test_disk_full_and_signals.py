@@ -18,12 +18,7 @@ from qwenlink import cli
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.train.trainer import Trainer
 from reliability_helpers import (TRAIN_ITERS, check_every_checkpoint_loads, job_config, job_overrides, jsonl_losses,
-                                 run_forked, run_in_process, write_corpus)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+                                 run_forked, run_in_process)
 
 
 @pytest.fixture(scope="module")

@@ -27,14 +27,9 @@ import torch
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.train.trainer import Trainer
 from reliability_helpers import (TRAIN_ITERS, check_every_checkpoint_loads, job_config, job_overrides,
-                                 jsonl_losses, kill_self, run_forked, run_in_process, write_corpus)
+                                 jsonl_losses, kill_self, run_forked, run_in_process)
 
 TARGET_SAVE = 3  # kill inside the third save: by then keep_last=2 also prunes
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from qwenlink.checkpoint import dcp as ckpt
 from reliability_helpers import TRAIN_ITERS, check_every_checkpoint_loads, job_config, job_overrides, jsonl_losses, \
-    run_in_process, write_corpus
+    run_in_process
 
 NO_HANG_S = 60  # generous: every process must be gone this long after the kill
 
@@ -47,11 +47,6 @@ def _rank_processes(launcher: psutil.Process) -> dict[int, psutil.Process]:
         if "RANK" in env and "qwenlink.cli" in " ".join(proc.cmdline()):
             ranks[int(env["RANK"])] = proc
     return ranks
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,15 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from qwenlink.data.indexed import IndexedDatasetWriter, write_documents
+from common import write_counting_corpus
+from qwenlink.data.indexed import IndexedDatasetWriter
 from qwenlink.train.config import JobConfig, load_config
 
 
 @pytest.fixture(scope="session")
 def pretrain_prefix(tmp_path_factory) -> str:
     """A corpus with learnable structure: each document counts up modulo 50 from a random start."""
-    root = tmp_path_factory.mktemp("pretrain")
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(120):
-        start, n = int(rng.integers(0, 50)), int(rng.integers(20, 60))
-        docs.append([(start + i) % 50 + 10 for i in range(n)])
-    prefix = str(root / "count_text_document")
-    write_documents(prefix, docs, dtype=np.uint16)
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("pretrain"), 120)
 
 
 @pytest.fixture(scope="session")
