@@ -85,8 +85,8 @@ class Engine:
                  prepack: bool = True, compile: bool = False) -> None:
         """prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
         decoding for twice the linear weights' memory). The model's parameters and state dict are unchanged.
-        compile: decode with a compiled static-shape step (inference/compiled.py; compiled on the first decode, and
-        it then packs the weights itself, so prepacking is skipped)."""
+        compile: decode with a compiled static-shape step (inference/compiled.py; compiled when the first step
+        allocates the cache, and it packs the weights itself, so prepacking is skipped)."""
         self.model = model.eval()
         param = next(model.parameters())
         if compile and hasattr(param, "to_local"):
@@ -219,13 +219,9 @@ class Engine:
 
     def _append(self, requests: list[Request], logits: Tensor) -> list[Request]:
         """Choose each request's next token, record it, and end the requests that are complete."""
-        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in requests):
-            # max(dim) returns the first maximal index like argmax, and its CPU kernel is 2.5-4.5x faster here.
-            chosen = dict(enumerate(logits.max(dim=-1).indices.tolist()))
-        else:
-            seen = [r.prompt + r.tokens if r.params.repetition_penalty != 1.0 else () for r in requests]
-            chosen = dict(enumerate(sample_rows(logits, [r.params for r in requests],
-                                                [r.generator for r in requests], seen)))
+        seen = [r.prompt + r.tokens if r.params.repetition_penalty != 1.0 else () for r in requests]
+        chosen = dict(enumerate(sample_rows(logits, [r.params for r in requests], [r.generator for r in requests],
+                                            seen)))
         want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs]
         logprobs = {}
         if want_logprobs:
