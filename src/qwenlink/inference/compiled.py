@@ -21,14 +21,16 @@ Tensor = torch.Tensor
 
 
 def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, Tensor], Tensor]:
-    """A function (tokens [B, 1], positions [B, 1]) -> next-token logits [B, V] over all B = cache.batch_size rows."""
+    """A function (tokens [B, 1], positions [B, 1]) -> final hidden states [B, H] over all B = cache.batch_size rows.
+
+    The step stops before the head: the engine applies it, or for greedy rows only screens it (greedy_head.py)."""
     import torch._inductor.config as inductor_config
 
     span = cache.max_length
     device = next(iter(cache.keys.values())).device
 
     def decode_step(tokens: Tensor, positions: Tensor) -> Tensor:
-        return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=span)[:, -1]  # [B, V]
+        return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=span, apply_head=False)[:, -1]
 
     if device.type == "cuda":
         # The cache is written in place by every step; marking it static lets the CUDA graph keep it as is (mutated

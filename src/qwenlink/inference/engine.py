@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.inference.greedy_head import ScreenedGreedyHead
 from qwenlink.inference.prepack import prepack_linears
 from qwenlink.inference.sampling import SamplingParams, sample_rows
 from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
@@ -71,6 +72,7 @@ class EngineStats:
     compile_seconds: float = 0.0  # compiling the decode step (compile=True), before the first prefill
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    screened_tokens: int = 0  # greedy tokens chosen from the int8 head copy (greedy_head.py), not the full head
     decode_steps: int = 0
 
     @property
@@ -84,9 +86,11 @@ class Engine:
     def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None,
                  prepack: bool = True, compile: bool = False) -> None:
         """prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
-        decoding for twice the linear weights' memory). The model's parameters and state dict are unchanged.
+        decoding for twice the linear weights' memory) and choose greedy tokens from an int8 copy of the head with
+        an exact re-check of the candidates (inference/greedy_head.py; a quarter (fp32) or half (bf16) of the head's
+        memory). The model's parameters and state dict are unchanged.
         compile: decode with a compiled static-shape step (inference/compiled.py; compiled when the first step
-        allocates the cache, and it packs the weights itself, so prepacking is skipped)."""
+        allocates the cache, and it packs the layers' weights itself, so only the head is prepacked)."""
         self.model = model.eval()
         param = next(model.parameters())
         if compile and hasattr(param, "to_local"):
@@ -95,8 +99,11 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.compile = compile
         self._decode_step: Optional[Callable[[Tensor, Tensor], Tensor]] = None
-        if prepack and not compile and self.device.type == "cpu":
-            prepack_linears(model, batch_hint=max_batch)
+        self._screen: Optional[ScreenedGreedyHead] = None
+        if prepack and self.device.type == "cpu":
+            # The compiled step stops before the head (inductor packs what it compiles), so the head is packed here.
+            prepack_linears(model, batch_hint=max_batch, only={"lm_head"} if compile else None)
+            self._screen = ScreenedGreedyHead.create(model.lm_head, batch_hint=max_batch)
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
         self.cache: Optional[KVCache] = None  # allocated on first use
@@ -173,27 +180,29 @@ class Engine:
         slots = torch.arange(width).expand(len(requests), width)  # [b, P] each row from slot 0
         rows = torch.tensor([r.row for r in requests], device=self.device)
         last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        logits = self.model(tokens.to(self.device), kv_cache=self.cache, cache_positions=slots.to(self.device),
-                            cache_rows=rows, logits_to_keep=last)[:, 0]  # [b, V]
+        hidden = self.model(tokens.to(self.device), kv_cache=self.cache, cache_positions=slots.to(self.device),
+                            cache_rows=rows, logits_to_keep=last, apply_head=False)[:, 0]  # [b, H]
         for r in requests:
             r.next_slot = len(r.prompt)
+        finished = self._append(requests, hidden)
         self.stats.prefill_seconds += time.perf_counter() - start
         self.stats.prompt_tokens += sum(lengths)
-        return self._append(requests, logits)
+        return finished
 
     def _decode(self, requests: list[Request]) -> list[Request]:
         start = time.perf_counter()
         if self._decode_step is not None:
-            logits = self._decode_static(requests)
+            hidden = self._decode_static(requests)
         else:
             tokens = torch.tensor([[r.tokens[-1]] for r in requests], device=self.device)  # [b, 1]
             slots = torch.tensor([[r.next_slot] for r in requests], device=self.device)  # [b, 1]
             rows_list = [r.row for r in requests]
             rows = None if rows_list == list(range(self.max_batch)) else torch.tensor(rows_list, device=self.device)
-            logits = self.model(tokens, kv_cache=self.cache, cache_positions=slots, cache_rows=rows)[:, -1]  # [b, V]
+            hidden = self.model(tokens, kv_cache=self.cache, cache_positions=slots, cache_rows=rows,
+                                apply_head=False)[:, -1]  # [b, H]
         for r in requests:
             r.next_slot += 1
-        finished = self._append(requests, logits)
+        finished = self._append(requests, hidden)
         self.stats.decode_seconds += time.perf_counter() - start
         self.stats.decode_steps += 1
         return finished
@@ -213,20 +222,32 @@ class Engine:
         slots = [self.max_length - 1] * self.max_batch
         for r in requests:
             tokens[r.row], slots[r.row] = r.tokens[-1], r.next_slot
-        logits = self._decode_step(torch.tensor(tokens, device=self.device)[:, None],
-                                   torch.tensor(slots, device=self.device)[:, None])  # [max_batch, V]
-        return logits[torch.tensor([r.row for r in requests], dtype=torch.long, device=self.device)]  # [b, V]
+        hidden = self._decode_step(torch.tensor(tokens, device=self.device)[:, None],
+                                   torch.tensor(slots, device=self.device)[:, None])  # [max_batch, H]
+        return hidden[torch.tensor([r.row for r in requests], dtype=torch.long, device=self.device)]  # [b, H]
 
-    def _append(self, requests: list[Request], logits: Tensor) -> list[Request]:
-        """Choose each request's next token, record it, and end the requests that are complete."""
+    def _choose(self, requests: list[Request], hidden: Tensor) -> tuple[list[int], dict[int, float]]:
+        """Each request's next token (and its log-prob where asked) from the final hidden states [b, H]."""
+        params = [r.params for r in requests]
+        if self._screen is not None and all(p.greedy and not p.logprobs and p.repetition_penalty == 1.0
+                                            for p in params):
+            chosen = self._screen.argmax(hidden)  # reads the int8 head; None if it cannot narrow the choice
+            if chosen is not None:
+                self.stats.screened_tokens += len(chosen)
+                return chosen, {}
+        logits = self.model.lm_head(hidden)  # [b, V]
         seen = [r.prompt + r.tokens if r.params.repetition_penalty != 1.0 else () for r in requests]
-        chosen = dict(enumerate(sample_rows(logits, [r.params for r in requests], [r.generator for r in requests],
-                                            seen)))
-        want_logprobs = [i for i, r in enumerate(requests) if r.params.logprobs]
+        chosen = sample_rows(logits, params, [r.generator for r in requests], seen)
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs]
         logprobs = {}
         if want_logprobs:
             lp = torch.log_softmax(logits[want_logprobs].float(), dim=-1)
             logprobs = {i: float(lp[j, chosen[i]]) for j, i in enumerate(want_logprobs)}
+        return chosen, logprobs
+
+    def _append(self, requests: list[Request], hidden: Tensor) -> list[Request]:
+        """Choose each request's next token, record it, and end the requests that are complete."""
+        chosen, logprobs = self._choose(requests, hidden)
         now = time.perf_counter()
         finished = []
         for i, r in enumerate(requests):

@@ -17,6 +17,8 @@ they do for autograd); non-CPU, DTensor, fp16 or LoRA-wrapped layers are never s
 
 from __future__ import annotations
 
+from typing import Collection, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,16 +98,17 @@ def _packable(module: nn.Module) -> bool:
             and not hasattr(weight, "to_local"))  # DTensor shards run through their own dispatch
 
 
-def prepack_linears(model: nn.Module, batch_hint: int) -> int:
+def prepack_linears(model: nn.Module, batch_hint: int, only: Optional[Collection[str]] = None) -> int:
     """Swap the model's plain CPU linear layers for prepacked ones (in place); returns how many were swapped.
 
     batch_hint: the number of rows the layers will mostly see (the engine's batch size); oneDNN picks its blocking for
-    it, and other row counts still work.
+    it, and other row counts still work. only: the qualified module names to consider (e.g. {"lm_head"}); default all.
     """
     if not prepack_available():
         return 0
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if _packable(child)]
+    swaps = [(parent, name, child) for parent_name, parent in model.named_modules()
+             for name, child in parent.named_children()
+             if _packable(child) and (only is None or f"{parent_name}.{name}".lstrip(".") in only)]
     for parent, name, child in swaps:
         setattr(parent, name, PrepackedLinear(child, batch_hint))
     return len(swaps)

@@ -264,7 +264,8 @@ class Qwen2Model(nn.Module):
     def forward(self, inputs: Tensor, *, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
                 cache_start: int = 0, cache_positions: Optional[Tensor] = None, cache_rows: Optional[Tensor] = None,
-                cache_span: Optional[int] = None, logits_to_keep: int | Tensor = 0) -> Tensor:
+                cache_span: Optional[int] = None, logits_to_keep: int | Tensor = 0,
+                apply_head: bool = True) -> Tensor:
         """inputs: token ids [B, T] (or hidden states [B, T, H] when the embedding was removed).
 
         Returns logits [B, T, V], or hidden states [B, T, H] when lm_head was removed.
@@ -276,6 +277,8 @@ class Qwen2Model(nn.Module):
           span (the whole cache) keeps every shape static for a compiled decode step; later slots are masked.
         - logits_to_keep: an int k > 0 computes the head only for the last k positions; a tensor [B] of indices
           computes it for one position per row (the last real token of right-padded prompts). Returns [B, k, V].
+        - apply_head=False: return the final-normed hidden states [B, k, H] that lm_head would read (the inference
+          engine applies the head itself, or only screens it for greedy steps).
         """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, T, H]
         bsz, seqlen = inputs.shape[:2]
@@ -283,7 +286,7 @@ class Qwen2Model(nn.Module):
             # Training / scoring a fresh sequence: causal attention, positions 0..T-1 unless given. Nothing here may
             # depend on h's sequence length, which sequence parallelism shards.
             return self._run_layers(h, RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta),
-                                    None, None, None, logits_to_keep)
+                                    None, None, None, logits_to_keep, apply_head)
         if cache_positions is None:
             slots = torch.arange(cache_start, cache_start + seqlen, device=h.device)[None]  # [1, T]
         else:
@@ -298,13 +301,13 @@ class Qwen2Model(nn.Module):
         mask = build_attention_mask(attention_mask, slots, span, h.device)
         start = cache_start if cache_positions is None else None
         cache = (slots, span, cache_rows, start) if kv_cache is not None else None
-        out = self._run_layers(h, rope, mask, kv_cache, cache, logits_to_keep)
+        out = self._run_layers(h, rope, mask, kv_cache, cache, logits_to_keep, apply_head)
         if kv_cache is not None and not torch.compiler.is_compiling():  # host bookkeeping, not part of a graph
             kv_cache.length = max(kv_cache.length, span)
         return out
 
     def _run_layers(self, h: Tensor, rope: RotaryTables, mask: Optional[Tensor], kv_cache: Optional[KVCache],
-                    cache: Optional[tuple], logits_to_keep: int | Tensor) -> Tensor:
+                    cache: Optional[tuple], logits_to_keep: int | Tensor, apply_head: bool = True) -> Tensor:
         bsz = h.shape[0]
         for layer_id, layer in self.layers.items():
             h = layer(h, rope, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
@@ -314,7 +317,7 @@ class Qwen2Model(nn.Module):
             h = h[:, -logits_to_keep:]  # [B, K, H]
         if self.norm is not None:
             h = self.norm(h)
-        if self.lm_head is not None:
+        if self.lm_head is not None and apply_head:
             return self.lm_head(h)  # [B, K, V]
         return h
 
