@@ -3,7 +3,8 @@
 Measures generated tokens per second (prefill of the 32-token prompts included, greedy, no early stop) at batch 1
 and batch 8, each side run alternately `--repeats` times and the best kept (the machine is shared and noisy), plus
 the server's throughput with 16 concurrent clients. Same dtype on both sides. On CPU a third column runs qwenlink
-with `prepack=False` (plain `F.linear`, as `--no-prepack`) to show what the oneDNN-prepacked weights contribute.
+with `prepack=False` (plain `F.linear` and the full head for greedy steps, as `--no-prepack`) to show what the
+oneDNN-prepacked weights and the int8-screened greedy head contribute.
 
     python benchmarks/bench_generate.py                      # CPU: qwen-bench and the Qwen1.5-0.5B shape, fp32 + bf16
     python benchmarks/bench_generate.py --dtypes bf16        # CPU, bf16 only

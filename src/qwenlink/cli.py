@@ -41,8 +41,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", metavar="ADAPTER_DIR", default=None, help="apply a PEFT LoRA adapter (unmerged); "
                    "fails if it does not match the model")
     p.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="on CPU, keep the plain linear kernels instead of oneDNN-prepacked weights (prepacking "
-                   "decodes faster but holds a second copy of the linear weights)")
+                   help="on CPU, keep the plain linear kernels instead of oneDNN-prepacked weights and the int8 "
+                   "screen of the head for greedy steps (both decode faster but hold extra copies of the weights)")
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd static-shape step (CUDA graphs on GPU; compiling takes seconds "
                    "to a minute at start-up; one process only)")
