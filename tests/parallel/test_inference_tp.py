@@ -74,7 +74,8 @@ class _Server:
         import threading
 
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, env=ENV, start_new_session=True)
+                                        stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONFAULTHANDLER": "1"},
+                                        start_new_session=True)
         self.log: list[str] = []
         self.base: str | None = None
         started = threading.Event()
@@ -94,9 +95,17 @@ class _Server:
 
     def stop(self) -> int:
         import signal
+        import time
 
         os.killpg(self.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: every process gets it
-        return self.process.wait(timeout=60)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # PYTHONFAULTHANDLER (set in _Server's environment) makes SIGABRT print every thread's stack first.
+            self.process.send_signal(signal.SIGABRT)
+            time.sleep(3)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            raise AssertionError("server did not stop on Ctrl-C:\n" + "".join(self.log)[-6000:]) from None
 
 
 def test_tp2_server_equals_single_process(tiny_fixture_hf):
@@ -132,7 +141,13 @@ def test_tp2_server_equals_single_process(tiny_fixture_hf):
         assert replies["tp"] == replies["single"]
         assert all(replies["single"])
     finally:
-        codes = {name: server.stop() for name, server in servers.items()}
+        codes, stuck = {}, []
+        for name, server in servers.items():  # stop both, even when one hangs
+            try:
+                codes[name] = server.stop()
+            except AssertionError as exc:
+                stuck.append(f"{name}: {exc}")
+        assert not stuck, "\n".join(stuck)
     log = "".join(servers["tp"].log)
     # Ctrl-C: rank 0 stops and announces it, the follower ignores the signal and leaves after it; no rank errors.
     assert codes["single"] == 0 and "Exception in thread" not in log and "internal error" not in log, log[-3000:]
@@ -182,7 +197,7 @@ def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
                           str(script)], capture_output=True, text=True, env=ENV, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.splitlines() if line.startswith("rank ")]
-    assert sorted(line[1] for line in lines) == ["0/2", "1/2"]
+    assert sorted(line[1] for line in lines) == ["0/2", "1/2"], run.stdout + run.stderr[-3000:]
     for line in lines:
         growth, local = int(line[3]), int(line[5])
         assert local < 0.55 * size  # each rank holds half the weights (norms are replicated)
