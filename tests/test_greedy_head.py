@@ -117,6 +117,7 @@ def test_flat_logits_fall_back_to_the_full_head():
     screen = ScreenedGreedyHead.create(head, batch_hint=1)
     assert screen.argmax(torch.zeros(1, HIDDEN)) is None  # every token ties at 0: nothing to screen out
     assert screen.fallbacks == 1
+    assert screen.argmax(torch.full((1, HIDDEN), float("nan"))) is None
 
 
 def test_a_kernel_that_does_not_compute_exactly_is_refused(monkeypatch):

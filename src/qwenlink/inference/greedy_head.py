@@ -161,8 +161,8 @@ class ScreenedGreedyHead:
         would keep too many candidates (then the caller applies the full head)."""
         if self._weight_key() != self._key:
             self._build()  # the head was changed in place or replaced since the copy was made
-        if not self.usable:
-            return None
+        if not self.usable or not bool(torch.isfinite(hidden).all()):
+            return None  # non-finite states: leave them to the full head, which propagates them as it always did
         b = hidden.shape[0]
         screened, block_max, margin = self.screen(hidden)
         threshold = block_max.amax(dim=-1) - 2 * margin  # [b]; the full head's choice scores at least this
