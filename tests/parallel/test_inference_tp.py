@@ -66,6 +66,12 @@ def test_tp2_chat_equals_single_process(tiny_fixture_hf):
     assert tp.stdout == single.stdout and single.stdout.count("assistant> ") == 3
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Server:
     """A `qwenlink serve --port 0` subprocess; the port is read from its start-up line on stderr."""
 
@@ -73,9 +79,11 @@ class _Server:
         import re
         import threading
 
+        # A shell's background job (`make test &`) inherits SIGINT ignored, and so would the servers: Ctrl-C is what
+        # this test sends, so they start with its default disposition.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONFAULTHANDLER": "1"},
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_default_sigint)
         self.log: list[str] = []
         self.base: str | None = None
         started = threading.Event()
