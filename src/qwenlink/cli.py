@@ -251,7 +251,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        "layouts (megatron-core or legacy ModelLink naming). The input format is detected.")
     p.add_argument("--input", required=True, help="HF dir, qwenlink checkpoint, or Megatron dir")
     p.add_argument("--output", required=True, help="directory to write (must not exist or be empty)")
-    p.add_argument("--to", required=True, choices=["hf", "qwenlink", "megatron", "megatron-legacy"])
+    p.add_argument("--to", required=True, choices=["hf", "qwenlink", "megatron", "megatron-legacy", "peft"],
+                   help="peft: the adapters of a LoRA run's checkpoint as a PEFT adapter directory (other formats "
+                   "get a LoRA checkpoint's base with its adapters merged)")
     p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
     vpp = p.add_mutually_exclusive_group()

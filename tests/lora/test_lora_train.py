@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import write_counting_corpus
+from common import run_cli, write_counting_corpus
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.checkpoint.hf import load_hf_model, save_hf_model
 from qwenlink.checkpoint.peft import apply_peft_adapter
 from qwenlink.errors import QwenlinkError
+from qwenlink.models.loader import load_model
 from qwenlink.models.presets import get_preset
 from qwenlink.models.qwen2 import build_model
 from qwenlink.train.config import load_config
@@ -91,6 +92,39 @@ def test_lora_checkpoint_resume_and_export(setup, tmp_path):
     # resuming with a different rank is refused
     with pytest.raises(QwenlinkError, match="r = 4 but the config has 8"):
         Trainer(_config(setup, tmp_path / "b", "--lora.r=8"), stream=io.StringIO())
+
+
+def test_lora_checkpoint_is_usable_after_the_run(setup, tmp_path):
+    """Without lora.export_adapter at training time: `convert --to peft` writes the same adapter from the checkpoint,
+    and the checkpoint loads as a model (generate, eval, convert) as its base with the adapters merged."""
+    from safetensors.torch import load_file
+
+    trainer = Trainer(_config(setup, tmp_path / "run", f"--lora.export_adapter={tmp_path / 'exported'}"),
+                      stream=io.StringIO())
+    assert trainer.train() == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    result = run_cli("convert", "--input", str(checkpoints), "--to", "peft", "--output", str(tmp_path / "later"))
+    assert result.returncode == 0, result.stderr
+    exported = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    later = load_file(tmp_path / "later" / "adapter_model.safetensors")
+    assert exported.keys() == later.keys() and all(torch.equal(exported[k], later[k]) for k in exported)
+    assert json.loads((tmp_path / "later" / "adapter_config.json").read_text()) == \
+        json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+
+    ids = torch.tensor([[12, 13, 14, 15, 16, 30, 31]])
+    merged = load_model(str(checkpoints)).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), trainer.model.eval()(ids), atol=1e-5, rtol=1e-5)
+
+    # Refused with one line: a full model is no LoRA checkpoint; a checkpoint whose base has gone.
+    result = run_cli("convert", "--input", str(setup[0]), "--to", "peft", "--output", str(tmp_path / "x"))
+    assert result.returncode == 2 and "--to peft exports the adapters" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+    step = ckpt.find_latest(checkpoints)
+    reference = json.loads((step / "lora.json").read_text())
+    (step / "lora.json").write_text(json.dumps({**reference, "base_model": str(tmp_path / "gone")}))
+    with pytest.raises(QwenlinkError, match="base_model .*gone.* not found"):
+        load_model(str(checkpoints))
 
 
 def test_lora_optimizer_state_is_a_small_fraction_of_full(setup, tmp_path):

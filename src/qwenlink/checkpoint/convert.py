@@ -22,7 +22,7 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model, build_model
 
-FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy")
+FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy", "peft")
 HF_SHARD_BYTES = 1 << 30
 
 
@@ -191,6 +191,8 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
         raise QwenlinkError(f"{output}: output must differ from the input")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not opts.overwrite:
         raise QwenlinkError(f"{output}: already exists and is not empty (pass --overwrite to replace it)")
+    if opts.to == "peft":
+        return _save_peft(input_path, output, opts)
     fmt = detect_format(input_path)
     reference = hf.read_hf_config(opts.config_from) if opts.config_from else None
     source = open_source(input_path, fmt=fmt, iteration=opts.input_iteration, reference=reference, notice=notice)
@@ -214,6 +216,23 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     model = model_from_source(source, dtype=opts.dtype)
     del source  # unmaps the input's files before the output is serialised
     return _save_qwenlink(model, output, notice)
+
+
+def _save_peft(input_path: str | os.PathLike, output: Path, opts: ConvertOptions) -> Path:
+    """The adapters of a LoRA run's checkpoint as a PEFT adapter directory (for `--lora`, PEFT or vLLM)."""
+    from qwenlink.checkpoint import dcp
+    from qwenlink.checkpoint.peft import save_model_adapter
+    from qwenlink.train.lora import checkpoint_lora_config, is_lora_checkpoint, load_lora_checkpoint, read_reference
+
+    if not is_lora_checkpoint(input_path):
+        raise QwenlinkError(f"{input_path}: --to peft exports the adapters of a LoRA run's checkpoint (a step_* "
+                            f"directory with lora.json), which this is not")
+    if opts.merge_lora or (opts.tp, opts.pp, opts.vpp, opts.num_layer_list) != (1, 1, None, None):
+        raise QwenlinkError("--to peft takes none of --merge-lora, --tp, --pp, --vpp, --num-layer-list")
+    step_dir = dcp.resolve_step_dir(input_path)
+    model = load_lora_checkpoint(step_dir, with_base=False)  # the base is not needed: only adapters are written
+    return save_model_adapter(model, output, checkpoint_lora_config(step_dir),
+                              base_model=read_reference(step_dir).get("base_model"), dtype=opts.dtype)
 
 
 def _save_qwenlink(model: Qwen2Model, output: Path, notice: Callable[[str], None]) -> Path:

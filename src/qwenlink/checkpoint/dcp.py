@@ -353,10 +353,18 @@ def read_model_config(step_dir: str | os.PathLike) -> ModelConfig:
 def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.float32) -> Qwen2Model:
     """The model of a qwenlink checkpoint (a step dir, a checkpoint dir or a run dir), weights only, for inference
-    and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`."""
+    and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`.
+
+    A LoRA run's checkpoint (adapters only, plus lora.json naming the base) gives its base with the adapters merged.
+    """
     from qwenlink.models.qwen2 import build_model
 
     step_dir = resolve_step_dir(ckpt_dir)
+    if (step_dir / "lora.json").is_file():
+        from qwenlink.models.lora import merge_lora
+        from qwenlink.train.lora import load_lora_checkpoint
+
+        return merge_lora(load_lora_checkpoint(step_dir)).to(device=device, dtype=dtype)
     config = read_model_config(step_dir)
     model = build_model(config, device="cpu", dtype=torch.float32, init=False)
     load_checkpoint(step_dir, model, None)
