@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_tp2_generate_equals_single_process(tiny_fixture_hf):
     args = ["generate", "--model", str(tiny_fixture_hf), "--prompt", "hello world", "--prompt", "The capital of",
@@ -161,10 +163,14 @@ def test_tp2_server_equals_single_process(tiny_fixture_hf):
     assert codes["single"] == 0 and "Exception in thread" not in log and "internal error" not in log, log[-3000:]
 
 
-def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
+@pytest.mark.parametrize("fmt", ["hf", "qwenlink"])
+def test_tp2_ranks_read_only_their_shards_of_a_checkpoint(tmp_path, fmt):
     """Each rank's anonymous memory grows by about half the checkpoint while loading at tp2 (the model is sharded on
-    the meta device and the files are read slice by slice), not by the whole model as a load-then-shard would."""
+    the meta device and the files are read slice by slice), not by the whole model as a load-then-shard would; a
+    qwenlink (DCP) checkpoint gives each rank the same shards as the HF directory it was converted from."""
     import textwrap
+
+    from qwenlink.checkpoint.convert import ConvertOptions, convert
 
     from qwenlink.checkpoint.hf import save_hf_model
     from qwenlink.models.config import ModelConfig
@@ -177,6 +183,9 @@ def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
                         num_attention_heads=2, num_key_value_heads=2)
     save_hf_model(build_model(small, seed=0), tmp_path / "warmup")
     size = (tmp_path / "m" / "model.safetensors").stat().st_size
+    target = tmp_path / "m"
+    if fmt == "qwenlink":
+        target = convert(tmp_path / "m", tmp_path / "ckpt", ConvertOptions(to="qwenlink"), notice=lambda _: None)
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent(f"""
         import threading, time
@@ -195,11 +204,15 @@ def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
             while not done[0]:
                 peak[0] = max(peak[0], anon()); time.sleep(0.002)
         t = threading.Thread(target=watch); t.start()
-        loaded, rank, world = load_for_inference({str(tmp_path / 'm')!r}, device=cpu, dtype=None)
+        loaded, rank, world = load_for_inference({str(target)!r}, device=cpu, dtype=None)
         done[0] = True; t.join()
         peak[0] = max(peak[0], anon())
         local = sum((p.to_local() if hasattr(p, 'to_local') else p).nbytes for p in loaded.model.parameters())
-        print(f"rank {{rank}}/{{world}} growth {{peak[0] - base}} local {{local}}", flush=True)
+        twin = load_for_inference({str(tmp_path / 'm')!r}, device=cpu, dtype=None)[0].model.state_dict()
+        same = all(torch.equal(p.to_local() if hasattr(p, 'to_local') else p,
+                               twin[n].to_local() if hasattr(twin[n], 'to_local') else twin[n])
+                   for n, p in loaded.model.state_dict().items())
+        print(f"rank {{rank}}/{{world}} growth {{peak[0] - base}} local {{local}} same {{same}}", flush=True)
     """))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(script)], capture_output=True, text=True, env=ENV, timeout=180)
@@ -208,6 +221,7 @@ def test_tp2_ranks_read_only_their_shards_of_an_hf_checkpoint(tmp_path):
     assert sorted(line[1] for line in lines) == ["0/2", "1/2"], run.stdout + run.stderr[-3000:]
     for line in lines:
         growth, local = int(line[3]), int(line[5])
+        assert line[7] == "True", f"rank {line[1]}: its shards differ from those read from the HF directory"
         assert local < 0.55 * size  # each rank holds half the weights (norms are replicated)
         assert growth < 0.75 * size, f"rank {line[1]}: loading a {size / 1e6:.0f} MB checkpoint grew anonymous " \
                                      f"memory by {growth / 1e6:.0f} MB"

@@ -351,11 +351,14 @@ def read_model_config(step_dir: str | os.PathLike) -> ModelConfig:
 
 
 def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu",
-                               dtype: torch.dtype = torch.float32) -> Qwen2Model:
+                               dtype: torch.dtype = torch.float32,
+                               shard: Optional[Callable[[Qwen2Model], object]] = None) -> Qwen2Model:
     """The model of a qwenlink checkpoint (a step dir, a checkpoint dir or a run dir), weights only, for inference
     and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`.
 
-    A LoRA run's checkpoint (adapters only, plus lora.json naming the base) gives its base with the adapters merged.
+    `shard` (tensor parallelism) is applied on the meta device, so each process allocates only its shards and DCP
+    reads only the slices they hold (one stored tensor at a time). A LoRA run's checkpoint (adapters only, plus
+    lora.json naming the base) gives its base with the adapters merged, loaded whole and then sharded.
     """
     from qwenlink.models.qwen2 import build_model
 
@@ -364,8 +367,15 @@ def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device
         from qwenlink.models.lora import merge_lora
         from qwenlink.train.lora import load_lora_checkpoint
 
-        return merge_lora(load_lora_checkpoint(step_dir)).to(device=device, dtype=dtype)
+        model = merge_lora(load_lora_checkpoint(step_dir)).to(device=device, dtype=dtype)
+        if shard is not None:
+            shard(model)
+        return model
     config = read_model_config(step_dir)
-    model = build_model(config, device="cpu", dtype=torch.float32, init=False)
+    model = build_model(config, device="meta", dtype=torch.float32)
+    if shard is not None:
+        shard(model)
+    model = model.to_empty(device=device)
+    model.tie_weights()
     load_checkpoint(step_dir, model, None)
-    return model.to(device=device, dtype=dtype)
+    return model.to(dtype=dtype)

@@ -31,7 +31,10 @@ def resolve_config(spec: str) -> ModelConfig:
             return read_hf_config(spec)
         from qwenlink.checkpoint.convert import detect_format, open_source
 
-        detect_format(spec)  # a clear error when the directory is none of HF / qwenlink / Megatron
+        if detect_format(spec) == "qwenlink":  # (a clear error when the directory is none of HF / qwenlink / Megatron)
+            from qwenlink.checkpoint import dcp
+
+            return dcp.read_model_config(dcp.resolve_step_dir(spec))  # its config.json; no weights read
         return open_source(spec).config
     if is_preset(spec):
         return get_preset(spec)
@@ -45,9 +48,9 @@ def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional
     """Load weights from an HF directory, a qwenlink training checkpoint or a Megatron checkpoint (format detected),
     or build a preset with random weights (seeded, for experiments).
 
-    `shard` (tensor parallelism) is applied in place. An HF directory is sharded on the meta device and each process
-    then reads only its slices of the files; the other sources are loaded whole and sharded afterwards (a preset keeps
-    exactly the weights one process would draw).
+    `shard` (tensor parallelism) is applied in place. An HF directory or a qwenlink checkpoint is sharded on the meta
+    device and each process then reads only its slices; a Megatron checkpoint or a LoRA run's checkpoint is loaded
+    whole and sharded afterwards (a preset keeps exactly the weights one process would draw).
     """
     from qwenlink.checkpoint.hf import is_hf_dir, load_hf_model
 
@@ -58,7 +61,11 @@ def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional
     if os.path.isdir(spec):
         from qwenlink.checkpoint.convert import detect_format, load_any_model
 
-        detect_format(spec)
+        if detect_format(spec) == "qwenlink":
+            from qwenlink.checkpoint.dcp import load_model_from_checkpoint
+
+            model = load_model_from_checkpoint(spec, device=device, dtype=dtype or torch.float32, shard=shard)
+            return LoadedModel(model, None, spec)
         loaded = LoadedModel(load_any_model(spec, device=device, dtype=dtype), None, spec)
     else:
         config = resolve_config(spec)
