@@ -225,7 +225,10 @@ class Handler(BaseHTTPRequestHandler):
             fn()
         except ApiError as exc:
             self.close_connection = True  # the body may be unread; never reuse such a connection
-            self._send_json(exc.status, exc.body())
+            try:
+                self._send_json(exc.status, exc.body())
+            except OSError:  # the client left before its error reply (e.g. a half-sent request): nothing to tell
+                pass
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as exc:  # keep serving; tell the client what broke
