@@ -112,6 +112,13 @@ def test_changed_head_is_requantised():
     assert screen.argmax(hidden)[0] == 123
 
 
+def test_one_copy_per_head_shared_by_later_engines():
+    head = _head(torch.float32)
+    first = ScreenedGreedyHead.create(head, batch_hint=4)
+    assert ScreenedGreedyHead.create(head, batch_hint=4) is first
+    assert "_greedy_screen" not in head.state_dict() and ScreenedGreedyHead.create(_head(torch.float32), 4) is not first
+
+
 def test_flat_logits_fall_back_to_the_full_head():
     head = _head(torch.float32)
     screen = ScreenedGreedyHead.create(head, batch_hint=1)

@@ -66,7 +66,12 @@ class ScreenedGreedyHead:
                 or weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16)
                 or weight.dim() != 2):
             return None
-        screen = cls(head, batch_hint)
+        # One copy per head, kept on the module like a prepacked weight: engines built one after another on the
+        # same model (`generate()` in a loop, chat sessions) reuse it; it requantises itself if the weight changes.
+        screen = head.__dict__.get("_greedy_screen")
+        if screen is None:
+            screen = cls(head, batch_hint)
+            head.__dict__["_greedy_screen"] = screen
         return screen if screen.usable else None
 
     # ---- the int8 copy ----------------------------------------------------------------------------------------------
