@@ -4,7 +4,7 @@
 definitions on a qwenlink-loaded model (HF directory, qwenlink or Megatron checkpoint, LoRA run, preset) with the
 KV-cache engine for generative tasks:
 
-    python -m qwenlink.evaluation.lm_eval_model --model qwenlink --model_args pretrained=DIR,dtype=bf16 --tasks ...
+    python -m qwenlink.evaluation.lm_eval_model run --model qwenlink --model_args pretrained=DIR,dtype=bf16 --tasks ...
 
 (the module registers the model, then hands its arguments to lm-eval's command line), or from Python after
 `import qwenlink.evaluation.lm_eval_model`: `lm_eval.simple_evaluate(model="qwenlink", model_args=...)`.
