@@ -22,11 +22,10 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from qwenlink.evaluation.harness import LoglikelihoodScorer, TokenRequest
 from qwenlink.inference.engine import Engine, Request
 from qwenlink.inference.sampling import SamplingParams
 from qwenlink.inference.session import open_session
-
-Tensor = torch.Tensor
 
 
 @register_model("qwenlink")
@@ -49,6 +48,8 @@ class QwenlinkLM(TemplateLM):
         eos = self.tok.eos_id
         self._eot = eos if eos is not None else self.tok.token_to_id("<|endoftext|>")
         self._engine: Optional[Engine] = None  # built on the first generative request
+        self._scorer = LoglikelihoodScorer(self.model, self.tok, batch_size=self.batch_size,
+                                           max_length=self.max_length, prefix_token_id=self.prefix_token_id)
 
     @property
     def eot_token_id(self) -> int:
@@ -61,34 +62,16 @@ class QwenlinkLM(TemplateLM):
         return self.tok.decode(tokens, skip_special_tokens=skip_special_tokens)  # generated text, as HFLM decodes it
 
     # ---- scoring ------------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None,
                               **_: object) -> list[tuple[float, bool]]:
-        """(request, context ids, continuation ids) -> (sum of the continuation's log-probs, all of it greedy)."""
-        size = override_bs or self.batch_size
-        device = next(self.model.parameters()).device
-        results: list[tuple[float, bool]] = []
-        for start in range(0, len(requests), size):
-            rows = []
-            for _, context, continuation in requests[start:start + size]:
-                whole = (list(context) + list(continuation))[-(self.max_length + 1):]
-                scored = min(len(continuation), len(whole) - 1)
-                rows.append((whole[:-1], whole[len(whole) - scored:]))  # (inputs, the targets that are scored)
-            width = max(len(inputs) for inputs, _ in rows)
-            ids = torch.zeros((len(rows), width), dtype=torch.long)  # right padded: causal rows never see the pads
-            for i, (inputs, _) in enumerate(rows):
-                ids[i, :len(inputs)] = torch.tensor(inputs)
-            hidden = self.model(ids.to(device), apply_head=False)  # [b, T, H]
-            for i, (inputs, targets) in enumerate(rows):
-                n = len(targets)
-                if n == 0:
-                    results.append((0.0, True))
-                    continue
-                logits = self.model.lm_head(hidden[i, len(inputs) - n:len(inputs)])  # [n, V], scored positions only
-                logprobs = torch.log_softmax(logits.float(), dim=-1)
-                target = torch.tensor(targets, device=logprobs.device)
-                total = float(logprobs.gather(1, target[:, None]).sum())
-                results.append((total, bool((logprobs.argmax(dim=-1) == target).all())))
+        """(request, context ids, continuation ids) -> (sum of the continuation's log-probs, all of it greedy), by
+        `qwenlink eval`'s scorer (harness.py: the same truncation as lm-eval, few-shot prefixes computed once)."""
+        scored = [i for i, (_, _, continuation) in enumerate(requests) if continuation]
+        scores = self._scorer.loglikelihood_tokens([TokenRequest(tuple(requests[i][1]), tuple(requests[i][2]))
+                                                    for i in scored])
+        results = [(0.0, True)] * len(requests)  # an empty continuation: nothing to score, as HFLM
+        for i, score in zip(scored, scores):
+            results[i] = (score.logprob, score.is_greedy)
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

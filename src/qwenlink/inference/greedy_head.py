@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qwenlink.inference.prepack import PrepackedLinear
+from qwenlink.inference.prepack import PrepackedLinear, weight_key
 
 Tensor = torch.Tensor
 
@@ -76,12 +76,7 @@ class ScreenedGreedyHead:
 
     # ---- the int8 copy ----------------------------------------------------------------------------------------------
     def _weight_key(self) -> tuple:
-        weight = self.head.weight
-        try:
-            version = weight._version
-        except RuntimeError:  # an inference-mode tensor cannot change outside inference mode
-            version = -1
-        return weight.data_ptr(), weight.dtype, _shape(weight), version
+        return weight_key(self.head.weight)
 
     @torch.no_grad()
     def _build(self) -> None:
@@ -191,7 +186,3 @@ class ScreenedGreedyHead:
         first = torch.where(exact == best[rows], tokens, self.vocab)
         chosen = torch.full((b,), self.vocab, dtype=torch.long).scatter_reduce(0, rows, first, "amin")  # [b]
         return chosen.tolist()
-
-
-def _shape(tensor: Tensor) -> tuple[int, ...]:
-    return tuple(tensor.shape)

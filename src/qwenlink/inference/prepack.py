@@ -57,9 +57,7 @@ class PrepackedLinear(nn.Linear):
         self._packed_key = self._weight_key()
 
     def _weight_key(self) -> tuple:
-        """What the packed copy was made from: storage, dtype, device and in-place modification count."""
-        weight = self.weight
-        return weight.data_ptr(), weight.dtype, weight.device, _version(weight)
+        return weight_key(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // self.in_features
@@ -80,12 +78,14 @@ class PrepackedLinear(nn.Linear):
         return super().extra_repr() + f", prepacked for {self.batch_hint} rows"
 
 
-def _version(tensor: Tensor) -> int:
-    """The in-place modification counter (-1 for inference-mode tensors, which cannot be modified outside it)."""
+def weight_key(weight: Tensor) -> tuple:
+    """What a derived copy of a weight (packed, quantised) was made from: storage, dtype, device, shape and in-place
+    modification count (-1 for inference-mode tensors, which cannot be modified outside it)."""
     try:
-        return tensor._version
+        version = weight._version
     except RuntimeError:
-        return -1
+        version = -1
+    return weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape), version
 
 
 def _packable(module: nn.Module) -> bool:
