@@ -157,9 +157,20 @@ def load_megatron_weights(model: Qwen2Model, directory: str | os.PathLike, *,
 
 
 def load_any_model(path: str | os.PathLike, *, device: torch.device | str = "cpu",
-                   dtype: Optional[torch.dtype] = None) -> Qwen2Model:
-    """HF directory, qwenlink checkpoint or Megatron checkpoint -> model (format detected)."""
-    return model_from_source(open_source(path), device=device, dtype=dtype)
+                   dtype: Optional[torch.dtype] = None,
+                   shard: Optional[Callable[[Qwen2Model], object]] = None) -> Qwen2Model:
+    """HF directory, qwenlink checkpoint or Megatron checkpoint -> model (format detected).
+
+    `shard` (tensor parallelism) is applied in place: a qwenlink checkpoint is sharded before it is allocated, so each
+    process reads only its slices; the other formats are loaded whole and sharded afterwards."""
+    if detect_format(path) == "qwenlink":
+        from qwenlink.checkpoint import dcp
+
+        return dcp.load_model_from_checkpoint(path, device=device, dtype=dtype or torch.float32, shard=shard)
+    model = model_from_source(open_source(path), device=device, dtype=dtype)
+    if shard is not None:
+        shard(model)
+    return model
 
 
 @dataclass
@@ -227,12 +238,15 @@ def _save_peft(input_path: str | os.PathLike, output: Path, opts: ConvertOptions
     if not is_lora_checkpoint(input_path):
         raise QwenlinkError(f"{input_path}: --to peft exports the adapters of a LoRA run's checkpoint (a step_* "
                             f"directory with lora.json), which this is not")
-    if opts.merge_lora or (opts.tp, opts.pp, opts.vpp, opts.num_layer_list) != (1, 1, None, None):
-        raise QwenlinkError("--to peft takes none of --merge-lora, --tp, --pp, --vpp, --num-layer-list")
+    if opts.merge_lora or (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage,
+                           opts.num_layer_list) != (1, 1, None, None, None):
+        raise QwenlinkError("--to peft takes none of --merge-lora, --tp, --pp, --vpp, --layers-per-virtual-stage, "
+                            "--num-layer-list")
     step_dir = dcp.resolve_step_dir(input_path)
-    model = load_lora_checkpoint(step_dir, with_base=False)  # the base is not needed: only adapters are written
-    return save_model_adapter(model, output, checkpoint_lora_config(step_dir),
-                              base_model=read_reference(step_dir).get("base_model"), dtype=opts.dtype)
+    lora = checkpoint_lora_config(step_dir)
+    model = load_lora_checkpoint(step_dir, with_base=False, lora=lora)  # only adapters are written: no base read
+    return save_model_adapter(model, output, lora, base_model=read_reference(step_dir).get("base_model"),
+                              dtype=opts.dtype)
 
 
 def _save_qwenlink(model: Qwen2Model, output: Path, notice: Callable[[str], None]) -> Path:

@@ -362,8 +362,10 @@ def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device
     """
     from qwenlink.models.qwen2 import build_model
 
+    from qwenlink.train.lora import LORA_FILE
+
     step_dir = resolve_step_dir(ckpt_dir)
-    if (step_dir / "lora.json").is_file():
+    if (step_dir / LORA_FILE).is_file():
         from qwenlink.models.lora import merge_lora
         from qwenlink.train.lora import load_lora_checkpoint
 

@@ -92,32 +92,23 @@ class QwenlinkLM(TemplateLM):
     # ---- generation -----------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, when a task asks) continuations cut at the first stop sequence, all batched through
-        one engine (continuous batching)."""
+        one engine (continuous batching). The engine ends a request at the eos token (HFLM's eos stop sequence) and
+        cuts its text before the earliest stop string, as HFLM does."""
         if self._engine is None:
             self._engine = Engine(self.model, max_batch=self.batch_size, max_length=self.max_length)
-        eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         jobs = []
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = dict(gen_kwargs)
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
-            if eos_text not in until:
-                until.append(eos_text)  # as HFLM: the eos text is a stop sequence too
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             prompt = self.tok_encode(context)[-(self.max_length - max_new):]  # left truncation, as HFLM
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                     stop_ids=frozenset({self.eot_token_id}), stop_strings=tuple(s for s in until if s))
-            jobs.append((Request(prompt, params, decode=self.tok_decode), until))
-        self._engine.run([request for request, _ in jobs])
-        outputs = []
-        for request, until in jobs:
-            text = request.text
-            for stop in until:  # HFLM cuts at every stop sequence
-                if stop:
-                    text = text.split(stop)[0]
-            outputs.append(text)
-        return outputs
+            jobs.append(Request(prompt, params, decode=self.tok_decode))
+        self._engine.run(jobs)
+        return [request.text for request in jobs]
 
 
 def main() -> None:

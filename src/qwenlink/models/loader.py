@@ -59,17 +59,10 @@ def load_model(spec: str, *, device: torch.device | str = "cpu", dtype: Optional
         tok_dir = Path(spec) if any((Path(spec) / f).is_file() for f in ("tokenizer.json", "vocab.json")) else None
         return LoadedModel(model, tok_dir, spec)
     if os.path.isdir(spec):
-        from qwenlink.checkpoint.convert import detect_format, load_any_model
+        from qwenlink.checkpoint.convert import load_any_model
 
-        if detect_format(spec) == "qwenlink":
-            from qwenlink.checkpoint.dcp import load_model_from_checkpoint
-
-            model = load_model_from_checkpoint(spec, device=device, dtype=dtype or torch.float32, shard=shard)
-            return LoadedModel(model, None, spec)
-        loaded = LoadedModel(load_any_model(spec, device=device, dtype=dtype), None, spec)
-    else:
-        config = resolve_config(spec)
-        loaded = LoadedModel(build_model(config, device=device, dtype=dtype or torch.float32, seed=seed), None, spec)
+        return LoadedModel(load_any_model(spec, device=device, dtype=dtype, shard=shard), None, spec)
+    model = build_model(resolve_config(spec), device=device, dtype=dtype or torch.float32, seed=seed)
     if shard is not None:
-        shard(loaded.model)
-    return loaded
+        shard(model)
+    return LoadedModel(model, None, spec)

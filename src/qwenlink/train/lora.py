@@ -149,7 +149,7 @@ def checkpoint_lora_config(step_dir: Path) -> LoraConfig:
         raise QwenlinkError(f"{step_dir / LORA_FILE}: missing or invalid field {exc}") from None
 
 
-def load_lora_checkpoint(path: str | Path, *, with_base: bool = True) -> nn.Module:
+def load_lora_checkpoint(path: str | Path, *, with_base: bool = True, lora: Optional[LoraConfig] = None) -> nn.Module:
     """The model of a LoRA checkpoint (adapters only on disk), with its adapters loaded and not merged.
 
     with_base: load the base model lora.json names underneath (for generating, evaluating or merging); without it
@@ -159,7 +159,7 @@ def load_lora_checkpoint(path: str | Path, *, with_base: bool = True) -> nn.Modu
     from qwenlink.models.qwen2 import build_model
 
     step_dir = dcp.resolve_step_dir(path)
-    lora = checkpoint_lora_config(step_dir)
+    lora = lora or checkpoint_lora_config(step_dir)
     config = dcp.read_model_config(step_dir)
     if with_base:
         from qwenlink.checkpoint.convert import load_any_model
