@@ -212,13 +212,15 @@ def test_tp2_ranks_read_only_their_shards_of_a_checkpoint(tmp_path, fmt):
         same = all(torch.equal(p.to_local() if hasattr(p, 'to_local') else p,
                                twin[n].to_local() if hasattr(twin[n], 'to_local') else twin[n])
                    for n, p in loaded.model.state_dict().items())
-        print(f"rank {{rank}}/{{world}} growth {{peak[0] - base}} local {{local}} same {{same}}", flush=True)
+        # one file per rank: the ranks share torchrun's stdout, where their lines can interleave
+        with open({str(tmp_path)!r} + f"/rank{{rank}}.txt", "w") as out:
+            out.write(f"rank {{rank}}/{{world}} growth {{peak[0] - base}} local {{local}} same {{same}}")
     """))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                           str(script)], capture_output=True, text=True, env=ENV, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = [line.split() for line in run.stdout.splitlines() if line.startswith("rank ")]
-    assert sorted(line[1] for line in lines) == ["0/2", "1/2"], run.stdout + run.stderr[-3000:]
+    lines = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in range(2)]
+    assert [line[1] for line in lines] == ["0/2", "1/2"], run.stdout + run.stderr[-3000:]
     for line in lines:
         growth, local = int(line[3]), int(line[5])
         assert line[7] == "True", f"rank {line[1]}: its shards differ from those read from the HF directory"
