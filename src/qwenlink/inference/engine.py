@@ -98,7 +98,7 @@ class Engine:
         param = param.to_local() if hasattr(param, "to_local") else param
         self.device, self.dtype = param.device, param.dtype
         self.compile = compile
-        self._decode_step: Optional[Callable[[Tensor, Tensor], Tensor]] = None
+        self._decode_step: Optional[Callable[[Tensor, Tensor, int], Tensor]] = None
         self._screen: Optional[ScreenedGreedyHead] = None
         if prepack and self.device.type == "cpu":
             # The compiled step stops before the head (inductor packs what it compiles), so the head is packed here.
@@ -222,8 +222,9 @@ class Engine:
         slots = [self.max_length - 1] * self.max_batch
         for r in requests:
             tokens[r.row], slots[r.row] = r.tokens[-1], r.next_slot
+        span = max((r.next_slot + 1 for r in requests), default=self.max_length // 2)
         hidden = self._decode_step(torch.tensor(tokens, device=self.device)[:, None],
-                                   torch.tensor(slots, device=self.device)[:, None])  # [max_batch, H]
+                                   torch.tensor(slots, device=self.device)[:, None], span)  # [max_batch, H]
         return hidden[torch.tensor([r.row for r in requests], dtype=torch.long, device=self.device)]  # [b, H]
 
     def _choose(self, requests: list[Request], hidden: Tensor) -> tuple[list[int], dict[int, float]]:
