@@ -1,28 +1,30 @@
-"""An optional compiled decode step (`Engine(compile=True)`, `--compile`): static shapes, compiled once.
+"""An optional compiled decode step (`Engine(compile=True)`, `--compile`), compiled once.
 
 Eager decoding launches ~40 small kernels per layer, each with Python and dispatch overhead; compiling fuses them.
-To compile once and never recompile, every shape is fixed: the step always runs all `max_batch` cache rows and
-attends over the whole cache (slots past each row's position are masked). Rows without a request feed token 0 at the
-cache's last slot, which no request ever writes or reads (the engine ends a request before its next slot reaches it).
-On CUDA the step is captured as a CUDA graph (mode "reduce-overhead"). On CPU inductor's freezing folds the weights
-in as constants and prepacks them for oneDNN (without freezing the compiled step is no faster than eager here), so
-the compiled step assumes the weights no longer change. Three more inductor options pay on CPU (measured with
-benchmarks/bench_generate.py on the Qwen1.5-0.5B shape, bf16, batch 8: a 50 ms step became ~41 ms):
-- `cpp_wrapper`: the step's ~10 kernel calls per layer are made from generated C++, not a Python wrapper (~4 ms of
-  a 0.5B step);
+To compile once and never recompile, the step always runs all `max_batch` cache rows. Rows without a request feed
+token 0 at the cache's last slot, which no request ever writes or reads (the engine ends a request before its next
+slot reaches it).
+
+On CUDA every shape is fixed: the step attends over the whole cache (slots past each row's position are masked) and
+is captured as a CUDA graph (mode "reduce-overhead").
+
+On CPU the one dynamic size is the attention span (the slots up to the furthest running row), so attention reads
+only the part of the cache in use. Inductor's freezing folds the weights in as constants and prepacks them (without
+freezing the compiled step is no faster than eager here), so the compiled step assumes the weights no longer change.
+Three more inductor options pay on CPU (Qwen1.5-0.5B shape, bf16, batch 8: a 50 ms step became ~41 ms; see
+BENCHMARKS.md):
+- `cpp_wrapper`: the step's ~10 kernel calls per layer are made from generated C++, not a Python wrapper;
 - `cpp.enable_concat_linear`: q/k/v and gate/up, which read the same input, become one GEMM each (fewer, larger
   weight streams);
 - in bf16 only, `max_autotune` with inductor's own C++ GEMM template (AMX or AVX-512 micro-kernels) as a choice next
-  to oneDNN: at decode row counts it streams the weights ~10-20% faster. In fp32 oneDNN was faster at 1 and 8 rows,
-  so fp32 skips the tuning (and its compile time).
+  to oneDNN: at decode row counts it streams the weights ~10-20% faster. In fp32 oneDNN/MKL was faster at 1 and 8
+  rows, so fp32 skips the tuning (and its compile time).
 """
-
 from __future__ import annotations
-
-from typing import Callable
 
 import contextlib
 import warnings
+from typing import Callable
 
 import torch
 
@@ -39,31 +41,36 @@ def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, 
     import torch._inductor.config as inductor_config
 
     device = next(iter(cache.keys.values())).device
-
-    def decode_step(tokens: Tensor, positions: Tensor, span_carrier: Tensor) -> Tensor:
-        return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=span_carrier.shape[0],
-                     apply_head=False)[:, -1]
-
     if device.type == "cuda":
         # The cache is written in place by every step; marking it static lets the CUDA graph keep it as is (mutated
         # non-static inputs make inductor skip graph capture).
         for tensor in [*cache.keys.values(), *cache.values.values()]:
             torch._dynamo.mark_static_address(tensor)
-        graphed = torch.compile(decode_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-        whole = torch.empty(cache.max_length, device="meta")
-        # One shape, one graph: always the whole cache.
-        return lambda tokens, positions, span: graphed(tokens, positions, whole)
+
+        # One shape, one graph: always the whole cache (a size-carrying input on another device would keep the
+        # step out of CUDA graphs).
+        def whole_cache_step(tokens: Tensor, positions: Tensor) -> Tensor:
+            return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=cache.max_length,
+                         apply_head=False)[:, -1]
+
+        graphed = torch.compile(whole_cache_step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+        return lambda tokens, positions, span: graphed(tokens, positions)
+
+    def decode_step(tokens: Tensor, positions: Tensor, span_carrier: Tensor) -> Tensor:
+        return model(tokens, kv_cache=cache, cache_positions=positions, cache_span=span_carrier.shape[0],
+                     apply_head=False)[:, -1]
+
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
     options = cpu_inductor_options(next(iter(cache.keys.values())).dtype)
 
     def run(tokens: Tensor, positions: Tensor, span: int) -> Tensor:
-        # The options are read when the step compiles (its first call); `torch.compile(options=...)` does not honour
-        # freezing, so they are patched around every call.
         # The span's length is the one dynamic size of the graph, so attention reads only the slots in use; it stays
         # below the last slot (which only idle rows write) and above 1 (sizes 0 and 1 would be specialised).
         carrier = torch.empty(min(max(span, 2), cache.max_length - 1), device="meta")
         if cache.max_length > 3:
             torch._dynamo.mark_dynamic(carrier, 0, min=2, max=cache.max_length - 1)
+        # The options are read when the step compiles (its first call); `torch.compile(options=...)` does not honour
+        # freezing, so they are patched around every call.
         with inductor_config.patch(options), _quiet_autotuning():
             return compiled(tokens, positions, carrier)
 
