@@ -49,6 +49,14 @@ def test_compiled_decoding_runs_to_the_context_limit():
     assert len(eager[0]) == 20 and len(eager[1]) == 20
 
 
+def test_compiled_engine_with_the_smallest_cache():
+    """max_length 2 (what `generate` sizes for a 1-token prompt and 1 new token): the warm-up compile still works."""
+    engine = Engine(_model(), max_batch=1, max_length=2, compile=True)
+    eager = Engine(_model(), max_batch=1, max_length=2, prepack=False)
+    assert _run(engine, [(0, [42], SamplingParams(max_new_tokens=1))]) == \
+        _run(eager, [(0, [42], SamplingParams(max_new_tokens=1))])
+
+
 def test_compiled_decoding_refuses_sharded_models(monkeypatch):
     model = _model()
     weight = next(model.parameters())

@@ -11,7 +11,7 @@ is captured as a CUDA graph (mode "reduce-overhead").
 On CPU the one dynamic size is the attention span (the slots up to the furthest running row), so attention reads
 only the part of the cache in use. Inductor's freezing folds the weights in as constants and prepacks them (without
 freezing the compiled step is no faster than eager here), so the compiled step assumes the weights no longer change.
-Three more inductor options pay on CPU (Qwen1.5-0.5B shape, bf16, batch 8: a 50 ms step became ~41 ms; see
+Three more inductor options pay on CPU (Qwen1.5-0.5B shape, bf16, batch 8: a 50 ms step became ~41 ms in isolation; see
 BENCHMARKS.md):
 - `cpp_wrapper`: the step's ~10 kernel calls per layer are made from generated C++, not a Python wrapper;
 - `cpp.enable_concat_linear`: q/k/v and gate/up, which read the same input, become one GEMM each (fewer, larger
@@ -63,16 +63,23 @@ def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, 
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
     options = cpu_inductor_options(next(iter(cache.keys.values())).dtype)
 
+    compiled_once = [False]
+
     def run(tokens: Tensor, positions: Tensor, span: int) -> Tensor:
-        # The span's length is the one dynamic size of the graph, so attention reads only the slots in use; it stays
-        # below the last slot (which only idle rows write) and above 1 (sizes 0 and 1 would be specialised).
-        carrier = torch.empty(min(max(span, 2), cache.max_length - 1), device="meta")
+        # The span's length is the one dynamic size of the graph, so attention reads only the slots in use. It stays
+        # at most the last slot's index (idle rows write the last slot; no running row reaches it) and at least 2
+        # (sizes 0 and 1 would be specialised; slots past a row's position are masked).
+        carrier = torch.empty(max(min(span, cache.max_length - 1), 2), device="meta")
         if cache.max_length > 3:
             torch._dynamo.mark_dynamic(carrier, 0, min=2, max=cache.max_length - 1)
         # The options are read when the step compiles (its first call); `torch.compile(options=...)` does not honour
-        # freezing, so they are patched around every call.
-        with inductor_config.patch(options), _quiet_autotuning():
-            return compiled(tokens, positions, carrier)
+        # freezing, so they are patched around every call. Only the compiling call is kept quiet: the warning filters
+        # it changes are process-wide, and the server's HTTP threads run alongside later steps.
+        quiet = contextlib.nullcontext() if compiled_once[0] else _quiet_autotuning()
+        with inductor_config.patch(options), quiet:
+            hidden = compiled(tokens, positions, carrier)
+        compiled_once[0] = True
+        return hidden
 
     return run
 

@@ -89,7 +89,7 @@ class Engine:
         decoding for twice the linear weights' memory) and choose greedy tokens from an int8 copy of the head with
         an exact re-check of the candidates (inference/greedy_head.py; a quarter (fp32) or half (bf16) of the head's
         memory). The model's parameters and state dict are unchanged.
-        compile: decode with a compiled static-shape step (inference/compiled.py; compiled when the first step
+        compile: decode with a compiled step (inference/compiled.py; compiled when the first step
         allocates the cache, and it packs the layers' weights itself, so only the head is prepacked)."""
         self.model = model.eval()
         param = next(model.parameters())

@@ -273,8 +273,9 @@ class Qwen2Model(nn.Module):
         - attention_mask: a 2-D padding mask [B, S] over all key slots, or a 4-D boolean mask [B, 1, T, S].
         - kv_cache: write this call's keys/values at slots cache_start + arange(T) for every row, or at per-row
           `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1).
-        - cache_span: attend over cache slots [0, cache_span) (default: up to the largest slot written). A fixed
-          span (the whole cache) keeps every shape static for a compiled decode step; later slots are masked.
+        - cache_span: attend over cache slots [0, cache_span) (default: up to the largest slot written), slots past
+          each query's own masked. The compiled decode step passes it: the whole cache (CUDA graphs, fully static
+          shapes) or, on CPU, a size the graph treats as dynamic.
         - logits_to_keep: an int k > 0 computes the head only for the last k positions; a tensor [B] of indices
           computes it for one position per row (the last real token of right-padded prompts). Returns [B, k, V].
         - apply_head=False: return the final-normed hidden states [B, k, H] that lm_head would read (the inference
