@@ -1,4 +1,4 @@
-"""The compiled static-shape decode step (`Engine(compile=True)`): the same tokens as eager decoding in fp32."""
+"""The compiled decode step (`Engine(compile=True)`): the same tokens as eager decoding in fp32, bf16 within rounding."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="on CPU, keep the plain linear kernels instead of oneDNN-prepacked weights and the int8 "
                    "screen of the head for greedy steps (both decode faster but hold extra copies of the weights)")
     p.add_argument("--compile", action="store_true",
-                   help="decode with a torch.compile'd static-shape step (CUDA graphs on GPU; compiling takes seconds "
+                   help="decode with a torch.compile'd step (CUDA graphs on GPU; compiling takes seconds "
                    "to a minute at start-up; one process only)")
 
 

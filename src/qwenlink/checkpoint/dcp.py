@@ -361,7 +361,6 @@ def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device
     lora.json naming the base) gives its base with the adapters merged, loaded whole and then sharded.
     """
     from qwenlink.models.qwen2 import build_model
-
     from qwenlink.train.lora import LORA_FILE
 
     step_dir = resolve_step_dir(ckpt_dir)

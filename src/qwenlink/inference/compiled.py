@@ -40,8 +40,8 @@ def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, 
     The step stops before the head: the engine applies it, or for greedy rows only screens it (greedy_head.py)."""
     import torch._inductor.config as inductor_config
 
-    device = next(iter(cache.keys.values())).device
-    if device.type == "cuda":
+    sample = next(iter(cache.keys.values()))  # a cache tensor: the step's device and dtype
+    if sample.device.type == "cuda":
         # The cache is written in place by every step; marking it static lets the CUDA graph keep it as is (mutated
         # non-static inputs make inductor skip graph capture).
         for tensor in [*cache.keys.values(), *cache.values.values()]:
@@ -61,8 +61,7 @@ def compile_decode_step(model: Qwen2Model, cache: KVCache) -> Callable[[Tensor, 
                      apply_head=False)[:, -1]
 
     compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    options = cpu_inductor_options(next(iter(cache.keys.values())).dtype)
-
+    options = cpu_inductor_options(sample.dtype)
     compiled_once = [False]
 
     def run(tokens: Tensor, positions: Tensor, span: int) -> Tensor:
