@@ -1,4 +1,4 @@
-"""The compiled decode step (`Engine(compile=True)`): the same tokens as eager decoding in fp32, bf16 within rounding."""
+"""The compiled decode step (`Engine(compile=True)`): eager's tokens in fp32, eager's states to rounding in bf16."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def _has_option(name: str) -> bool:
 
 @contextlib.contextmanager
 def _quiet_autotuning():
-    """Keep GEMM autotuning's tables of timings (printed to stderr while the step compiles) out of the user's terminal."""
+    """Keep GEMM autotuning's tables of timings (printed to stderr while the step compiles) out of the terminal."""
     from torch._inductor import select_algorithm
 
     previous = getattr(select_algorithm, "PRINT_AUTOTUNE", None)
