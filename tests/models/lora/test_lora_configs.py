@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from common import REPO
 from qwenlink.train.config import load_config
 from qwenlink.train.lora import lora_of
 from qwenlink.train.trainer import resolve_model_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = REPO / "configs"
 
 
 @pytest.mark.parametrize("size,tp,pp", [("32b", 8, 1), ("72b", 8, 2)])
