@@ -1,50 +1,33 @@
 """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 Built on the standard library's threading HTTP server (no web framework dependency): one handler thread per
-connection parses and validates the request, hands it to the engine worker (continuous batching across all
-connections) and writes the reply, as one JSON body or as server-sent events when `stream` is true.
+connection reads the request, hands the body to the OpenAI API layer (openai_api.py: validation, response objects,
+errors), submits the request to the engine worker (continuous batching across all connections) and writes the reply,
+as one JSON body or as server-sent events when `stream` is true. This module only moves bytes; what a valid request
+or a response is lives in openai_api.py.
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with these statuses:
-400 malformed JSON or a body that is not an object; 401 missing/wrong API key; 404 unknown route or model;
-413 body too large, or prompt + max_tokens beyond the context; 422 invalid parameter values; 429 too many requests
-in flight.
+Statuses added here, beyond the API layer's: 404 unknown route; 413 body larger than --max-body-bytes; 429 too many
+requests in flight; 503 the engine has stopped.
 """
 
 from __future__ import annotations
 
 import json
 import queue
-import secrets
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from qwenlink.errors import QwenlinkError
+from qwenlink.inference import openai_api as api
 from qwenlink.inference.engine import Engine, Request
-from qwenlink.inference.sampling import SamplingParams
+from qwenlink.inference.openai_api import ApiError, ServerLimits, response_decoder
 from qwenlink.inference.worker import EngineWorker
 from qwenlink.tokenizer import Tokenizer
 
+__all__ = ["ApiError", "ServerLimits", "ServerState", "make_server", "response_decoder", "serve_in_thread"]
 
-@dataclass
-class ServerLimits:
-    max_tokens: int = 2048  # largest max_tokens a request may ask for
-    max_prompt_tokens: int = 8192
-    max_concurrent: int = 64  # requests in flight (running + queued) before 429
-    max_body_bytes: int = 1 << 20
-    default_max_tokens: int = 256
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 code: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+_SSE_DONE = b"data: [DONE]\n\n"
 
 
 class ServerState:
@@ -60,114 +43,15 @@ class ServerState:
         self.worker = EngineWorker(engine, lockstep=lockstep).start()
         self.created = int(time.time())
 
-
-# ---- request parsing ---------------------------------------------------------------------------------------------
-def _number(body: dict, name: str, default: float, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(422, f"'{name}' must be a number, got {type(value).__name__}", param=name)
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ApiError(422, f"'{name}' must be {'>' if low_open else '>='} {low}, got {value}", param=name)
-    if high is not None and value > high:
-        raise ApiError(422, f"'{name}' must be <= {high}, got {value}", param=name)
-    return float(value)
-
-
-def _integer(body: dict, name: str, default: Optional[int], *, low: int = 0) -> Optional[int]:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(422, f"'{name}' must be an integer, got {type(value).__name__}", param=name)
-    if value < low:
-        raise ApiError(422, f"'{name}' must be >= {low}, got {value}", param=name)
-    return value
-
-
-def sampling_from_body(body: dict, state: ServerState, *, chat: bool) -> SamplingParams:
-    """OpenAI request fields -> SamplingParams (plus qwenlink's top_k and repetition_penalty extensions)."""
-    limits = state.limits
-    max_tokens = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-        else body.get("max_tokens")
-    default = min(limits.default_max_tokens, limits.max_tokens)
-    max_tokens = _integer({"max_tokens": max_tokens}, "max_tokens", default, low=1)
-    if max_tokens > limits.max_tokens:
-        raise ApiError(422, f"'max_tokens' is {max_tokens}, above this server's limit of {limits.max_tokens}",
-                       param="max_tokens")
-    n = _integer(body, "n", 1, low=1)
-    if n != 1:
-        raise ApiError(422, "only n=1 is supported", param="n")
-    for unsupported in ("presence_penalty", "frequency_penalty"):
-        if body.get(unsupported) not in (None, 0, 0.0):
-            raise ApiError(422, f"'{unsupported}' is not supported (use 'repetition_penalty')", param=unsupported)
-    stop = body.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
-        stops = tuple(stop)
-    else:
-        raise ApiError(422, "'stop' must be a string or a list of at most 4 strings", param="stop")
-    if any(not s for s in stops):
-        raise ApiError(422, "'stop' strings must not be empty", param="stop")
-    if chat:
-        want_logprobs = body.get("logprobs") is True
-    else:
-        want_logprobs = _integer(body, "logprobs", None, low=0) is not None
-    seed = _integer(body, "seed", None, low=0)
-    return SamplingParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, low=0.0, high=2.0),
-        top_p=_number(body, "top_p", 1.0, low=0.0, high=1.0, low_open=True),
-        top_k=int(_number(body, "top_k", 0, low=0)),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, low_open=True),
-        seed=seed,
-        stop_ids=frozenset(state.tokenizer.stop_ids()),
-        stop_strings=stops,
-        logprobs=want_logprobs,
-    )
-
-
-def prompt_from_body(body: dict, state: ServerState, *, chat: bool) -> list[int]:
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(422, "'messages' must be a non-empty list", param="messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(422, f"messages[{i}] must have a role of system, user or assistant", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(422, f"messages[{i}].content: only text parts are supported", param="messages")
-                content = "".join(p.get("text", "") for p in content)
-            if not isinstance(content, str):
-                raise ApiError(422, f"messages[{i}].content must be a string", param="messages")
-            clean.append({"role": m["role"], "content": content})
-        ids = state.tokenizer.encode(state.tokenizer.apply_chat_template(clean))
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = state.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in prompt):
-            ids = list(prompt)
-        else:
-            raise ApiError(422, "'prompt' must be a string or a list of token ids (one prompt per request)",
-                           param="prompt")
-        if not ids:
-            raise ApiError(422, "'prompt' is empty", param="prompt")
-    if len(ids) > state.limits.max_prompt_tokens:
-        raise ApiError(413, f"prompt has {len(ids)} tokens, above this server's limit of "
-                            f"{state.limits.max_prompt_tokens}", param="prompt", code="context_length_exceeded")
-    return ids
+    def submit(self, request: Request) -> "queue.Queue[Request]":
+        """Hand a checked request to the worker, unless the engine has stopped (503) or is full (429)."""
+        if not self.worker.alive:
+            raise ApiError(503, f"the engine has stopped ({self.worker.error or 'shut down'}); restart the server",
+                           kind="server_error")
+        if self.worker.load >= self.limits.max_concurrent:
+            raise ApiError(429, f"too many requests in flight ({self.limits.max_concurrent}); retry later",
+                           kind="rate_limit_error")
+        return self.worker.submit(request)
 
 
 # ---- HTTP handler ------------------------------------------------------------------------------------------------
@@ -193,14 +77,6 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _authorise(self) -> None:
-        key = self.state.api_key
-        if key is None:
-            return
-        given = self.headers.get("Authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "invalid or missing API key", kind="authentication_error", code="invalid_api_key")
-
     def _read_body(self) -> dict:
         try:
             length = int(self.headers.get("Content-Length", "0"))
@@ -210,18 +86,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
                                 f"{self.state.limits.max_body_bytes}")
-        raw = self.rfile.read(length) if length > 0 else b""
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object")
-        return body
+        return api.parse_json_body(self.rfile.read(length) if length > 0 else b"")
 
-    def _guard(self, fn) -> None:
+    def _guard(self, fn: Callable[[], None]) -> None:
         try:
-            self._authorise()
+            api.check_api_key(self.headers.get("Authorization", ""), self.state.api_key)
             fn()
         except ApiError as exc:
             self.close_connection = True  # the body may be unread; never reuse such a connection
@@ -233,23 +102,24 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception as exc:  # keep serving; tell the client what broke
             try:
-                self._send_json(500, ApiError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                              kind="server_error").body())
+                self._send_json(500, api.internal_error(exc).body())
             except OSError:
                 self.close_connection = True
 
     # -- routes
     def do_GET(self) -> None:
+        state = self.state
+
         def route() -> None:
             if self.path == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [self._model_card()]})
-            elif self.path == f"/v1/models/{self.state.model_name}":
-                self._send_json(200, self._model_card())
+                self._send_json(200, api.model_list(state.model_name, state.created))
+            elif self.path == f"/v1/models/{state.model_name}":
+                self._send_json(200, api.model_card(state.model_name, state.created))
             else:
                 raise ApiError(404, f"unknown route GET {self.path}", code="not_found")
 
         if self.path == "/health":  # health checks need no key
-            worker = self.state.worker
+            worker = state.worker
             try:
                 if worker.alive:
                     self._send_json(200, {"status": "ok", "in_flight": worker.load})
@@ -270,117 +140,38 @@ class Handler(BaseHTTPRequestHandler):
 
         self._guard(route)
 
-    def _model_card(self) -> dict:
-        return {"id": self.state.model_name, "object": "model", "created": self.state.created, "owned_by": "qwenlink"}
-
     # -- completions
     def _complete(self, body: dict, *, chat: bool) -> None:
         state = self.state
-        model = body.get("model")
-        if model is not None and model != state.model_name:
-            raise ApiError(404, f"model {model!r} not found (this server serves {state.model_name!r})",
-                           param="model", code="model_not_found")
-        params = sampling_from_body(body, state, chat=chat)
-        prompt = prompt_from_body(body, state, chat=chat)
-        request = Request(prompt, params, decode=response_decoder(state.tokenizer))
-        try:
-            state.engine.check(request)
-        except QwenlinkError as exc:
-            if "context length" in str(exc):
-                raise ApiError(413, str(exc), param="max_tokens", code="context_length_exceeded") from None
-            raise ApiError(422, str(exc)) from None
-        if not state.worker.alive:
-            raise ApiError(503, f"the engine has stopped ({state.worker.error or 'shut down'}); restart the server",
-                           kind="server_error")
-        if state.worker.load >= state.limits.max_concurrent:
-            raise ApiError(429, f"too many requests in flight ({state.limits.max_concurrent}); retry later",
-                           kind="rate_limit_error")
-        events = state.worker.submit(request)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{request.id}-{secrets.token_hex(6)}"
-        created = int(time.time())
-        if body.get("stream") is True:
-            self._stream(request, events, rid, created, chat=chat, include_usage=bool(
-                (body.get("stream_options") or {}).get("include_usage")))
+        call = api.parse_completion(body, chat=chat, tokenizer=state.tokenizer, limits=state.limits,
+                                    model_name=state.model_name)
+        request = api.engine_request(call, state.tokenizer)
+        api.check_fits(state.engine, request)
+        events = state.submit(request)
+        rid, created = api.response_id(request, chat=chat), int(time.time())
+        if call.stream:
+            self._stream(request, api.stream_chunks(request, events, rid=rid, created=created,
+                                                    model_name=state.model_name, chat=chat,
+                                                    include_usage=call.include_usage))
             return
         while not request.done:
             events.get()
-        if request.finish_reason == "error":
-            raise ApiError(500, request.text, kind="server_error")
-        self._send_json(200, self._final_body(request, rid, created, chat=chat))
+        self._send_json(200, api.completion_response(request, rid=rid, created=created, model_name=state.model_name,
+                                                     tokenizer=state.tokenizer, chat=chat))
 
-    def _usage(self, request: Request) -> dict:
-        return {"prompt_tokens": len(request.prompt), "completion_tokens": len(request.tokens),
-                "total_tokens": len(request.prompt) + len(request.tokens)}
-
-    def _logprobs(self, request: Request, *, chat: bool) -> Optional[dict]:
-        if not request.params.logprobs:
-            return None
-        tok = self.state.tokenizer
-        pairs = list(zip(request.tokens, request.logprobs))
-        if chat:
-            return {"content": [{"token": tok.decode([t]), "logprob": lp, "bytes": list(tok.decode([t]).encode()),
-                                 "top_logprobs": []} for t, lp in pairs]}
-        return {"tokens": [tok.decode([t]) for t, _ in pairs], "token_logprobs": [lp for _, lp in pairs],
-                "top_logprobs": None, "text_offset": None}
-
-    def _final_body(self, request: Request, rid: str, created: int, *, chat: bool) -> dict:
-        finish = "length" if request.finish_reason == "length" else "stop"
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": request.text},
-                      "logprobs": self._logprobs(request, chat=True), "finish_reason": finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": request.text, "logprobs": self._logprobs(request, chat=False),
-                      "finish_reason": finish}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": self.state.model_name, "choices": [choice],
-                "usage": self._usage(request)}
-
-    def _stream(self, request: Request, events: "queue.Queue[Request]", rid: str, created: int, *, chat: bool,
-                include_usage: bool) -> None:
+    def _stream(self, request: Request, chunks: Iterable[dict]) -> None:
+        """Write each chunk as a server-sent event as soon as it exists; a client that leaves frees its cache row."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def send(choice: dict, usage: Optional[dict] = None) -> None:
-            chunk = {"id": rid, "object": obj, "created": created, "model": self.state.model_name,
-                     "choices": [choice] if choice else []}
-            if usage is not None:
-                chunk["usage"] = usage
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
-            self.wfile.flush()
-
-        sent = 0
         try:
-            if chat:
-                send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None})
-            while True:
-                events.get()
-                while not events.empty():  # coalesce bursts into one chunk
-                    events.get_nowait()
-                visible = request.stream_text()
-                delta = visible[sent:]
-                if delta:
-                    sent = len(visible)
-                    if chat:
-                        send({"index": 0, "delta": {"content": delta}, "logprobs": None, "finish_reason": None})
-                    else:
-                        send({"index": 0, "text": delta, "logprobs": None, "finish_reason": None})
-                if request.done:
-                    break
-            finish = "length" if request.finish_reason == "length" else "stop"
-            if chat:
-                send({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish})
-            else:
-                send({"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
-            if include_usage:
-                send({}, usage=self._usage(request))
-            self.wfile.write(b"data: [DONE]\n\n")
+            for chunk in chunks:
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+            self.wfile.write(_SSE_DONE)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.state.worker.abort(request)  # the client left: free its cache row
@@ -389,11 +180,6 @@ class Handler(BaseHTTPRequestHandler):
 class QwenlinkHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-
-
-def response_decoder(tokenizer: Tokenizer) -> Callable[[list[int]], str]:
-    """How generated ids become response text (special tokens kept: stop strings may name them)."""
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def make_server(engine: Engine, tokenizer: Tokenizer, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
