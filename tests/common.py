@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO.parent / "shared" / "fixtures"
+# Interop fixtures (Megatron-LM converter outputs, tiny HF models and tokenizers, MMLU CSVs), committed with the
+# repository; tests/fixtures/README.md says where each came from. The one place the test suite names this folder.
+FIXTURES = REPO / "tests" / "fixtures"
 
 
 def fixture_dir(*parts: str) -> Path:
-    """A folder under ../shared/fixtures, or a skip with the reason when the checkout has no shared folder."""
-    path = SHARED_FIXTURES.joinpath(*parts)
+    """A path under tests/fixtures. The fixtures are part of the repository, so a missing one fails the test."""
+    path = FIXTURES.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
+        pytest.fail(f"interop fixture {path} is missing (tests/fixtures is committed with the repository)",
+                    pytrace=False)
     return path
 
 

@@ -1,24 +1,12 @@
-"""Helpers for the checkpoint-conversion tests: fixture paths, tiny random models, tensor comparison."""
+"""Helpers for the checkpoint-conversion tests: tiny random models, tensor comparison, the in-process CLI."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model, build_model
-
-SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-
-
-def fixture(*parts: str) -> Path:
-    """A folder under ../shared/fixtures, or a skip naming it when the checkout has no shared folder."""
-    path = SHARED_FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
-    return path
 
 
 def random_model(*, layers: int = 8, heads: int = 8, kv_heads: int = 4, tied: bool = False, qkv_bias: bool = True,

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from ckpt_helpers import cli_main, fixture, random_model  # noqa: F401 (cli_main is a fixture)
+from ckpt_helpers import cli_main, random_model  # noqa: F401 (cli_main is a fixture)
+from common import fixture_dir
 from qwenlink.checkpoint.convert import ModelSource
 from qwenlink.checkpoint.megatron import save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout
@@ -24,7 +25,7 @@ REL = "iter_0000001/{}/model_optim_rng.pt"
 def tp2(tmp_path):
     """A writable copy of Megatron's TP2 fixture."""
     dst = tmp_path / "tp2"
-    shutil.copytree(fixture("megatron-core-tiny-qwen2", "mcore-tp2"), dst)
+    shutil.copytree(fixture_dir("megatron-core-tiny-qwen2", "mcore-tp2"), dst)
     for root, dirs, files in os.walk(dst):
         for name in dirs + files:
             os.chmod(os.path.join(root, name), 0o755 if name in dirs else 0o644)
@@ -136,7 +137,7 @@ def test_malicious_rank_file_refused_through_the_cli(tp2, tmp_path, cli_main):
     ("iteration", ["--to", "megatron", "--iteration", "last"], "expected an iteration number or 'release'"),
 ])
 def test_cli_errors_are_one_line(tmp_path, cli_main, case, args, message):
-    src = fixture("megatron-core-tiny-qwen2", "hf")
+    src = fixture_dir("megatron-core-tiny-qwen2", "hf")
     out = tmp_path / "out"
     if case == "unknown":
         src = tmp_path / "empty"

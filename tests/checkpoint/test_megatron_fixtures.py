@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_helpers import fixture
+from common import fixture_dir
 from qwenlink.checkpoint.convert import HFSource, load_megatron_model
 from qwenlink.checkpoint.hf import load_hf_model, read_hf_config
 from qwenlink.checkpoint.megatron import save_megatron
@@ -26,8 +26,8 @@ def _rank_files(root):
 
 @pytest.mark.parametrize("name,tp,pp", LAYOUTS)
 def test_reading_fixture_gives_the_hf_tensors_exactly(name, tp, pp):
-    hf = HFSource(fixture(*QWEN, "hf"))
-    meg = MegatronSource(fixture(*QWEN, name))
+    hf = HFSource(fixture_dir(*QWEN, "hf"))
+    meg = MegatronSource(fixture_dir(*QWEN, name))
     assert (meg.layout.tp, meg.layout.pp, meg.naming) == (tp, pp, "core")
     assert meg.config.vocab_size == 258 and meg.padded_vocab == (512 if tp == 2 else 384)
     for n in hf._shapes:
@@ -37,7 +37,7 @@ def test_reading_fixture_gives_the_hf_tensors_exactly(name, tp, pp):
 
 def test_fixture_padding_repeats_the_last_real_row():
     """The fact our writer relies on, checked in Megatron's own output."""
-    ckpt = safe_torch_load(fixture(*QWEN, "mcore-tp1", "iter_0000001", "mp_rank_00", "model_optim_rng.pt"))
+    ckpt = safe_torch_load(fixture_dir(*QWEN, "mcore-tp1", "iter_0000001", "mp_rank_00", "model_optim_rng.pt"))
     for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
         w = ckpt["model"][key]
         assert torch.equal(w[258:], w[257:258].expand(384 - 258, -1))
@@ -45,21 +45,21 @@ def test_fixture_padding_repeats_the_last_real_row():
 
 def test_config_from_args_and_from_reference():
     """Megatron's args omit HF's rms_norm_eps (its converter records its own default 1e-5); --config-from fixes it."""
-    hf_dir = fixture(*QWEN, "hf")
+    hf_dir = fixture_dir(*QWEN, "hf")
     ref = read_hf_config(hf_dir)
-    meg = MegatronSource(fixture(*QWEN, "mcore-tp2"))
+    meg = MegatronSource(fixture_dir(*QWEN, "mcore-tp2"))
     assert meg.config.rms_norm_eps == 1e-5 and ref.rms_norm_eps == 1e-6
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings", "rope_theta", "tie_word_embeddings", "qkv_bias",
                   "model_type"):
         assert getattr(meg.config, field) == getattr(ref, field), field
-    assert MegatronSource(fixture(*QWEN, "mcore-tp2"), reference=ref).config == ref
+    assert MegatronSource(fixture_dir(*QWEN, "mcore-tp2"), reference=ref).config == ref
 
 
 @pytest.mark.parametrize("name", ["mcore-tp2", "mcore-tp1-pp2"])
 def test_logits_of_fixture_equal_hf(name):
-    hf_dir = fixture(*QWEN, "hf")
-    ours = load_megatron_model(fixture(*QWEN, name), reference=read_hf_config(hf_dir)).eval()
+    hf_dir = fixture_dir(*QWEN, "hf")
+    ours = load_megatron_model(fixture_dir(*QWEN, name), reference=read_hf_config(hf_dir)).eval()
     ref = load_hf_model(hf_dir).eval()
     tokens = torch.tensor([[1, 5, 77, 257, 3, 9, 120, 42]])
     with torch.no_grad():
@@ -68,8 +68,8 @@ def test_logits_of_fixture_equal_hf(name):
 
 @pytest.mark.parametrize("name,tp,pp", LAYOUTS)
 def test_writing_reproduces_megatron_converter_output(tmp_path, name, tp, pp):
-    expected_root = fixture(*QWEN, name)
-    source = HFSource(fixture(*QWEN, "hf"))
+    expected_root = fixture_dir(*QWEN, name)
+    source = HFSource(fixture_dir(*QWEN, "hf"))
     out = save_megatron(source, tmp_path / "out", make_layout(source.config, tp, pp))
     assert _rank_files(out) == _rank_files(expected_root)
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "1"
@@ -92,7 +92,7 @@ def test_writing_reproduces_megatron_converter_output(tmp_path, name, tp, pp):
 
 
 def test_llama_fixture_without_qkv_bias(tmp_path):
-    root = fixture("megatron-core-tiny-llama")
+    root = fixture_dir("megatron-core-tiny-llama")
     hf, meg = HFSource(root / "hf"), MegatronSource(root / "mcore-tp1")
     assert meg.config.model_type == "llama" and not meg.config.qkv_bias
     for n in hf._shapes:
@@ -107,9 +107,9 @@ def test_llama_fixture_without_qkv_bias(tmp_path):
 def test_cli_fixture_to_hf_reproduces_the_hf_files(tmp_path):
     from qwenlink.cli import main
 
-    hf_dir = fixture(*QWEN, "hf")
+    hf_dir = fixture_dir(*QWEN, "hf")
     out = tmp_path / "hf"
-    rc = main(["convert", "--input", str(fixture(*QWEN, "mcore-tp1-pp2")), "--output", str(out), "--to", "hf",
+    rc = main(["convert", "--input", str(fixture_dir(*QWEN, "mcore-tp1-pp2")), "--output", str(out), "--to", "hf",
                "--config-from", str(hf_dir)])
     assert rc == 0
     want, got = load_file(hf_dir / "model.safetensors"), load_file(out / "model.safetensors")

@@ -11,14 +11,15 @@ import types
 import pytest
 import torch
 
-from ckpt_helpers import fixture
+from common import fixture_dir
 from qwenlink.checkpoint.safe_load import MegatronStandIn, safe_torch_load
 from qwenlink.errors import QwenlinkError
 
 
 def test_fixture_args_load_with_stand_ins_and_without_megatron():
     """Run in a fresh interpreter so we can prove no `megatron` module was imported (or needed)."""
-    path = fixture("megatron-core-tiny-qwen2", "mcore-tp1-pp2", "iter_0000001", "mp_rank_00_001", "model_optim_rng.pt")
+    path = fixture_dir("megatron-core-tiny-qwen2", "mcore-tp1-pp2", "iter_0000001", "mp_rank_00_001",
+                       "model_optim_rng.pt")
     code = (
         "import sys\n"
         "from qwenlink.checkpoint.safe_load import safe_torch_load\n"

@@ -1,4 +1,4 @@
-"""Fixtures for the evaluation tests: the shared MMLU CSVs, the fixture tokenizer, a tiny random HF model."""
+"""Fixtures for the evaluation tests: the MMLU CSVs in tests/fixtures, the fixture tokenizer, a tiny random HF model."""
 
 from __future__ import annotations
 
@@ -6,26 +6,19 @@ from pathlib import Path
 
 import pytest
 
-SHARED_FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-
-
-def _fixture(*parts: str) -> Path:
-    path = SHARED_FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"interop fixture {path} is absent (expected ../shared/fixtures next to the repository)")
-    return path
+from common import fixture_dir
 
 
 @pytest.fixture(scope="session")
 def mmlu_data() -> Path:
     """The real MMLU CSVs in their original layout (dev + test)."""
-    return _fixture("mmlu", "data")
+    return fixture_dir("mmlu", "data")
 
 
 @pytest.fixture(scope="session")
 def fixture_tokenizer_dir() -> Path:
     """The small byte-level BPE tokenizer that came with the tiny HF Qwen2 fixture."""
-    return _fixture("megatron-core-tiny-qwen2", "hf")
+    return fixture_dir("megatron-core-tiny-qwen2", "hf")
 
 
 @pytest.fixture(scope="session")
