@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_helpers import hf_base, lora_model, qwenlink_base
+from lora_helpers import IDS, hf_base, lora_model, qwenlink_base
 from qwenlink.checkpoint.peft import CONFIG_FILE, WEIGHTS_FILE, apply_peft_adapter, save_model_adapter
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.lora import LoraConfig
@@ -36,13 +36,45 @@ def _copy(src, dst, *, config=None, tensors=None):
     return dst
 
 
-def _apply(base_dir, adapter):
-    apply_peft_adapter(qwenlink_base(base_dir), adapter)
+def _apply(base_dir, adapter, *, model=None):
+    return apply_peft_adapter(qwenlink_base(base_dir) if model is None else model, adapter)
+
+
+@torch.no_grad()
+def _hf_merged_logits(base_dir, adapter) -> torch.Tensor:
+    """The reference, independent of qwenlink's LoRA code and of peft: transformers' model with W + (alpha / r) B A
+    added to every projection the file names (by its own keys), run on the test ids."""
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+    config = json.loads((adapter / CONFIG_FILE).read_text())
+    scaling = config["lora_alpha"] / config["r"]
+    state = load_file(str(adapter / WEIGHTS_FILE))
+    merged = 0
+    for key, lora_a in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = hf.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+            module.weight += scaling * state[key.replace(".lora_A.", ".lora_B.")] @ lora_a
+            merged += 1
+    assert merged == 2 * 7  # 2 layers x q/k/v/o/gate/up/down
+    return hf(IDS).logits
 
 
 def test_matching_adapter_applies(made):
-    base_dir, adapter = made
-    _apply(base_dir, adapter)
+    """Applying a matching adapter reads its hyper-parameters and changes the model exactly as merging it would."""
+    base_dir, adapter_dir = made
+    base = qwenlink_base(base_dir)
+    with torch.no_grad():
+        before = base(IDS)
+    adapter = _apply(base_dir, adapter_dir, model=base)
+    assert (adapter.lora.r, adapter.lora.alpha) == (4, 8)
+    assert len(adapter.modules) == 2 * 7 and "layers.1.mlp.down_proj" in adapter.modules
+    with torch.no_grad():
+        after = base(IDS)
+        exported = lora_model(base_dir, LoraConfig(r=4, alpha=8))(IDS)  # the model the adapter was saved from
+    assert (after - before).abs().max() > 1e-3  # the adapter is not a no-op
+    torch.testing.assert_close(after, exported, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, _hf_merged_logits(base_dir, adapter_dir), atol=1e-5, rtol=1e-5)
 
 
 def test_wrong_rank_in_config(made, tmp_path):
