@@ -12,6 +12,7 @@ prompt + max_tokens beyond the context; 422 invalid parameter values; 500 the en
 from __future__ import annotations
 
 import json
+import math
 import queue
 import secrets
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ def _number(body: dict, name: str, default: float, *, low: float | None = None, 
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ApiError(422, f"'{name}' must be a number, got {type(value).__name__}", param=name)
+    if not math.isfinite(value):  # Python's JSON reader accepts NaN and Infinity; no sampling knob means either
+        raise ApiError(422, f"'{name}' must be a finite number, got {value}", param=name)
     if low is not None and (value < low or (low_open and value == low)):
         raise ApiError(422, f"'{name}' must be {'>' if low_open else '>='} {low}, got {value}", param=name)
     if high is not None and value > high:
@@ -211,7 +214,10 @@ def parse_completion(body: dict, *, chat: bool, tokenizer: Tokenizer, limits: Se
     params = sampling_from_body(body, tokenizer, limits, chat=chat)
     prompt = prompt_from_body(body, tokenizer, limits, chat=chat)
     stream = body.get("stream") is True
-    include_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    options = body.get("stream_options")
+    if stream and options is not None and not isinstance(options, dict):
+        raise ApiError(422, f"'stream_options' must be an object, got {type(options).__name__}", param="stream_options")
+    include_usage = stream and bool((options or {}).get("include_usage"))
     return CompletionCall(chat, prompt, params, stream, include_usage)
 
 
