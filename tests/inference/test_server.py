@@ -128,7 +128,9 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(served, body, st
     code, payload = _post(served, "/v1/chat/completions", body)
     assert code == status
     assert needle in payload["error"]["message"]
-    assert _client(served).completions.create(model="tiny", prompt="ok", max_tokens=2).choices[0].text is not None
+    # ... and the next request is answered exactly as the engine alone answers it (no state left over).
+    after = _client(served).completions.create(model="tiny", prompt="ok", max_tokens=2, temperature=0)
+    assert after.choices[0].text == _alone(served, "ok", 2, chat=False)
 
 
 def test_prompt_plus_max_tokens_beyond_context(served):
