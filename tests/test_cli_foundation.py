@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -42,6 +44,23 @@ def test_info_json_flops_follow_the_formula():
 def test_info_reads_model_directory(tiny_fixture_hf):
     result = run_cli("info", str(tiny_fixture_hf))
     assert result.returncode == 0 and "2 layers, hidden 64" in result.stdout
+
+
+def test_subcommands_import_their_modules_only_when_run():
+    """Building the parser loads no subcommand's implementation (fast --help; a broken feature breaks only itself)."""
+    code = ("import sys; from qwenlink.cli import build_parser; build_parser(); print([m for m in sys.modules if "
+            "m.startswith('qwenlink.commands') or m.startswith('qwenlink.inference')])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_runner_passes_named_attributes_as_values(tmp_path, capsys):
+    from qwenlink.cli import main
+
+    # plot's function takes (run_dir, output) rather than the namespace: both must arrive in their places.
+    assert main(["plot", str(tmp_path / "norun"), "-o", str(tmp_path / "x.png")]) == 2
+    assert f"{tmp_path / 'norun' / 'metrics.jsonl'}: not found" in capsys.readouterr().err
 
 
 def _assert_one_line_error(result, *needles: str) -> None:

@@ -1,19 +1,38 @@
 """The `qwenlink` command line: argument parsing only; each subcommand calls one function elsewhere.
 
-Each subcommand is declared by a `_add_<name>` function that builds its parser and sets `func` to a small runner that
-imports the implementing module lazily (so `qwenlink --help` stays fast and a broken optional feature cannot break the
-others).
+Each subcommand is declared by a `_add_<name>` function that builds its parser and sets `func` to a runner made by
+`_lazy`, which imports the implementing module only when the subcommand runs (so `qwenlink --help` stays fast and a
+broken optional feature cannot break the others).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from typing import Callable, Sequence
 
 from qwenlink import __version__
 from qwenlink.errors import QwenlinkError
+
+
+def _lazy(module: str, function: str, *fields: str, **keyword_fields: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's runner that imports `module` only when that subcommand runs, so `qwenlink --help` stays fast
+    and a broken optional feature cannot break the others.
+
+    The runner calls `function(args)`; when `fields` or `keyword_fields` name attributes of `args`, it calls
+    `function(*those attributes, **{keyword: that attribute})` instead, for functions that take plain values.
+    """
+
+    def run(args: argparse.Namespace) -> int:
+        target = getattr(importlib.import_module(module), function)
+        if not fields and not keyword_fields:
+            return target(args)
+        return target(*(getattr(args, f) for f in fields),
+                      **{key: getattr(args, name) for key, name in keyword_fields.items()})
+
+    return run
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -25,11 +44,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
                    "(default: 8192, the ModelLink recipes' length)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.info import run_info
-        return run_info(args.model, seq_length=args.seq_length, as_json=args.json, list_presets=args.list)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.info", "run_info", "model", seq_length="seq_length", as_json="json",
+                              list_presets="list"))
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -71,11 +87,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
     _add_sampling_options(p, default_max_new=64)
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.generate import run_generate
-        return run_generate(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.generate", "run_generate"))
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
@@ -87,11 +99,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
                    help="drop the oldest turns when the conversation grows beyond this many tokens")
     _add_sampling_options(p, default_max_new=512)
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.inference.chat import run_chat
-        return run_chat(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.inference.chat", "run_chat"))
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -109,11 +117,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.serve import run_serve
-        return run_serve(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.serve", "run_serve"))
 
 
 def _add_preprocess(sub: argparse._SubParsersAction) -> None:
@@ -145,11 +149,7 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inspect", metavar="PREFIX", help="instead: validate an existing PREFIX.bin/.idx and print its "
                    "size, dtype and first document")
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.preprocess import run_preprocess
-        return run_preprocess(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.preprocess", "run_preprocess"))
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -183,11 +183,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 is "
                    "often fastest for small models on a busy machine)")
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.eval import run_eval
-        return run_eval(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.eval", "run_eval"))
 
 
 class _OverrideParser(argparse.ArgumentParser):
@@ -224,11 +220,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "--standalone --nproc-per-node N for you); multi-node: launch with torchrun, see docs/parallel.md")
     p.set_defaults(overrides=[])
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.train import run_train
-        return run_train(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.train", "run_train"))
 
 
 def _add_plot(sub: argparse._SubParsersAction) -> None:
@@ -238,11 +230,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a training run's output directory (job.output_dir)")
     p.add_argument("--output", "-o", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.plot import run_plot
-        return run_plot(args.run_dir, args.output)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.plot", "run_plot", "run_dir", "output"))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -277,11 +265,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    "(adapter_config.json + adapter_model.safetensors) into the input's weights; fails if it does "
                    "not match the model")
 
-    def run(args: argparse.Namespace) -> int:
-        from qwenlink.commands.convert import run_convert
-        return run_convert(args)
-
-    p.set_defaults(func=run)
+    p.set_defaults(func=_lazy("qwenlink.commands.convert", "run_convert"))
 
 
 # Subcommands in the order `qwenlink --help` lists them. Later features append their `_add_<name>` here.
