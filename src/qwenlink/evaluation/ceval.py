@@ -9,11 +9,11 @@ lm-eval's `ceval-valid` does). The prompt is lm-eval 0.4's `ceval-valid`: "以�
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.evaluation.tasks import PromptFormat, Subject, Task, letter_question, pick_subjects, read_csv
+from qwenlink.evaluation.subject_csv import SubjectCsvLayout
+from qwenlink.evaluation.tasks import PromptFormat, Subject, Task, pick_subjects
 
 # The 52 subjects: English key -> (Chinese name, category), in C-Eval's own order (its subject_mapping.json).
 SUBJECTS: dict[str, tuple[str, str]] = {
@@ -72,6 +72,8 @@ SUBJECTS: dict[str, tuple[str, str]] = {
 }
 CATEGORIES: tuple[str, ...] = ("STEM", "Social Science", "Humanities", "Other")
 REQUIRED_COLUMNS = ("id", "question", "A", "B", "C", "D", "answer")
+LAYOUT = SubjectCsvLayout("C-Eval", "a", ("val",), "val/computer_network_val.csv", len(SUBJECTS),
+                          required=REQUIRED_COLUMNS)
 
 PROMPT = PromptFormat(template="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\n答案：")
 
@@ -80,42 +82,15 @@ def description(subject: str) -> str:
     return f"以下是中国关于{SUBJECTS[subject][0]}的单项选择题，请选出其中的正确答案。\n\n"
 
 
-def find_data_dir(path: str | os.PathLike) -> Path:
-    """The folder holding dev/ and val/: the given one, or its `data/` (the unpacked archive's top level)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise QwenlinkError(f"{root}: C-Eval data directory not found (expected a folder with dev/ and val/ holding "
-                            f"{{subject}}_dev.csv and {{subject}}_val.csv)")
-    for candidate in (root, root / "data"):
-        if (candidate / "dev").is_dir() and (candidate / "val").is_dir():
-            return candidate
-    raise QwenlinkError(f"{root}: not a C-Eval data directory (expected dev/ and val/ with {{subject}}_dev.csv and "
-                        f"{{subject}}_val.csv, e.g. val/computer_network_val.csv)")
-
-
-def read_split(data_dir: Path, subject: str, split: str) -> list:
-    path = data_dir / split / f"{subject}_{split}.csv"
-    if not path.is_file():
-        raise QwenlinkError(f"{path}: missing (C-Eval expects {split}/{{subject}}_{split}.csv for each of the "
-                            f"{len(SUBJECTS)} subjects; pass --subjects to run fewer)")
-    rows = read_csv(path, header=True, required=REQUIRED_COLUMNS)
-    questions = [letter_question(row, f"{path}:{line}") for line, row in rows]
-    if not questions:
-        raise QwenlinkError(f"{path}: no questions")
-    return questions
-
-
 def load_ceval(data_dir: str | os.PathLike, *, subjects: Optional[Sequence[str]] = None, split: str = "val",
                shots: int = 5) -> Task:
     """Read the chosen subjects' `split` questions and their dev rows (every file checked before any scoring)."""
     if split not in ("val",):
         raise QwenlinkError(f"ceval: split {split!r} cannot be scored (C-Eval's test answers are not public; use val)")
-    root = find_data_dir(data_dir)
-    chosen = pick_subjects(list(SUBJECTS), subjects, "ceval")
+    root = LAYOUT.find_data_dir(data_dir)
     out = []
-    for name in chosen:
+    for name in pick_subjects(list(SUBJECTS), subjects, "ceval"):
         zh, category = SUBJECTS[name]
-        questions = read_split(root, name, split)
-        fewshot = read_split(root, name, "dev") if shots > 0 else []
+        questions, fewshot = LAYOUT.read_subject(root, name, split, shots)
         out.append(Subject(name, category, description(name), questions, fewshot, zh))
     return Task("ceval", PROMPT, out, CATEGORIES, split)

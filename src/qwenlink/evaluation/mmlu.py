@@ -8,11 +8,11 @@ task: the description names the subject with spaces, few-shot examples are the f
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.evaluation.tasks import PromptFormat, Subject, Task, letter_question, pick_subjects, read_csv
+from qwenlink.evaluation.subject_csv import SubjectCsvLayout
+from qwenlink.evaluation.tasks import PromptFormat, Subject, Task, pick_subjects
 
 # The standard subject -> category map (MMLU's categories.py; lm-eval's mmlu_{category}_tasks tags).
 _CATEGORY_SUBJECTS = {
@@ -35,34 +35,12 @@ SUBJECTS: tuple[str, ...] = tuple(sorted(SUBJECT_CATEGORY))  # 57, alphabetical 
 
 PROMPT = PromptFormat(template="{question}\nA. {A}\nB. {B}\nC. {C}\nD. {D}\nAnswer:")
 SPLITS = ("test", "val")
+# No header; columns question, A, B, C, D, answer letter.
+LAYOUT = SubjectCsvLayout("MMLU", "an", SPLITS, "dev/abstract_algebra_dev.csv", len(SUBJECTS), columns=6)
 
 
 def description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-
-
-def find_data_dir(path: str | os.PathLike) -> Path:
-    """The folder holding dev/ and test/: the given one, or its `data/` (the unpacked archive's top level)."""
-    root = Path(path)
-    if not root.is_dir():
-        raise QwenlinkError(f"{root}: MMLU data directory not found (expected a folder with dev/ and test/ holding "
-                            f"{{subject}}_dev.csv and {{subject}}_test.csv)")
-    for candidate in (root, root / "data"):
-        if (candidate / "dev").is_dir() and any((candidate / s).is_dir() for s in ("test", "val")):
-            return candidate
-    raise QwenlinkError(f"{root}: not an MMLU data directory (expected dev/ and test/ with {{subject}}_dev.csv and "
-                        f"{{subject}}_test.csv, e.g. dev/abstract_algebra_dev.csv)")
-
-
-def read_split(data_dir: Path, subject: str, split: str) -> list:
-    path = data_dir / split / f"{subject}_{split}.csv"
-    if not path.is_file():
-        raise QwenlinkError(f"{path}: missing (MMLU expects {split}/{{subject}}_{split}.csv for each of the "
-                            f"{len(SUBJECTS)} subjects; pass --subjects to run fewer)")
-    questions = [letter_question(row, f"{path}:{line}") for line, row in read_csv(path, columns=6)]
-    if not questions:
-        raise QwenlinkError(f"{path}: no questions")
-    return questions
 
 
 def load_mmlu(data_dir: str | os.PathLike, *, subjects: Optional[Sequence[str]] = None, split: str = "test",
@@ -70,11 +48,7 @@ def load_mmlu(data_dir: str | os.PathLike, *, subjects: Optional[Sequence[str]] 
     """Read the chosen subjects' `split` questions and the dev rows used as shots (all files checked up front)."""
     if split not in SPLITS:
         raise QwenlinkError(f"mmlu: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    root = find_data_dir(data_dir)
-    chosen = pick_subjects(SUBJECTS, subjects, "mmlu")
-    out = []
-    for name in chosen:
-        questions = read_split(root, name, split)
-        fewshot = read_split(root, name, "dev") if shots > 0 else []
-        out.append(Subject(name, SUBJECT_CATEGORY[name], description(name), questions, fewshot))
+    root = LAYOUT.find_data_dir(data_dir)
+    out = [Subject(name, SUBJECT_CATEGORY[name], description(name), *LAYOUT.read_subject(root, name, split, shots))
+           for name in pick_subjects(SUBJECTS, subjects, "mmlu")]
     return Task("mmlu", PROMPT, out, CATEGORIES, split)
