@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from qwenlink.data.counts import DocumentCounts
 from qwenlink.data.readers import RecordBatch
 from qwenlink.data.templates import Segment, Template, Turn, get_template
 from qwenlink.errors import QwenlinkError
@@ -40,16 +41,10 @@ class HandlerOptions:
 
 
 @dataclass
-class BatchResult:
-    """Token arrays for each output name: (tokens [sum(lengths)], lengths [n_docs]) + counters for the summary."""
+class BatchResult(DocumentCounts):
+    """Token arrays for each output name: (tokens [sum(lengths)], lengths [n_docs]) + this batch's counts."""
 
     outputs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
-    records: int = 0
-    documents: int = 0
-    tokens: int = 0
-    empty: int = 0
-    dropped_overlong: int = 0
-    truncated: int = 0
 
 
 def _concat(ids: Sequence[Sequence[int]], dtype: type = np.int64) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from typing import Iterator, TextIO
 
 import numpy as np
 
+from qwenlink.data.counts import DocumentCounts
 from qwenlink.data.handlers import Handler, HandlerOptions, make_handler
 from qwenlink.data.indexed import IndexedDatasetWriter, optimal_dtype
 from qwenlink.data.progress import Progress
@@ -39,14 +40,10 @@ class PreprocessConfig:
 
 
 @dataclass
-class PreprocessSummary:
+class PreprocessSummary(DocumentCounts):
+    """The whole run's counts (its batches' added up), plus what only the run knows."""
+
     files: int = 0
-    records: int = 0
-    documents: int = 0
-    tokens: int = 0
-    empty: int = 0
-    dropped_overlong: int = 0
-    truncated: int = 0
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
 
@@ -145,12 +142,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer: Tokenizer | None = None,
         for res in results:
             for name, (tokens, lengths) in res.outputs.items():
                 writers[name].add_documents(tokens, lengths)
-            summary.records += res.records
-            summary.documents += res.documents
-            summary.tokens += res.tokens
-            summary.empty += res.empty
-            summary.dropped_overlong += res.dropped_overlong
-            summary.truncated += res.truncated
+            summary.add(res)
             progress.update(res.records, res.documents, res.tokens)
         progress.close()
         if summary.documents == 0:
