@@ -20,27 +20,24 @@ def _files(root, rows: str, files: dict[str, str]) -> None:
         (root / split / f"{subject}_{split}.csv").write_text(rows, encoding="utf-8")
 
 
-@pytest.mark.parametrize("layout,text", [
-    (mmlu.LAYOUT, "{root}: MMLU data directory not found (expected a folder with dev/ and test/ holding "
-                  "{{subject}}_dev.csv and {{subject}}_test.csv)"),
-    (ceval.LAYOUT, "{root}: C-Eval data directory not found (expected a folder with dev/ and val/ holding "
-                   "{{subject}}_dev.csv and {{subject}}_val.csv)"),
+@pytest.mark.parametrize("layout,missing,wrong", [
+    (mmlu.LAYOUT,
+     "{root}: MMLU data directory not found (expected a folder with dev/ and test/ holding {{subject}}_dev.csv and "
+     "{{subject}}_test.csv)",
+     "{root}: not an MMLU data directory (expected dev/ and test/ with {{subject}}_dev.csv and {{subject}}_test.csv, "
+     "e.g. dev/abstract_algebra_dev.csv)"),
+    (ceval.LAYOUT,
+     "{root}: C-Eval data directory not found (expected a folder with dev/ and val/ holding {{subject}}_dev.csv and "
+     "{{subject}}_val.csv)",
+     "{root}: not a C-Eval data directory (expected dev/ and val/ with {{subject}}_dev.csv and {{subject}}_val.csv, "
+     "e.g. val/computer_network_val.csv)"),
 ])
-def test_missing_folder_message(tmp_path, layout, text):
-    root = tmp_path / "nope"
-    with pytest.raises(QwenlinkError, match=f"^{re.escape(text.format(root=root))}$"):
-        layout.find_data_dir(root)
-
-
-@pytest.mark.parametrize("layout,text", [
-    (mmlu.LAYOUT, "{root}: not an MMLU data directory (expected dev/ and test/ with {{subject}}_dev.csv and "
-                  "{{subject}}_test.csv, e.g. dev/abstract_algebra_dev.csv)"),
-    (ceval.LAYOUT, "{root}: not a C-Eval data directory (expected dev/ and val/ with {{subject}}_dev.csv and "
-                   "{{subject}}_val.csv, e.g. val/computer_network_val.csv)"),
-])
-def test_wrong_folder_message(tmp_path, layout, text):
+def test_folder_messages(tmp_path, layout, missing, wrong):
+    """The exact wording each benchmark used before the reader was shared."""
+    with pytest.raises(QwenlinkError, match=f"^{re.escape(missing.format(root=tmp_path / 'nope'))}$"):
+        layout.find_data_dir(tmp_path / "nope")
     (tmp_path / "dev").mkdir()  # dev/ alone is not enough
-    with pytest.raises(QwenlinkError, match=f"^{re.escape(text.format(root=tmp_path))}$"):
+    with pytest.raises(QwenlinkError, match=f"^{re.escape(wrong.format(root=tmp_path))}$"):
         layout.find_data_dir(tmp_path)
 
 
