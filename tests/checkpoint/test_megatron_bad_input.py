@@ -11,11 +11,11 @@ import torch
 
 from ckpt_helpers import cli_main, random_model  # noqa: F401 (cli_main is a fixture)
 from common import fixture_dir
-from qwenlink.checkpoint.convert import ModelSource
 from qwenlink.checkpoint.megatron import save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.megatron_read import MegatronSource
 from qwenlink.checkpoint.safe_load import safe_torch_load
+from qwenlink.checkpoint.sources import ModelSource
 from qwenlink.errors import QwenlinkError
 
 REL = "iter_0000001/{}/model_optim_rng.pt"

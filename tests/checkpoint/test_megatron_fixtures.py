@@ -9,12 +9,12 @@ import torch
 from safetensors.torch import load_file
 
 from common import fixture_dir
-from qwenlink.checkpoint.convert import HFSource, load_megatron_model
 from qwenlink.checkpoint.hf import load_hf_model, read_hf_config
 from qwenlink.checkpoint.megatron import save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.megatron_read import MegatronSource
 from qwenlink.checkpoint.safe_load import safe_torch_load
+from qwenlink.checkpoint.sources import HFSource, model_from_source
 
 QWEN = ("megatron-core-tiny-qwen2",)
 LAYOUTS = [("mcore-tp1", 1, 1), ("mcore-tp2", 2, 1), ("mcore-tp1-pp2", 1, 2)]
@@ -59,7 +59,7 @@ def test_config_from_args_and_from_reference():
 @pytest.mark.parametrize("name", ["mcore-tp2", "mcore-tp1-pp2"])
 def test_logits_of_fixture_equal_hf(name):
     hf_dir = fixture_dir(*QWEN, "hf")
-    ours = load_megatron_model(fixture_dir(*QWEN, name), reference=read_hf_config(hf_dir)).eval()
+    ours = model_from_source(MegatronSource(fixture_dir(*QWEN, name), reference=read_hf_config(hf_dir))).eval()
     ref = load_hf_model(hf_dir).eval()
     tokens = torch.tensor([[1, 5, 77, 257, 3, 9, 120, 42]])
     with torch.no_grad():

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_helpers import assert_same_tensors, params, random_model
-from qwenlink.checkpoint.convert import ModelSource, model_from_source
 from qwenlink.checkpoint.hf import read_hf_config, save_hf_model
 from qwenlink.checkpoint.megatron import chunk_roles, save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout, padded_vocab_size
 from qwenlink.checkpoint.megatron_names import build_chunk
 from qwenlink.checkpoint.megatron_read import MegatronSource
 from qwenlink.checkpoint.safe_load import safe_torch_load
+from qwenlink.checkpoint.sources import ModelSource, model_from_source
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.presets import get_preset
@@ -241,13 +241,14 @@ def test_qwen15_32b_seed_layout_shapes():
 
 def test_qwenlink_checkpoint_roundtrip_and_init_from_megatron(tmp_path):
     """Megatron -> qwenlink DCP -> Megatron -> model; and loading Megatron weights into an allocated model."""
-    from qwenlink.checkpoint.convert import ConvertOptions, convert, load_megatron_weights, read_megatron_config
+    from qwenlink.checkpoint.convert import ConvertOptions, convert
+    from qwenlink.checkpoint.loader import load_into, read_config
 
     model = random_model(layers=4, tied=True)
     save_megatron(ModelSource(model), tmp_path / "meg", make_layout(model.config, 2, 2), naming="legacy")
     convert(tmp_path / "meg", tmp_path / "q", ConvertOptions(to="qwenlink"), notice=lambda m: None)
     convert(tmp_path / "q", tmp_path / "meg2", ConvertOptions(to="megatron", tp=1, pp=4), notice=lambda m: None)
     assert_same_tensors(params(model_from_source(MegatronSource(tmp_path / "meg2"))), params(model))
-    target = build_model(read_megatron_config(tmp_path / "meg"), seed=5)
-    load_megatron_weights(target, tmp_path / "meg")
+    target = build_model(read_config(tmp_path / "meg"), seed=5)
+    load_into(target, tmp_path / "meg", notice=lambda m: None)
     assert_same_tensors(params(target), params(model))

@@ -40,7 +40,7 @@ def hflm(random_hf_model):
 @pytest.fixture(scope="session")
 def qwenlink_model(random_hf_model):
     """The same HF directory loaded by qwenlink, with the same tokenizer."""
-    from qwenlink.models.loader import load_model
+    from qwenlink.checkpoint.loader import load_model
     from qwenlink.tokenizer import Tokenizer
 
     loaded = load_model(str(random_hf_model))

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from qwenlink.checkpoint import safe_dcp
+from qwenlink.checkpoint.dtypes import check_float
 from qwenlink.checkpoint.safe_load import safe_torch_load
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text
 from qwenlink.models.config import ModelConfig
-from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.models.qwen2 import Qwen2Model, build_model
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -292,7 +293,8 @@ def _remove_step(step_dir: Path) -> None:
 # ---- loading ------------------------------------------------------------------------------------------------------
 def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.",
                  trainable_only: bool = False) -> None:
-    """Compare the checkpoint's tensor shapes with the model's before loading, naming the first mismatch."""
+    """Compare the checkpoint's tensor names, shapes and dtypes (an integer tensor where a weight belongs) with the
+    model's before loading, naming the first mismatch."""
     metadata = safe_dcp.load_dcp_metadata(Path(step_dir) / ".metadata").state_dict_metadata
     trainable = {n.replace("_checkpoint_wrapped_module.", "")  # state_dict() drops the wrapper's prefix
                  for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
@@ -307,6 +309,9 @@ def check_shapes(step_dir: Path, model: torch.nn.Module, prefix: str = "model.",
         if shape != tuple(tensor.shape):
             raise QwenlinkError(f"{step_dir}: tensor {name!r} has shape {list(shape)} in the checkpoint but "
                                 f"{list(tensor.shape)} in the model")
+        stored = getattr(getattr(meta, "properties", None), "dtype", None)
+        if tensor.is_floating_point() and isinstance(stored, torch.dtype):
+            check_float(str(step_dir), name, stored)
 
 
 def load_checkpoint(step_dir: str | os.PathLike, model: Qwen2Model, optimizer: Optional[torch.optim.Optimizer],
@@ -353,25 +358,14 @@ def read_model_config(step_dir: str | os.PathLike) -> ModelConfig:
 def load_model_from_checkpoint(ckpt_dir: str | os.PathLike, device: torch.device | str = "cpu",
                                dtype: torch.dtype = torch.float32,
                                shard: Optional[Callable[[Qwen2Model], object]] = None) -> Qwen2Model:
-    """The model of a qwenlink checkpoint (a step dir, a checkpoint dir or a run dir), weights only, for inference
-    and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`.
+    """The model of a full-model qwenlink checkpoint (a step dir, a checkpoint dir or a run dir), weights only, for
+    inference and conversion: built on meta from its config.json, materialised on `device`, loaded, cast to `dtype`.
 
     `shard` (tensor parallelism) is applied on the meta device, so each process allocates only its shards and DCP
-    reads only the slices they hold (one stored tensor at a time). A LoRA run's checkpoint (adapters only, plus
-    lora.json naming the base) gives its base with the adapters merged, loaded whole and then sharded.
+    reads only the slices they hold (one stored tensor at a time). A LoRA run's checkpoint holds adapters only and
+    needs its base: `qwenlink.checkpoint.loader.load_model` loads either kind.
     """
-    from qwenlink.models.qwen2 import build_model
-    from qwenlink.train.lora import LORA_FILE
-
     step_dir = resolve_step_dir(ckpt_dir)
-    if (step_dir / LORA_FILE).is_file():
-        from qwenlink.models.lora import merge_lora
-        from qwenlink.train.lora import load_lora_checkpoint
-
-        model = merge_lora(load_lora_checkpoint(step_dir)).to(device=device, dtype=dtype)
-        if shard is not None:
-            shard(model)
-        return model
     config = read_model_config(step_dir)
     model = build_model(config, device="meta", dtype=torch.float32)
     if shard is not None:

@@ -18,6 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwenlink.checkpoint.dtypes import check_float, dtype_name, parse_dtype, safetensors_dtype
+from qwenlink.checkpoint.shards import copy_into
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig
@@ -29,19 +31,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "added_tokens.json")
 # Buffers some exporters write that carry no learned state.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> Optional[torch.dtype]:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name not in _DTYPES:
-        raise QwenlinkError(f"unknown dtype {name!r} (expected one of fp32, bf16, fp16)")
-    return _DTYPES[name]
-
 
 def hf_name(name: str) -> str:
     """qwenlink parameter name -> HF Qwen2ForCausalLM name (HF adds `model.` to everything but lm_head)."""
@@ -62,19 +51,8 @@ def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
     if not Path(directory).is_dir():
         raise QwenlinkError(f"{directory}: model directory not found")
     if not path.is_file():
-        from qwenlink.checkpoint.dcp import interrupted_save
-
-        partial = interrupted_save(directory)
-        if partial is not None:
-            raise QwenlinkError(f"{partial}: qwenlink checkpoint is incomplete (no COMPLETE marker: its save was "
-                                f"interrupted) and {directory} holds no complete one")
         raise QwenlinkError(f"{path}: missing config.json (not an HF model directory)")
     return ModelConfig.from_hf_dict(read_json_object(path), source=str(path))
-
-
-def _slice_dtype(f, key: str) -> torch.dtype:
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    return names.get(f.get_slice(key).get_dtype(), torch.float32)
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -131,7 +109,7 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
     """
     directory = Path(directory)
     # Wrappers added from outside (activation checkpointing, torch.compile) do not change the checkpoint's names.
-    params = {_unwrapped_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
+    params = {unwrapped_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
     expected = {hf_name(n) for n in params if not (tied and n == "lm_head.weight" and "embed_tokens.weight" in params)}
     full_model_names = _full_model_hf_names(model.config)
@@ -148,14 +126,18 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
             continue  # belongs to another pipeline stage
         param = params[qwenlink_name(key)]
         try:
-            shape = tuple(f.get_slice(key).get_shape())
+            stored = f.get_slice(key)
+            shape, code = tuple(stored.get_shape()), stored.get_dtype()
         except Exception as exc:
             raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
         if shape != tuple(param.shape):
             raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(param.shape)} "
                                 f"from config.json")
+        check_float(str(file), key, safetensors_dtype(code, str(file), key))
         try:
-            _read_into(param, f, key)
+            # A tensor-parallel (DTensor) parameter reads only its own shard: `get_slice` copies just those
+            # rows/columns out of the memory-mapped file, so a rank never holds more than its shards.
+            copy_into(param, lambda index: f.get_tensor(key) if index is None else f.get_slice(key)[index])
         except Exception as exc:
             raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
         seen.add(key)
@@ -165,28 +147,9 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
-def _unwrapped_name(name: str) -> str:
+def unwrapped_name(name: str) -> str:
+    """A parameter's checkpoint name: without the prefixes activation checkpointing and torch.compile insert."""
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-def _read_into(param: torch.Tensor, f, key: str) -> None:
-    """Copy tensor `key` into `param`; a tensor-parallel (DTensor) parameter reads only its own shard from the file.
-
-    safetensors maps the file and `get_slice` copies just the requested rows/columns, so a rank of a TP group never
-    holds more than its shards (plus the replicated norms and biases) in memory.
-    """
-    if hasattr(param, "to_local"):
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-        local = param.to_local()
-        if tuple(shape) != tuple(local.shape):  # a sharding this reader cannot map to file offsets
-            raise ValueError(f"cannot map the shard {list(local.shape)} of {list(param.shape)} "
-                             f"({param.placements}) to a slice of the file")
-        index = tuple(slice(start, start + size) for start, size in zip(offset, shape))
-        local.copy_(f.get_slice(key)[index])
-    else:
-        param.copy_(f.get_tensor(key))
 
 
 def _full_model_hf_names(config: ModelConfig) -> set[str]:
@@ -209,7 +172,8 @@ def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = 
     if torch_dtype is None:
         with _open(files[0]) as f:
             keys = list(f.keys())
-            torch_dtype = _slice_dtype(f, keys[0]) if keys else torch.float32
+            stored = safetensors_dtype(f.get_slice(keys[0]).get_dtype(), str(files[0]), keys[0]) if keys else None
+            torch_dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
     model = build_model(config, device="meta", dtype=torch_dtype)
     if shard is not None:
         shard(model)
@@ -250,7 +214,7 @@ def _write_weights(tmp: Path, sizes: list[tuple[str, int]], fetch, max_shard_byt
 
 def _write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, tokenizer_dir, tokenizer,
                     generation_config: Optional[dict]) -> None:
-    hf_config = config.to_hf_dict(dtype=_DTYPE_NAMES.get(out_dtype, "float32"))
+    hf_config = config.to_hf_dict(dtype=dtype_name(out_dtype))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     gen = dict(generation_config or {})
     eos_id = getattr(tokenizer, "eos_id", None)

@@ -22,6 +22,7 @@ from typing import Any, Optional, Protocol, Union
 import torch
 
 from qwenlink.checkpoint import megatron_layout as ml
+from qwenlink.checkpoint.dtypes import dtype_name
 from qwenlink.checkpoint.megatron_names import IMPLS, NAMINGS, Key, build_chunk
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path
@@ -166,7 +167,7 @@ def megatron_args(config: ModelConfig, layout: ml.Layout, *, naming: str, padded
         use_legacy_models=naming == "legacy", use_mcore_models=naming == "core",
         transformer_impl=impl, tokenizer_type="HuggingFaceTokenizer" if naming == "core" else "PretrainedFromHF",
         consumed_train_samples=0, consumed_valid_samples=0,
-        qwenlink_hf_config=config.to_hf_dict(dtype=str(dtype).replace("torch.", "")),
+        qwenlink_hf_config=config.to_hf_dict(dtype=dtype_name(dtype)),
     )
 
 

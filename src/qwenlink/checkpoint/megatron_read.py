@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from qwenlink.checkpoint import megatron_layout as ml
+from qwenlink.checkpoint.dtypes import check_float
 from qwenlink.checkpoint.megatron import (Iteration, find_iteration_dir, find_rank_files, notice_to_stderr,
                                          rank_dir_name)
 from qwenlink.checkpoint.megatron_names import Key, UnknownKey, flatten_chunk, key_name
@@ -196,7 +197,8 @@ class MegatronSource:
         return ModelConfig.from_hf_dict(base, source=str(first))
 
     def _check_shapes(self) -> None:
-        """Every tensor of every rank against the shape the config implies (catches args that lie)."""
+        """Every tensor of every rank against the shape the config implies (catches args that lie), and floating
+        point (an integer tensor would otherwise be cast into the weights silently)."""
         cfg, tp = self.config, self.layout.tp
         h, d = cfg.hidden_size, cfg.head_dim
         qkv_rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d // tp
@@ -212,6 +214,7 @@ class MegatronSource:
                                         f"{list(tensor.shape)}, expected {list(expected[role])} from the checkpoint's "
                                         f"args (hidden {h}, heads {cfg.num_attention_heads}, groups "
                                         f"{cfg.num_key_value_heads}, ffn {cfg.intermediate_size}, TP {tp})")
+                check_float(str(self.files[(t, p)]), key_name(self.naming, role, j), tensor.dtype)
             for j in {j for (_, j) in flat if j is not None}:
                 for role in ("input_norm", "qkv.weight", "proj", "post_norm", "fc1", "fc2") + (
                         ("qkv.bias",) if cfg.qkv_bias else ()):

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwenlink.checkpoint.dtypes import check_float
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig
@@ -250,6 +251,7 @@ def read_peft_adapter(directory: str | os.PathLike, config: ModelConfig) -> Adap
                     raise QwenlinkError(f"{weights}: tensor {key!r} appears twice (as {keys[name]!r})")
                 state[name] = f.get_tensor(key)
                 keys[name] = key
+                check_float(str(weights), key, state[name].dtype)
     except QwenlinkError:
         raise
     except Exception as exc:

@@ -6,7 +6,7 @@ import argparse
 import time
 
 from qwenlink.checkpoint.convert import ConvertOptions, convert
-from qwenlink.checkpoint.hf import parse_dtype
+from qwenlink.checkpoint.dtypes import parse_dtype
 from qwenlink.checkpoint.megatron import parse_iteration
 from qwenlink.errors import QwenlinkError
 

@@ -82,19 +82,18 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.list_subjects:
         return _list_subjects(args.task)
     if args.model is None:
-        raise QwenlinkError("--model is required (an HF model directory or a preset name)")
+        raise QwenlinkError("--model is required (a model directory: HF, qwenlink or Megatron, or a preset name)")
     _check_args(args)
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     task = load_task(args.task, args.data, subjects=subjects, split=args.split, shots=args.shots)
     check_shots(task.subjects, args.shots, args.task)
 
-    from qwenlink.checkpoint.hf import parse_dtype
-    from qwenlink.commands.generate import check_vocab, pick_tokenizer
+    from qwenlink.checkpoint.dtypes import parse_dtype
     from qwenlink.device import resolve_device
     from qwenlink.evaluation.harness import LoglikelihoodScorer
     from qwenlink.evaluation.report import aggregate, comparison_line, format_table, model_size
     from qwenlink.evaluation.runner import run_task
-    from qwenlink.inference.session import load_for_inference
+    from qwenlink.inference.session import check_vocab, load_for_inference, pick_tokenizer
 
     if args.threads is not None:
         import torch

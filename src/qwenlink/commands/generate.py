@@ -10,18 +10,8 @@ from pathlib import Path
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text
 from qwenlink.inference.generate import generate
-from qwenlink.inference.sampling import SamplingParams
-from qwenlink.inference.session import check_vocab, open_session, pick_tokenizer  # noqa: F401 (re-exported)
+from qwenlink.inference.session import open_session, sampling_from_args
 from qwenlink.tokenizer import Tokenizer
-
-
-def sampling_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
-    temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                            stop_ids=frozenset(tokenizer.stop_ids()), stop_strings=tuple(args.stop))
-    params.validate()
-    return params
 
 
 def _read_jsonl_prompts(path: str, tokenizer: Tokenizer) -> list[str]:

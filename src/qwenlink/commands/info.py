@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from qwenlink.models.loader import resolve_config
+from qwenlink.checkpoint.loader import resolve_config
 
 DEFAULT_SEQ_LENGTH = 8192  # the ModelLink Qwen1.5 recipes' sequence length
 

@@ -81,8 +81,7 @@ class _Discard(io.TextIOBase):
 
 
 def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    from qwenlink.commands.generate import sampling_from_args
-    from qwenlink.inference.session import open_session
+    from qwenlink.inference.session import open_session, sampling_from_args
 
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                            seed=args.seed, lora=getattr(args, "lora", None))

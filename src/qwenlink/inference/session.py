@@ -1,20 +1,22 @@
-"""Loading a model + tokenizer for inference commands (generate, chat, serve) from one `--model` argument."""
+"""What an inference command (generate, chat, serve, eval) sets up from its arguments: the model and tokenizer from
+one `--model` argument (tensor-parallel under torchrun), and the sampling parameters."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from qwenlink.checkpoint.dtypes import parse_dtype
+from qwenlink.checkpoint.loader import LoadedModel, load_model, resolve_config
 from qwenlink.device import resolve_device
 from qwenlink.errors import QwenlinkError
-from qwenlink.models.loader import LoadedModel, load_model
+from qwenlink.inference.sampling import SamplingParams
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.tokenizer import Tokenizer, load_tokenizer
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -35,6 +37,16 @@ def pick_tokenizer(tokenizer_spec: str | None, model_tokenizer_dir) -> Tokenizer
     return Tokenizer.default()
 
 
+def sampling_from_args(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
+    """The sampling options generate and chat share (`--greedy`, `--temperature`, `--top-k`, ...), validated."""
+    temperature = 0.0 if args.greedy or args.temperature is None else args.temperature
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            stop_ids=frozenset(tokenizer.stop_ids()), stop_strings=tuple(args.stop))
+    params.validate()
+    return params
+
+
 def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
     """A tokenizer producing ids beyond the model's embedding would index out of range mid-run: refuse early."""
     if tokenizer.vocab_size > vocab_size:
@@ -44,15 +56,13 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int, where: str) -> None:
 
 def open_session(model: str, *, tokenizer: str | None = None, device: str | None = None, dtype: str = "fp32",
                  seed: int = 0, lora: str | None = None) -> InferenceSession:
-    """Load the model (HF dir or preset) and its tokenizer, and check they agree on the vocabulary.
+    """Load the model (any checkpoint directory or a preset) and its tokenizer, and check they agree on the vocabulary.
 
     `lora`: a PEFT adapter directory applied on top (unmerged), validated against the model first: an adapter that
     does not fit is an error, never silently skipped.
     """
     dev = resolve_device(device)
-    if dtype not in _DTYPES:
-        raise QwenlinkError(f"unknown dtype {dtype!r} (expected fp32, bf16 or fp16)")
-    loaded, rank, world = load_for_inference(model, device=dev, dtype=_DTYPES[dtype], seed=seed, lora=lora)
+    loaded, rank, world = load_for_inference(model, device=dev, dtype=parse_dtype(dtype), seed=seed, lora=lora)
     tok = pick_tokenizer(tokenizer, loaded.tokenizer_dir)
     check_vocab(tok, loaded.model.config.vocab_size, model)
     return InferenceSession(loaded.model, tok, model.rstrip("/").split("/")[-1], rank, world)
@@ -93,7 +103,6 @@ def _tensor_parallel_plan(spec: str, device: torch.device) -> tuple[Optional[Cal
         return None, 0, 1
     from torch.distributed.device_mesh import init_device_mesh
 
-    from qwenlink.models.loader import resolve_config
     from qwenlink.parallel.mesh import ParallelPlan, validate_plan
     from qwenlink.parallel.tensor import apply_tensor_parallel
 

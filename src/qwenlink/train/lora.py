@@ -16,10 +16,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from qwenlink.checkpoint.lora_run import LORA_FILE, is_lora_checkpoint, read_reference
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.lora import LoraConfig, apply_lora, cast_frozen_, iter_lora_modules
-
-LORA_FILE = "lora.json"
 
 
 def lora_of(cfg) -> Optional[LoraConfig]:
@@ -96,25 +95,6 @@ def reference_json(cfg, lora: LoraConfig) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def _step_dir(path: str | Path) -> Optional[Path]:
-    from qwenlink.checkpoint import dcp
-
-    try:
-        return dcp.resolve_step_dir(path) if dcp.is_qwenlink_checkpoint(path) else None
-    except QwenlinkError:
-        return None
-
-
-def is_lora_checkpoint(path: str | Path) -> bool:
-    step = _step_dir(path)
-    return step is not None and (step / LORA_FILE).is_file()
-
-
-def read_reference(path: str | Path) -> dict[str, Any]:
-    step = _step_dir(path) or Path(path)
-    return json.loads((step / LORA_FILE).read_text(encoding="utf-8"))
-
-
 def check_resume(step_dir: Path, cfg, lora: Optional[LoraConfig]) -> None:
     """A LoRA run resumes only from its own kind of checkpoint, on the same base, with the same adapter shape."""
     has_ref = (step_dir / LORA_FILE).is_file()
@@ -131,52 +111,3 @@ def check_resume(step_dir: Path, cfg, lora: Optional[LoraConfig]) -> None:
         if saved.get(key) != now[key]:
             raise QwenlinkError(f"{step_dir}: checkpoint was trained with {key} = {saved.get(key)!r} but the config "
                                 f"has {now[key]!r}; resuming would mix different models")
-
-
-# ---- using a LoRA checkpoint after the run --------------------------------------------------------------------------
-_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "tie_word_embeddings")
-
-
-def checkpoint_lora_config(step_dir: Path) -> LoraConfig:
-    """The adapters a LoRA checkpoint was trained with (from its lora.json)."""
-    ref = read_reference(step_dir)
-    try:
-        return LoraConfig(r=ref["r"], alpha=ref["alpha"], dropout=float(ref.get("dropout", 0.0)),
-                          target_modules=list(ref["target_modules"]),
-                          modules_to_save=list(ref["modules_to_save"]), use_rslora=bool(ref.get("use_rslora")))
-    except (KeyError, TypeError) as exc:
-        raise QwenlinkError(f"{step_dir / LORA_FILE}: missing or invalid field {exc}") from None
-
-
-def load_lora_checkpoint(path: str | Path, *, with_base: bool = True, lora: Optional[LoraConfig] = None) -> nn.Module:
-    """The model of a LoRA checkpoint (adapters only on disk), with its adapters loaded and not merged.
-
-    with_base: load the base model lora.json names underneath (for generating, evaluating or merging); without it
-    the base weights are left uninitialised (allocated, never touched), enough to export the adapters.
-    """
-    from qwenlink.checkpoint import dcp
-    from qwenlink.models.qwen2 import build_model
-
-    step_dir = dcp.resolve_step_dir(path)
-    lora = lora or checkpoint_lora_config(step_dir)
-    config = dcp.read_model_config(step_dir)
-    if with_base:
-        from qwenlink.checkpoint.convert import load_any_model
-
-        base = str(read_reference(step_dir).get("base_model") or "")
-        if not base or not Path(base).exists():
-            raise QwenlinkError(f"{step_dir / LORA_FILE}: base_model {base!r} not found (a relative path is read from "
-                                f"the current directory); export the adapters with `qwenlink convert --input "
-                                f"{path} --to peft --output DIR` and apply them to the base with --lora DIR")
-        model = load_any_model(base, dtype=torch.float32)
-        have, want = model.config.to_hf_dict(), config.to_hf_dict()
-        for key in _ARCHITECTURE:
-            if have.get(key) != want.get(key):
-                raise QwenlinkError(f"{step_dir / LORA_FILE}: base_model {base} has {key} = {have.get(key)!r} but "
-                                    f"the checkpoint was trained on {want.get(key)!r}")
-    else:
-        model = build_model(config, dtype=torch.float32, init=False)
-    apply_lora(model, lora)
-    dcp.load_checkpoint(step_dir, model, None, trainable_only=True)
-    return model.eval()

@@ -43,21 +43,18 @@ Parallelize = Callable[[Qwen2Model, JobConfig], Qwen2Model]
 
 # ---- model ----------------------------------------------------------------------------------------------------------
 def resolve_model_config(cfg: JobConfig) -> ModelConfig:
-    """The architecture: the preset, else init_from's config.json; then `[model.arch]` field overrides."""
-    from qwenlink.checkpoint.hf import read_hf_config
+    """The architecture: the preset, else init_from's (any checkpoint format, no weights read); then `[model.arch]`
+    field overrides (e.g. `rms_norm_eps`, which a Megatron checkpoint's args do not record exactly)."""
+    from qwenlink.checkpoint.loader import read_config
     from qwenlink.models.presets import get_preset
 
     if cfg.model.preset:
         config = get_preset(cfg.model.preset)
     elif cfg.model.init_from:
-        src = Path(cfg.model.init_from)
-        if ckpt.is_qwenlink_checkpoint(src):
-            config = ckpt.read_model_config(ckpt.resolve_step_dir(src))
-        else:
-            config = read_hf_config(src)
+        config = read_config(cfg.model.init_from)
     else:
-        raise QwenlinkError("config: set model.preset (e.g. qwen1.5-7b) or model.init_from (an HF directory or a "
-                            "qwenlink checkpoint)")
+        raise QwenlinkError("config: set model.preset (e.g. qwen1.5-7b) or model.init_from (an HF directory, a "
+                            "qwenlink checkpoint or a Megatron checkpoint)")
     if cfg.model.arch:
         names = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "extra"]
         for key in cfg.model.arch:
@@ -104,19 +101,11 @@ def build_training_model(cfg: JobConfig, config: ModelConfig, device: torch.devi
 
 
 def load_initial_weights(model: Qwen2Model, source: str) -> None:
-    """Weights from an HF directory or a qwenlink checkpoint, shapes checked tensor by tensor."""
-    from qwenlink.checkpoint.hf import is_hf_dir, load_hf_weights
+    """Weights from an HF directory, a qwenlink checkpoint or a Megatron checkpoint (any TP/PP/VPP) into the built
+    model (sharded or a pipeline stage), names, shapes and dtypes checked tensor by tensor."""
+    from qwenlink.checkpoint.loader import load_into
 
-    path = Path(source)
-    if not path.is_dir():
-        raise QwenlinkError(f"model.init_from: {path} not found (expected an HF directory or a qwenlink checkpoint)")
-    if ckpt.is_qwenlink_checkpoint(path):
-        ckpt.load_checkpoint(ckpt.resolve_step_dir(path), model, None)
-    elif is_hf_dir(path):
-        load_hf_weights(model, path)
-    else:
-        raise QwenlinkError(f"model.init_from: {path} is neither an HF directory (config.json) nor a qwenlink "
-                            f"checkpoint (step_NNNNNNNN/COMPLETE)")
+    load_into(model, source)
 
 
 # ---- one optimizer step -----------------------------------------------------------------------------------------

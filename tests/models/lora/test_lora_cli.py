@@ -66,14 +66,15 @@ def test_merge_lora_to_hf_equals_unmerged_and_generate_lora(tmp_path, tiny_fixtu
 
 
 def test_merge_lora_to_megatron(tmp_path, tiny_fixture_hf_module, adapter):
-    from qwenlink.checkpoint.convert import load_megatron_model
+    from qwenlink.checkpoint.megatron_read import MegatronSource
     from qwenlink.checkpoint.peft import apply_peft_adapter
+    from qwenlink.checkpoint.sources import model_from_source
 
     out = tmp_path / "mg"
     result = run_cli("convert", "--input", str(tiny_fixture_hf_module), "--output", str(out), "--to", "megatron",
                      "--tp", "2", "--merge-lora", str(adapter), "--config-from", str(tiny_fixture_hf_module))
     assert result.returncode == 0, result.stderr
-    merged = load_megatron_model(out, reference=load_hf_model(tiny_fixture_hf_module).config).eval()
+    merged = model_from_source(MegatronSource(out, reference=load_hf_model(tiny_fixture_hf_module).config)).eval()
     unmerged = load_hf_model(tiny_fixture_hf_module)
     apply_peft_adapter(unmerged, adapter)
     ids = torch.tensor([[1, 5, 9, 40, 200, 7]])

@@ -13,9 +13,9 @@ import torch
 from common import run_cli, write_counting_corpus
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.checkpoint.hf import load_hf_model, save_hf_model
+from qwenlink.checkpoint.loader import load_model
 from qwenlink.checkpoint.peft import apply_peft_adapter
 from qwenlink.errors import QwenlinkError
-from qwenlink.models.loader import load_model
 from qwenlink.models.presets import get_preset
 from qwenlink.models.qwen2 import build_model
 from qwenlink.train.config import load_config
