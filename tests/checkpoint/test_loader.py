@@ -16,17 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ckpt_helpers import random_model
 from common import fixture_dir, run_cli, write_counting_corpus
 from qwenlink.checkpoint import dcp
 from qwenlink.checkpoint.convert import ConvertOptions, convert
-from qwenlink.checkpoint.hf import load_hf_model, read_hf_config
+from qwenlink.checkpoint.hf import load_hf_model, read_hf_config, save_hf_model
 from qwenlink.checkpoint.loader import detect_format, load_into, load_model, read_config, resolve_config
 from qwenlink.checkpoint.lora_run import LORA_FILE
 from qwenlink.checkpoint.megatron import save_megatron
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.megatron_read import MegatronSource
 from qwenlink.checkpoint.peft import read_peft_adapter
-from qwenlink.checkpoint.sources import HFSource
+from qwenlink.checkpoint.sources import HFSource, ModelSource
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.lora import LoraConfig, apply_lora, iter_lora_modules, merge_lora
 from qwenlink.models.qwen2 import Qwen2Model, build_model
@@ -171,6 +172,28 @@ def test_load_into_a_meta_built_model_and_a_pipeline_stage(name):
     got = _params(stage)
     assert sorted(got) == sorted(n for n in reference if not n.startswith(("layers.0.", "embed_tokens")))
     assert all(torch.equal(p, reference[n]) for n, p in got.items())
+
+
+@pytest.mark.parametrize("fmt", ["hf", "megatron"])
+def test_load_into_a_last_stage_whose_tied_head_is_the_embedding(tmp_path, fmt):
+    """With tied embeddings the last of two stages holds the head but not the embedding; the head is loaded from the
+    embedding (HF files store no head; Megatron's first stage holds the embedding)."""
+    model = random_model(layers=2, tied=True)
+    path = tmp_path / fmt
+    if fmt == "hf":
+        save_hf_model(model, path)
+    else:
+        save_megatron(ModelSource(model), path, make_layout(model.config, 1, 2))
+    with torch.device("meta"):
+        stage = Qwen2Model(model.config)
+    del stage.layers["0"]
+    stage.embed_tokens = None
+    stage = stage.to_empty(device="cpu")
+    load_into(stage, path, notice=lambda m: None)
+    assert sorted(_params(stage)) == sorted([n for n in _params(model) if n.startswith("layers.1.")]
+                                            + ["lm_head.weight", "norm.weight"])
+    assert torch.equal(stage.lm_head.weight, model.embed_tokens.weight)
+    assert all(torch.equal(p, _params(model)[n]) for n, p in _params(stage).items() if n != "lm_head.weight")
 
 
 def test_load_into_checks_shapes_and_refuses_a_lora_run(lora_run):

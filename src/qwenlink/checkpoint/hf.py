@@ -105,13 +105,17 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
     """Copy every tensor of an HF checkpoint into `model`, checking names and shapes, streaming tensor by tensor.
 
     The model may be a pipeline stage (missing modules): tensors for modules it does not hold are skipped, but every
-    parameter it does hold must be found exactly once.
+    parameter it does hold must be found exactly once. A tied head on a stage without the embedding (the last of
+    several) reads the embedding, which is what the head is.
     """
     directory = Path(directory)
     # Wrappers added from outside (activation checkpointing, torch.compile) do not change the checkpoint's names.
     params = {unwrapped_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
-    expected = {hf_name(n) for n in params if not (tied and n == "lm_head.weight" and "embed_tokens.weight" in params)}
+    targets = {hf_name(n): p for n, p in params.items() if not (tied and n == "lm_head.weight")}  # file key -> param
+    if tied and "lm_head.weight" in params and "embed_tokens.weight" not in params:
+        targets[hf_name("embed_tokens.weight")] = params["lm_head.weight"]
+    expected = set(targets)
     full_model_names = _full_model_hf_names(model.config)
     seen: set[str] = set()
     for file, key, f in iter_hf_tensors(directory):
@@ -124,7 +128,7 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
                                 f"with this config.json)")
         if key not in expected:
             continue  # belongs to another pipeline stage
-        param = params[qwenlink_name(key)]
+        param = targets[key]
         try:
             stored = f.get_slice(key)
             shape, code = tuple(stored.get_shape()), stored.get_dtype()
