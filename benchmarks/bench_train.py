@@ -32,7 +32,9 @@ def run_qwenlink(args: argparse.Namespace) -> dict:
     from qwenlink.train.config import load_config
     from qwenlink.train.data import MicroBatch
     from qwenlink.train.optim import build_optimizer
-    from qwenlink.train.trainer import count_valid_tokens, forward_backward
+    from qwenlink.parallel.mesh import ParallelPlan
+    from qwenlink.parallel.parallelize import ModelChunks, build_layout
+    from qwenlink.train.step import TrainStep
 
     config = get_preset("qwen-bench")
     model = build_model(config, seed=0)
@@ -40,10 +42,14 @@ def run_qwenlink(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer(model, optim_cfg)
     tokens = _tokens(config.vocab_size, args.batch, args.seq)
     batch = MicroBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())   # [B, T] each
+    # The trainer's own step (train/step.py) on the one-process layout.
+    layout = build_layout(ParallelPlan(), torch.device("cpu"), config)
+    train_step = TrainStep(ModelChunks([model], [0], config, 1), layout, chunk_size=1024, seq_length=args.seq,
+                           pad_id=0)
 
     def step() -> float:
-        loss = forward_backward(model, [batch], total_valid=count_valid_tokens([batch]), chunk_size=1024)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        loss = train_step.forward_backward([batch], train_step.count_valid([batch]))
+        train_step.clip_grad_norm_(1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss)

@@ -18,26 +18,36 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_reference import STEPS, make_batches, make_config, make_initial_state, optimizer_for  # noqa: E402
 
+from qwenlink.models.config import ModelConfig  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
-from qwenlink.parallel.parallelize import build_parallel_model  # noqa: E402
+from qwenlink.parallel.parallelize import (ModelChunks, ParallelizeOptions, build_layout,  # noqa: E402
+                                           build_model_chunks, full_state_dict, load_full_state_dict)
+from qwenlink.train.data import MicroBatch  # noqa: E402
+from qwenlink.train.step import TrainStep  # noqa: E402
 
 
-def train_steps(pm, plan: ParallelPlan, spec: dict, optimizer) -> list[float]:
+def build(config: ModelConfig, plan: ParallelPlan, spec: dict, adapt=None) -> tuple[ModelChunks, TrainStep]:
+    """The trainer's own path: layout -> meta chunks, parallelized -> materialised -> TrainStep."""
+    layout = build_layout(plan, torch.device("cpu"), config)
+    chunks = build_model_chunks(config, layout, ParallelizeOptions(), adapt=adapt)
+    chunks.materialize(torch.device("cpu"))
+    return chunks, TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
+
+
+def train_steps(step: TrainStep, spec: dict, optimizer) -> list[float]:
     """The reference's optimizer steps under the layout: each dp replica takes its slice of every global batch.
     Returns the global loss per step (the same on every rank)."""
-    micro = spec["micro_batch"]
+    micro, plan = spec["micro_batch"], step.plan
     losses = []
     for ids, labels in make_batches(spec):
-        valid = int((labels != -100).sum())
         per_dp = ids.shape[0] // plan.dp
-        mine = slice(pm.dp_rank * per_dp, (pm.dp_rank + 1) * per_dp)
+        dp_rank = step.layout.dp_rank
+        mine = slice(dp_rank * per_dp, (dp_rank + 1) * per_dp)
         optimizer.zero_grad(set_to_none=True)
-        micro_batches = [(i, l, None, None) for i, l in zip(ids[mine].split(micro), labels[mine].split(micro))]
-        loss = pm.forward_backward(micro_batches, scale=plan.dp / valid)
-        total = loss.clone()
-        dist.all_reduce(total)  # over every rank: each dp replica's share, counted tp x pp times
-        losses.append(float(total) / (plan.tp * plan.pp))
-        pm.clip_grad_norm_(1.0)
+        micro_batches = [MicroBatch(i, l) for i, l in zip(ids[mine].split(micro), labels[mine].split(micro))]
+        loss = step.forward_backward(micro_batches, step.count_valid(micro_batches))
+        losses.append(float(loss))
+        step.clip_grad_norm_(1.0)
         optimizer.step()
     return losses
 
@@ -49,13 +59,13 @@ def main() -> None:
     rank = dist.get_rank()
     config = make_config(spec)
     plan = ParallelPlan(**spec["layout"])
-    pm = build_parallel_model(config, plan, torch.device("cpu"), seed=spec["seed"])
-    pm.load_full_state_dict(make_initial_state(spec))
-    optimizer = optimizer_for(pm.parameters())
-    losses = train_steps(pm, plan, spec, optimizer)
-    state = pm.full_state_dict()
-    if list(pm.mesh.get_coordinate())[1:] == [0, 0, 0]:  # one rank per pipeline stage group writes its stages
-        torch.save({"losses": losses, "state": state}, out / f"pp{pm.pp_rank}.pt")
+    chunks, step = build(config, plan, spec)
+    load_full_state_dict(chunks, make_initial_state(spec))
+    optimizer = optimizer_for(chunks.parameters())
+    losses = train_steps(step, spec, optimizer)
+    state = full_state_dict(chunks)
+    if list(step.layout.mesh.get_coordinate())[1:] == [0, 0, 0]:  # one rank per pipeline stage group writes
+        torch.save({"losses": losses, "state": state}, out / f"pp{step.layout.pp_rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -16,12 +16,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_reference import lora_config, make_lora_initial_state  # noqa: E402
-from layout_worker import train_steps  # noqa: E402
+from layout_worker import build, train_steps  # noqa: E402
 from parallel_reference import make_config, optimizer_for  # noqa: E402
 
 from qwenlink.models.lora import apply_lora  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
-from qwenlink.parallel.parallelize import build_parallel_model  # noqa: E402
+from qwenlink.parallel.parallelize import full_state_dict, load_full_state_dict  # noqa: E402
 
 
 def main() -> None:
@@ -30,17 +30,16 @@ def main() -> None:
     dist.init_process_group("gloo")
     config, cfg = make_config(spec), lora_config(spec)
     plan = ParallelPlan(**spec["layout"])
-    pm = build_parallel_model(config, plan, torch.device("cpu"), seed=spec["seed"],
-                              before_parallel=lambda stage: apply_lora(stage, cfg))
-    pm.load_full_state_dict(make_lora_initial_state(spec))
-    trainable = [p for p in pm.parameters() if p.requires_grad]
+    chunks, step = build(config, plan, spec, adapt=lambda model: apply_lora(model, cfg))
+    load_full_state_dict(chunks, make_lora_initial_state(spec))
+    trainable = [p for p in chunks.parameters() if p.requires_grad]
     optimizer = optimizer_for(trainable)
-    losses = train_steps(pm, plan, spec, optimizer)
-    state = pm.full_state_dict()
+    losses = train_steps(step, spec, optimizer)
+    state = full_state_dict(chunks)
     n_state = sum(len(s) for s in optimizer.state.values())
-    if list(pm.mesh.get_coordinate())[1:] == [0, 0, 0]:
+    if list(step.layout.mesh.get_coordinate())[1:] == [0, 0, 0]:
         torch.save({"losses": losses, "state": state, "optimizer_states": len(optimizer.state),
-                    "trainable": len(trainable), "n_state": n_state}, out / f"pp{pm.pp_rank}.pt")
+                    "trainable": len(trainable), "n_state": n_state}, out / f"pp{step.layout.pp_rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -80,8 +80,9 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
 
 
 @pytest.mark.parametrize("layout, nproc", [(["--parallel.tp=2", "--train.activation_checkpoint=full"], 2),
-                                           (["--parallel.pp=2"], 2), ([], 2), (["--parallel.tp=2"], 4)],
-                         ids=["tp2-activation-checkpointing", "pp2", "dp2-fsdp", "tp2-dp2"])
+                                           (["--parallel.pp=2"], 2), ([], 2), (["--parallel.tp=2"], 4),
+                                           (["--parallel.tp=2", "--parallel.sequence_parallel=false"], 2)],
+                         ids=["tp2-activation-checkpointing", "pp2", "dp2-fsdp", "tp2-dp2", "tp2-no-sp"])
 def test_train_command_under_layout_equals_single_process(corpus, single, single_run, tmp_path, layout, nproc):
     """Losses per step, the final checkpoint and the HF export (gathered from every shard) match one process."""
     from safetensors.torch import load_file
@@ -156,3 +157,44 @@ def test_lora_training_under_layout_equals_single_process(corpus, tmp_path, layo
     assert ours.keys() == ref.keys() and any("lora_B" in k for k in ref)
     for name in ref:
         assert (ours[name] - ref[name]).abs().max() <= 1e-5, name
+
+
+def test_preset_without_init_from_trains_the_same_at_tp2(corpus, tmp_path):
+    """No shared initial weights: the layout-independent initialisation alone makes tp2 equal one process."""
+    data, _ = corpus
+    runs = {}
+    for name, nproc, extra in (("single", None, []), ("tp2", 2, ["--parallel.tp=2"])):
+        out = tmp_path / name
+        args = [a for a in _args((data, ""), out, *extra) if not a.startswith("--model.init_from")]
+        result = _run([*args, "--model.preset=test-tiny"], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _losses(out)
+    _close(runs["tp2"], runs["single"], range(1, 5))
+
+
+def test_pp2_sft_with_varying_lengths_equals_single_process(corpus, tmp_path):
+    """SFT pads each step to its own longest sample; pipeline stages fix their shapes at the first step, so under
+    pp every step is padded to data.seq_length (steps whose lengths differ used to kill a rank)."""
+    import numpy as np
+
+    from qwenlink.data.indexed import IndexedDatasetWriter
+
+    _, init = corpus
+    prefix = tmp_path / "sft"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(f"{prefix}_packed_input_ids_document", np.int32) as ids, \
+            IndexedDatasetWriter(f"{prefix}_packed_labels_document", np.int32) as labels, \
+            IndexedDatasetWriter(f"{prefix}_packed_attention_mask_document", np.int32) as mask:
+        for n in rng.integers(2, 16, 32):
+            sample = rng.integers(2, 300, int(n)).tolist()
+            ids.add_document(sample)
+            labels.add_document([-100] * (len(sample) // 2) + sample[len(sample) // 2:])
+            mask.add_document([1] * len(sample))
+    runs = {}
+    for name, nproc, extra in (("single", None, []), ("pp2", 2, ["--parallel.pp=2"])):
+        out = tmp_path / name
+        args = [a for a in _args((str(prefix), init), out, *extra) if not a.startswith("--checkpoint.interval")]
+        result = _run([*args, "--job.mode=sft", "--data.pad_id=0", "--data.shuffle=false"], nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _losses(out)
+    _close(runs["pp2"], runs["single"], range(1, 5))

@@ -11,7 +11,7 @@ import torch
 
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.errors import QwenlinkError
-from qwenlink.train import trainer as trainer_mod
+from qwenlink.train import step as step_mod
 from qwenlink.train.trainer import Trainer
 
 
@@ -62,14 +62,13 @@ def test_gradient_accumulation_matches_one_big_batch(make_config) -> None:
 
 
 def test_accumulated_gradients_equal_big_batch_gradients(make_config) -> None:
-    from qwenlink.train.trainer import count_valid_tokens, forward_backward
-
-    t = quiet(make_config("train.micro_batch_size=4", "train.global_batch_size=4", "checkpoint.save_final=false"))
+    t = quiet(make_config("train.micro_batch_size=4", "train.global_batch_size=4", "checkpoint.save_final=false",
+                          "train.loss_chunk_size=5"))
     batch = t.data.next()
     halves = [type(batch)(batch.input_ids[i:i + 1], batch.labels[i:i + 1]) for i in range(4)]
     grads = []
     for parts in ([batch], halves):
-        loss = forward_backward(t.model, parts, total_valid=count_valid_tokens(parts), chunk_size=5)
+        loss = t.step_fn.forward_backward(parts, t.step_fn.count_valid(parts))
         grads.append((loss, [p.grad.clone() for p in t.model.parameters()]))
         t.optimizer.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0][0], grads[1][0])
@@ -101,7 +100,7 @@ def test_packed_sft_and_activation_checkpointing(make_config, sft_prefix: str) -
 
 
 def test_nonfinite_loss_is_skipped_counted_and_aborts_without_nan_checkpoint(make_config, monkeypatch) -> None:
-    real = trainer_mod.model_loss
+    real = step_mod.model_loss
     calls = {"n": 0}
     poisoned_steps = {3}  # one transient NaN step, then from step 6 on every step
 
@@ -113,7 +112,7 @@ def test_nonfinite_loss_is_skipped_counted_and_aborts_without_nan_checkpoint(mak
             loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(trainer_mod, "model_loss", flaky)
+    monkeypatch.setattr(step_mod, "model_loss", flaky)
     cfg = make_config("train.train_iters=20", "train.max_nonfinite_steps=3", "checkpoint.interval=1")
     t = quiet(cfg)
     with pytest.raises(QwenlinkError, match=r"not finite for 3 steps in a row \(steps 6..8.*stopped without saving"):
@@ -209,3 +208,60 @@ def test_bf16_compute_keeps_fp32_master_weights(make_config) -> None:
     assert all(s["exp_avg"].dtype == torch.float32 for s in bf16.optimizer.state.values())
     for a, b in zip(fp32.history, bf16.history):
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)
+
+
+def test_compile_applies_in_one_process(make_config) -> None:
+    """parallel.compile = true compiles every decoder block in one process too, and trains like eager."""
+    eager = quiet(make_config("train.train_iters=2", "checkpoint.save_final=false", out="a"))
+    eager.train()
+    compiled = quiet(make_config("train.train_iters=2", "checkpoint.save_final=false", "parallel.compile=true",
+                                 out="b"))
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers.values())
+    compiled.train()
+    assert [r["loss"] for r in compiled.history] == pytest.approx([r["loss"] for r in eager.history], rel=1e-5)
+
+
+def test_lora_dropout_recomputes_the_same_masks_under_activation_checkpointing(make_config, tmp_path) -> None:
+    """Recomputed blocks must draw the forward's dropout masks: the same run with and without checkpointing."""
+    from qwenlink.checkpoint.hf import save_hf_model
+    from qwenlink.models.presets import get_preset
+    from qwenlink.models.qwen2 import build_model
+
+    base = tmp_path / "base"
+    save_hf_model(build_model(get_preset("test-tiny"), seed=3), base)
+    lora = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.2", f"model.init_from={base}", "model.preset=",
+            "train.train_iters=4", "checkpoint.save_final=false", "optim.lr=1e-2"]
+    plain = quiet(make_config(*lora, out="plain"))
+    plain.train()
+    ac = quiet(make_config(*lora, "train.activation_checkpoint=full", out="ac"))
+    ac.train()
+    assert [r["loss"] for r in ac.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-6)
+
+
+def test_sft_pad_id_comes_from_the_tokenizer_and_must_fit_the_vocabulary(make_config, tmp_path) -> None:
+    """A 258-token model with its own tokenizer: the pad id is the tokenizer's (not Qwen's 151643), and an
+    explicit id outside the vocabulary is refused before training, naming the field."""
+    import numpy as np
+
+    from common import fixture_dir
+    from qwenlink.data.indexed import IndexedDatasetWriter
+
+    hf = fixture_dir("megatron-core-tiny-qwen2", "hf")
+    prefix = tmp_path / "small"
+    rng = np.random.default_rng(0)
+    with IndexedDatasetWriter(f"{prefix}_packed_input_ids_document", np.int32) as ids, \
+            IndexedDatasetWriter(f"{prefix}_packed_labels_document", np.int32) as labels, \
+            IndexedDatasetWriter(f"{prefix}_packed_attention_mask_document", np.int32) as mask:
+        for n in rng.integers(3, 14, 16):  # lengths differ, so every micro batch is padded
+            sample = rng.integers(2, 250, int(n)).tolist()
+            ids.add_document(sample)
+            labels.add_document([-100] * (len(sample) // 2) + sample[len(sample) // 2:])
+            mask.add_document([1] * len(sample))
+    sft = ("job.mode=sft", f"data.path={prefix}", f"data.tokenizer={hf}", f"model.init_from={hf}", "model.preset=",
+           "train.train_iters=2", "checkpoint.save_final=false")
+    t = quiet(make_config(*sft, out="auto"))
+    assert t.cfg.data.pad_id == 1  # the fixture tokenizer's pad token
+    t.train()
+    assert all(math.isfinite(r["loss"]) for r in t.history)
+    with pytest.raises(QwenlinkError, match=r"data.pad_id = 151643 is outside the model's vocabulary of 258"):
+        quiet(make_config(*sft, "data.pad_id=151643", out="explicit"))

@@ -10,14 +10,10 @@ from qwenlink.train.config import load_config
 
 def check_layout(cfg, world_size: int) -> None:
     """Validate the parallel layout for `world_size` processes against the model's shape and the batch."""
-    from qwenlink.parallel.mesh import validate_plan
     from qwenlink.train.config import parallel_plan
     from qwenlink.train.trainer import resolve_model_config
 
-    model_config = resolve_model_config(cfg)
-    plan = parallel_plan(cfg, world_size, model_config.num_hidden_layers)
-    validate_plan(plan, model_config, global_batch=cfg.train.global_batch_size,
-                  micro_batch=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length)
+    parallel_plan(cfg, world_size, resolve_model_config(cfg))
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -40,7 +36,8 @@ def run_train(args: argparse.Namespace) -> int:
     from qwenlink.train.trainer import Trainer
 
     try:
-        trainer = Trainer(cfg, stream=sys.stdout, rank=info.rank, world_size=info.world_size)
+        trainer = Trainer(cfg, stream=sys.stdout, rank=info.rank, world_size=info.world_size,
+                          local_rank=info.local_rank)
         return trainer.train()
     finally:
         if info.distributed:

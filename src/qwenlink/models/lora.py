@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.models.qwen2 import InitRule
 
 Tensor = torch.Tensor
 
@@ -158,11 +159,20 @@ class LoraLinear(nn.Linear):
             module.reset_adapter_parameters()
         return module
 
+    def init_rule(self, param_name: str, std: float) -> Optional[InitRule]:
+        """PEFT's default for the adapters: A like nn.Linear's init (kaiming uniform with a = sqrt(5), i.e. uniform
+        in +-1/sqrt(in_features)), B = 0, so the adapted model starts as the base. None: the base's own rule."""
+        if param_name == "lora_A":
+            return InitRule("uniform", 1.0 / math.sqrt(self.in_features))
+        if param_name == "lora_B":
+            return InitRule("zeros")
+        return None
+
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:
-        """PEFT's default: A like nn.Linear's init (kaiming uniform), B = 0, so the adapted model starts as the base."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        """Fresh adapters (see `init_rule`), drawn from torch's global generator."""
+        for name in ("lora_A", "lora_B"):
+            self.init_rule(name, 0.0).apply_(getattr(self, name))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)  # [..., out]

@@ -13,6 +13,7 @@ Module names equal HF's without the `model.` prefix, which keeps the HF checkpoi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -221,6 +222,39 @@ def build_attention_mask(attention_mask: Optional[Tensor], query_slots: Tensor, 
     return allowed
 
 
+@dataclass(frozen=True)
+class InitRule:
+    """How one parameter starts: "normal" (std = scale), "uniform" (in [-scale, scale]), "zeros" or "ones"."""
+
+    kind: str
+    scale: float = 0.0
+
+    def apply_(self, param: Tensor) -> None:
+        """Draw in place from torch's global generator."""
+        if self.kind == "normal":
+            nn.init.normal_(param, mean=0.0, std=self.scale)
+        elif self.kind == "uniform":
+            nn.init.uniform_(param, -self.scale, self.scale)
+        else:
+            nn.init.zeros_(param) if self.kind == "zeros" else nn.init.ones_(param)
+
+
+def init_rule(module: nn.Module, param_name: str, std: float) -> InitRule:
+    """HF's Qwen2 init: Normal(0, std) for matrices and embeddings, zeros for biases, ones for norms. Modules added
+    from outside (LoRA adapters) say how their own extra parameters start through an `init_rule` method."""
+    own = getattr(module, "init_rule", None)
+    rule = own(param_name, std) if own is not None else None
+    if rule is not None:
+        return rule
+    if isinstance(module, RMSNorm):
+        return InitRule("ones")
+    if param_name == "bias":
+        return InitRule("zeros")
+    if isinstance(module, (nn.Linear, nn.Embedding)) and param_name == "weight":
+        return InitRule("normal", std)
+    raise ValueError(f"no initialisation rule for {type(module).__name__}.{param_name}")
+
+
 class Qwen2Model(nn.Module):
     """Token embedding -> decoder layers -> final norm -> lm_head; each end optional (pipeline stages)."""
 
@@ -237,23 +271,13 @@ class Qwen2Model(nn.Module):
     # ---- initialisation -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, std: Optional[float] = None) -> None:
-        """Normal(0, std) for matrices and embeddings, zeros for biases, ones for norms (HF's Qwen2 init)."""
+        """Draw every parameter by `init_rule` from torch's global generator (one process; the trainer uses
+        `parallel.init.init_weights`, which draws the same rules independently of the layout)."""
         std = self.config.initializer_range if std is None else std
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-                # Adapters added from outside (models/lora.py) initialise their own extra parameters.
-                reset_adapter = getattr(module, "reset_adapter_parameters", None)
-                if reset_adapter is not None:
-                    reset_adapter()
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
-                module.reset_parameters()
-        if self.config.tie_word_embeddings and self.lm_head is not None and self.embed_tokens is not None:
-            self.lm_head.weight = self.embed_tokens.weight
+            for name, param in module.named_parameters(recurse=False):
+                init_rule(module, name, std).apply_(param)
+        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Re-tie lm_head to the embedding (needed after `to_empty`, which re-creates parameters)."""

@@ -6,7 +6,7 @@ bad launch fails in a second with the reason instead of deep inside a collective
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from qwenlink.errors import QwenlinkError
@@ -27,7 +27,6 @@ class ParallelPlan:
     sequence_parallel: bool = True  # with tp > 1: shard norms / residual activations over the sequence
     schedule: str = "1f1b"  # pipeline schedule (interleaved ones need vpp > 1)
     num_layer_list: Optional[list[int]] = None  # explicit layers per pipeline rank (ModelLink's --num-layer-list)
-    mesh_dims: tuple[str, ...] = field(default=("pp", "dp_replicate", "dp_shard", "tp"), repr=False)
 
     @property
     def dp(self) -> int:
@@ -72,8 +71,8 @@ def plan_from_sizes(*, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1,
     return plan
 
 
-def validate_plan(plan: ParallelPlan, config: ModelConfig, *, global_batch: Optional[int] = None,
-                  micro_batch: Optional[int] = None, seq_length: Optional[int] = None) -> None:
+def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Optional[int] = None,
+                  seq_length: Optional[int] = None) -> None:
     """Check every divisibility the layout needs, with the exact reason when one fails."""
     if config.num_attention_heads % plan.tp:
         raise QwenlinkError(f"parallel: tp {plan.tp} does not divide num_attention_heads {config.num_attention_heads}")
@@ -95,11 +94,7 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, global_batch: Opti
     stage_layers(plan, config.num_hidden_layers)  # raises on a bad split
     if plan.sequence_parallel and plan.tp > 1 and seq_length is not None and seq_length % plan.tp:
         raise QwenlinkError(f"parallel: sequence parallelism needs seq_length {seq_length} divisible by tp {plan.tp}")
-    if global_batch is not None and micro_batch is not None:
-        if global_batch % (micro_batch * plan.dp):
-            raise QwenlinkError(f"parallel: global batch {global_batch} is not divisible by micro batch {micro_batch} x "
-                                f"data-parallel size {plan.dp}")
-        micro_batches = global_batch // (micro_batch * plan.dp)
+    if micro_batches is not None:  # per optimizer step on each data-parallel rank
         if plan.pp > 1 and micro_batches < plan.pp and plan.schedule != "gpipe":
             raise QwenlinkError(f"parallel: {micro_batches} micro batches per step cannot fill {plan.pp} pipeline "
                                 f"stages (raise the global batch or use the gpipe schedule)")
@@ -140,15 +135,6 @@ def stage_layers(plan: ParallelPlan, num_layers: int) -> list[list[int]]:
 def stages_of_rank(plan: ParallelPlan, pp_rank: int) -> list[int]:
     """The stage indices a pipeline rank runs, in execution order (its model chunks)."""
     return [chunk * plan.pp + pp_rank for chunk in range(plan.vpp)]
-
-
-def build_mesh(plan: ParallelPlan, device_type: str):
-    """A DeviceMesh with the dims of size > 1 (always at least one), named pp / dp_replicate / dp_shard / tp."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    sizes = {"pp": plan.pp, "dp_replicate": plan.dp_replicate, "dp_shard": plan.dp_shard, "tp": plan.tp}
-    names = [n for n in plan.mesh_dims if sizes[n] > 1] or ["dp_shard"]
-    return init_device_mesh(device_type, tuple(sizes[n] for n in names), mesh_dim_names=tuple(names))
 
 
 def submesh(mesh, *names: str):

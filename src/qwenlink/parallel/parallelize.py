@@ -1,38 +1,87 @@
-"""Put the pieces together: one rank's share of a model under any pp x dp x tp layout, and its training step.
+"""One rank's share of a model under any layout: the device mesh, pipeline stages, and `parallelize`.
 
-`build_parallel_model` cuts pipeline stages from a meta-device model, applies activation checkpointing, tensor
-(+ sequence) parallelism and FSDP2 to each, and materialises them. `ParallelModel.forward_backward` runs one optimizer
-step's micro batches (through the pipeline schedule when pp > 1), `clip_grad_norm_` computes the global norm across
-all layouts, and the full-state-dict helpers move weights in and out layout-independently.
+The trainer always takes the same path, whatever the world size (one process is the plan with every size 1):
+
+    full model on meta -> (LoRA adapters) -> this rank's pipeline stages -> parallelize(stage):
+        tensor / sequence parallel -> activation checkpointing -> torch.compile -> FSDP2
+    -> materialise on the device -> layout-independent init (parallel/init.py) -> load initial weights
+
+Tensor parallelism comes first so that the modules it rewrites are the plain ones; checkpointing and compilation
+then wrap whole (already sharded) blocks, and FSDP2 goes last so that its hooks sit outside compiled frames.
+Nothing here runs a training step; train/step.py does.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
-from qwenlink.parallel.data import apply_fsdp, set_gradient_sync
-from qwenlink.parallel.mesh import ParallelPlan, build_mesh, submesh, validate_plan
-from qwenlink.parallel.pipeline import build_schedule, split_stages, tied_embedding_group
-from qwenlink.parallel.tensor import IGNORE_INDEX, apply_tensor_parallel, loss_context, vocab_parallel_loss
+from qwenlink.parallel.data import apply_fsdp
+from qwenlink.parallel.mesh import ParallelPlan, submesh
+from qwenlink.parallel.pipeline import split_stages, tied_embedding_group
+from qwenlink.parallel.tensor import apply_tensor_parallel
 
-ModuleHook = Callable[[Qwen2Model], None]
-MicroBatchTensors = tuple  # (input_ids, labels, position_ids | None, attention_mask | None)
+ModuleHook = Callable[[Qwen2Model], object]
 
 
+# ---- the mesh -------------------------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """A plan's device mesh and the sub-meshes / groups the step needs; in one process every handle is None."""
+
+    plan: ParallelPlan
+    device: torch.device
+    mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp), size-1 dims included
+    tp_mesh: Optional[object] = None
+    dp_mesh: Optional[object] = None
+    pp_group: Optional[object] = None
+    tied_group: Optional[object] = None  # first + last pipeline rank, when the head is tied to the embedding
+
+    def _coordinate(self, dim: str) -> int:
+        if self.mesh is None:
+            return 0
+        return self.mesh.get_coordinate()[list(self.mesh.mesh_dim_names).index(dim)]
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among data-parallel replicas (ranks with the same index see the same data)."""
+        return self._coordinate("dp_replicate") * self.plan.dp_shard + self._coordinate("dp_shard")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coordinate("pp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._coordinate("tp")
+
+
+def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig) -> Layout:
+    """The mesh of `plan` on `device`'s type (collective: every rank calls it); nothing to build in one process."""
+    if plan.world_size == 1:
+        return Layout(plan, device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard, plan.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+    return Layout(plan, device, mesh=mesh,
+                  tp_mesh=mesh["tp"] if plan.tp > 1 else None,
+                  dp_mesh=submesh(mesh, "dp_replicate", "dp_shard") if plan.dp > 1 else None,
+                  pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
+                  tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
+
+
+# ---- this rank's model ------------------------------------------------------------------------------------------------
 class ModelParts(nn.Module):
-    """This rank's model chunks seen as one module with the full model's parameter names.
+    """Several model chunks (virtual pipeline stages) seen as one module with the full model's parameter names.
 
-    Optimizer, checkpoints (DCP reshards by these names) and exports work on it; it is never called forward
-    (the chunks run through the pipeline schedule).
+    Optimizer, checkpoints (DCP reshards by these names) and loaders work on it; it is never called forward (the
+    chunks run through the pipeline schedule).
     """
 
     def __init__(self, chunks: list[Qwen2Model], config: ModelConfig) -> None:
@@ -46,38 +95,17 @@ class ModelParts(nn.Module):
         self.lm_head = last.lm_head if last is not None else None
 
     def forward(self, *args, **kwargs):  # pragma: no cover - a container, not a model
-        raise RuntimeError("ModelParts holds pipeline chunks; run them through ParallelModel.forward_backward")
+        raise RuntimeError("ModelParts holds pipeline chunks; run them through the pipeline schedule")
 
 
 @dataclass
-class ParallelModel:
-    plan: ParallelPlan
-    config: ModelConfig
-    device: torch.device
-    mesh: object
-    modules: list[Qwen2Model]  # this rank's model chunks, in stage order
+class ModelChunks:
+    """This rank's model chunks (pipeline stages, in execution order; one chunk without pipeline parallelism)."""
+
+    modules: list[Qwen2Model]
     stage_ids: list[int]
-    tp_mesh: Optional[object]
-    dp_mesh: Optional[object]
-    pp_group: Optional[object]
-    tied_group: Optional[object]
-    chunk_size: int = 1024
-    _schedules: dict = field(default_factory=dict, repr=False)
-    _scale: float = 1.0
-
-    # ---- ranks ----------------------------------------------------------------------------------------------------
-    @property
-    def dp_rank(self) -> int:
-        """This rank's index among data-parallel replicas (ranks with the same index see the same data)."""
-        coords = self.mesh.get_coordinate()
-        names = list(self.mesh.mesh_dim_names)
-        rep = coords[names.index("dp_replicate")]
-        shard = coords[names.index("dp_shard")]
-        return rep * self.plan.dp_shard + shard
-
-    @property
-    def pp_rank(self) -> int:
-        return self.mesh.get_coordinate()[list(self.mesh.mesh_dim_names).index("pp")]
+    config: ModelConfig
+    num_stages: int
 
     @property
     def has_first_stage(self) -> bool:
@@ -85,21 +113,12 @@ class ParallelModel:
 
     @property
     def has_last_stage(self) -> bool:
-        return self.plan.num_stages - 1 in self.stage_ids
+        return self.num_stages - 1 in self.stage_ids
 
     @property
     def state_module(self) -> nn.Module:
-        """One module with the full model's parameter names for optimizer, checkpoints and export."""
+        """One module with the full model's parameter names for optimizer, checkpoints, loading and export."""
         return self.modules[0] if len(self.modules) == 1 else ModelParts(self.modules, self.config)
-
-    def parameters(self) -> list[nn.Parameter]:
-        seen, out = set(), []
-        for module in self.modules:
-            for p in module.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         seen, out = set(), []
@@ -110,196 +129,103 @@ class ParallelModel:
                     out.append((name, p))
         return out
 
-    # ---- weights in and out ---------------------------------------------------------------------------------------
-    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Distribute full (unsharded) tensors, keyed like Qwen2Model.state_dict(), into this rank's shards."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
 
+    def tied_head_copy(self) -> Optional[nn.Parameter]:
+        """The last stage's copy of an embedding tied to the head when the two live on different pipeline ranks
+        (a second copy of one weight: counted once in the gradient norm), else None."""
+        if not self.config.tie_word_embeddings:
+            return None
         for module in self.modules:
-            own = module.state_dict().keys()
-            subset = {k: v for k, v in state.items() if k in own}
-            missing = sorted(set(own) - set(subset))
-            if missing:
-                raise KeyError(f"state dict lacks {missing[0]}")
-            set_model_state_dict(module, subset, options=StateDictOptions(full_state_dict=True, strict=True))
+            if module.lm_head is not None and module.embed_tokens is None:
+                return module.lm_head.weight
+        return None
+
+    def materialize(self, device: torch.device) -> None:
+        """Allocate every chunk on `device` (values undefined until initialised or loaded)."""
+        for module in self.modules:
+            module.to_empty(device=device)
             module.tie_weights()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter of this rank's chunks as a full CPU tensor (collective over tp and dp)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        out: dict[str, torch.Tensor] = {}
-        for module in self.modules:
-            sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-            for k, v in sd.items():
-                if hasattr(v, "full_tensor"):
-                    v = v.full_tensor()
-                out[k] = v.detach().to("cpu").clone()
-        return out
+@dataclass
+class ParallelizeOptions:
+    """What `parallelize` applies besides the layout itself."""
 
-    # ---- one optimizer step's forward and backward ---------------------------------------------------------------
-    def forward_backward(self, micro_batches: list[MicroBatchTensors], *, scale: float) -> torch.Tensor:
-        """Accumulate gradients for this data-parallel rank's micro batches of one global batch.
-
-        Each micro batch is (input_ids [b, T], labels [b, T], position_ids or None, attention_mask or None), labels
-        aligned with inputs (IGNORE_INDEX where masked). `scale` multiplies each summed token loss; the caller passes
-        dp / (valid tokens in the global batch) so that FSDP's averaging over data-parallel ranks yields the exact
-        global mean. Returns this rank's share of the global mean loss (equal on every tp and pp rank).
-        """
-        self._scale = scale
-        if self.plan.pp == 1:
-            total = self._forward_backward_local(micro_batches)
-        else:
-            total = self._forward_backward_pipeline(micro_batches)
-        self._sync_tied_gradients()
-        return total / self.plan.dp
-
-    def _loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Scaled summed CE of the last stage's output: vocab-parallel logits with tp, full logits otherwise."""
-        if self.tp_mesh is not None:
-            return vocab_parallel_loss(output, labels, self.tp_mesh, scale=self._scale)
-        return F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum") * self._scale
-
-    def _forward_backward_local(self, micro_batches: list[MicroBatchTensors]) -> torch.Tensor:
-        from qwenlink.train.loss import model_loss
-
-        module = self.modules[0]
-        total = torch.zeros((), dtype=torch.float32)
-        for i, (ids, labels, positions, mask) in enumerate(micro_batches):
-            ids, labels = ids.to(self.device), labels.to(self.device)
-            positions = positions.to(self.device) if positions is not None else None
-            mask = mask.to(self.device) if mask is not None else None
-            set_gradient_sync([module], i == len(micro_batches) - 1)
-            with loss_context(self.tp_mesh):
-                if self.tp_mesh is not None:
-                    loss = self._loss(module(ids, position_ids=positions, attention_mask=mask), labels)
-                else:
-                    loss, _ = model_loss(module, ids, labels, scale=self._scale, chunk_size=self.chunk_size,
-                                         position_ids=positions, attention_mask=mask)
-                loss.backward()
-            total += loss.detach().float().cpu()
-        return total
-
-    def _forward_backward_pipeline(self, micro_batches: list[MicroBatchTensors]) -> torch.Tensor:
-        """All micro batches go through the schedule at once; they must share one length (padded by the caller).
-        Per-sample positions / masks cannot cross stage boundaries, so packed samples are refused upstream and right
-        padding needs no mask (causal attention never looks ahead at the pads)."""
-        input_ids = torch.cat([mb[0] for mb in micro_batches]).to(self.device)  # [n x b, T]
-        labels = torch.cat([mb[1] for mb in micro_batches]).to(self.device)
-        n_microbatches = len(micro_batches)
-        schedule = self._schedules.get(n_microbatches)
-        if schedule is None:
-            schedule = build_schedule(self.plan, list(zip(self.stage_ids, self.modules)), device=self.device,
-                                      pp_group=self.pp_group, n_microbatches=n_microbatches, loss_fn=self._loss)
-            self._schedules[n_microbatches] = schedule
-        losses: list[torch.Tensor] = []
-        with loss_context(self.tp_mesh):
-            if self.has_first_stage:
-                schedule.step(input_ids, target=labels if self.has_last_stage else None, losses=losses)
-            elif self.has_last_stage:
-                schedule.step(target=labels, losses=losses)
-            else:
-                schedule.step()
-        total = torch.stack([l.detach().float() for l in losses]).sum().cpu() if losses else torch.zeros(())
-        dist.all_reduce(total, group=self.pp_group)  # only the last stage had it
-        return total
-
-    @torch.no_grad()
-    def eval_loss(self, ids: torch.Tensor, labels: torch.Tensor, positions=None, mask=None) -> tuple[float, int]:
-        """Summed validation loss and valid-token count of one micro batch (no pipeline: pp must be 1)."""
-        module = self.modules[0]
-        ids, labels = ids.to(self.device), labels.to(self.device)
-        with loss_context(self.tp_mesh):
-            if self.tp_mesh is not None:
-                saved, self._scale = self._scale, 1.0
-                loss = self._loss(module(ids, position_ids=positions, attention_mask=mask), labels)
-                self._scale = saved
-            else:
-                from qwenlink.train.loss import model_loss
-
-                loss, _ = model_loss(module, ids, labels, scale=1.0, chunk_size=self.chunk_size,
-                                     position_ids=positions, attention_mask=mask)
-        return float(loss), int((labels != IGNORE_INDEX).sum())
-
-    def _sync_tied_gradients(self) -> None:
-        """Sum the gradients of the first stage's embedding and the last stage's (tied) lm_head."""
-        if self.tied_group is None or not self.config.tie_word_embeddings:
-            return
-        for module in self.modules:
-            for p in (module.embed_tokens.weight if module.embed_tokens is not None else None,
-                      module.lm_head.weight if module.lm_head is not None else None):
-                if p is not None and p.grad is not None:
-                    grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                    dist.all_reduce(grad, group=self.tied_group)
-
-    # ---- clipping ---------------------------------------------------------------------------------------------------
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        if max_norm == float("inf"):
-            max_norm = 0.0
-        """Global gradient norm over all stages and shards (a tied weight counted once), clipped to max_norm."""
-        grads = []
-        for name, p in self.named_parameters():
-            if p.grad is None:
-                continue
-            duplicate = (self.config.tie_word_embeddings and self.plan.pp > 1 and name == "lm_head.weight")
-            if not duplicate:
-                grads.append(p.grad)
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
-        for g in grads:
-            n = torch.linalg.vector_norm(g.float())
-            if hasattr(n, "full_tensor"):
-                n = n.full_tensor()
-            sq = sq + n * n
-        if self.pp_group is not None:
-            dist.all_reduce(sq, group=self.pp_group)
-        total = float(sq.sqrt())
-        if max_norm > 0 and total > max_norm:
-            coef = max_norm / (total + 1e-6)
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return total
+    activation_checkpoint: str = "none"  # none | full | every_n
+    activation_checkpoint_every: int = 1
+    preserve_rng_state: bool = False  # recompute with the forward's random state (needed with dropout)
+    compile: bool = False  # torch.compile each decoder block
+    param_dtype: Optional[torch.dtype] = None  # FSDP2's compute dtype for gathered parameters
 
 
-def build_parallel_model(config: ModelConfig, plan: ParallelPlan, device: torch.device, *,
-                         param_dtype: Optional[torch.dtype] = None, before_parallel: Optional[ModuleHook] = None,
-                         seed: int = 0, init_std: Optional[float] = None) -> ParallelModel:
-    """This rank's chunks of the model under `plan`, materialised on `device` and randomly initialised.
+def apply_activation_checkpointing(model: Qwen2Model, mode: str, every: int, *,
+                                   preserve_rng_state: bool = False) -> None:
+    """Recompute layer activations in backward: every layer ("full") or every `every`-th layer ("every_n")."""
+    if mode == "none":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    `before_parallel` runs on each meta stage first (e.g. activation checkpointing, LoRA adapters).
-    """
-    validate_plan(plan, config)
-    mesh = build_mesh_all_dims(plan, device.type)
-    tp_mesh = mesh["tp"] if plan.tp > 1 else None
-    dp_mesh = submesh(mesh, "dp_replicate", "dp_shard") if plan.dp > 1 else None
-    pp_group = mesh["pp"].get_group() if plan.pp > 1 else None
+    for i, name in enumerate(list(model.layers.keys())):
+        if mode == "full" or i % every == 0:
+            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=preserve_rng_state)
+
+
+def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) -> Qwen2Model:
+    """Apply tensor/sequence parallelism -> activation checkpointing -> compile -> FSDP2 to a (meta) model or
+    pipeline stage, in place. Every step is skipped when its size is 1 or it is switched off."""
+    plan = layout.plan
+    if layout.tp_mesh is not None:
+        apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=plan.sequence_parallel)
+    apply_activation_checkpointing(model, options.activation_checkpoint, options.activation_checkpoint_every,
+                                   preserve_rng_state=options.preserve_rng_state)
+    if options.compile:
+        for layer in model.layers.values():
+            layer.compile()  # in place: parameter names stay those of the checkpoint
+    if layout.dp_mesh is not None:
+        apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=plan.pp == 1)
+    return model
+
+
+def build_model_chunks(config: ModelConfig, layout: Layout, options: ParallelizeOptions, *,
+                       adapt: Optional[ModuleHook] = None) -> ModelChunks:
+    """This rank's chunks on the meta device, parallelized. `adapt` changes the full meta model first (LoRA)."""
     with torch.device("meta"):
         full = Qwen2Model(config)
-    pp_rank = mesh.get_coordinate()[list(mesh.mesh_dim_names).index("pp")]
-    stages = split_stages(full, plan, pp_rank) if plan.pp > 1 else [(0, full)]
-    modules = []
-    for _, module in stages:
-        if before_parallel is not None:
-            before_parallel(module)
-        if tp_mesh is not None:
-            apply_tensor_parallel(module, tp_mesh, sequence_parallel=plan.sequence_parallel)
-        if dp_mesh is not None:
-            apply_fsdp(module, dp_mesh, param_dtype=param_dtype, reshard_after_forward=plan.pp == 1)
-        module.to_empty(device=device)
+    if adapt is not None:
+        adapt(full)
+    plan = layout.plan
+    stages = split_stages(full, plan, layout.pp_rank) if plan.pp > 1 else [(0, full)]
+    modules = [parallelize(module, layout, options) for _, module in stages]
+    return ModelChunks(modules=modules, stage_ids=[s for s, _ in stages], config=config,
+                       num_stages=plan.num_stages)
+
+
+# ---- full (unsharded) weights in and out ------------------------------------------------------------------------------
+def load_full_state_dict(chunks: ModelChunks, state: dict[str, torch.Tensor]) -> None:
+    """Distribute full tensors, keyed like Qwen2Model.state_dict(), into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for module in chunks.modules:
+        own = module.state_dict().keys()
+        subset = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(subset))
+        if missing:
+            raise KeyError(f"state dict lacks {missing[0]}")
+        set_model_state_dict(module, subset, options=StateDictOptions(full_state_dict=True, strict=True))
         module.tie_weights()
-        torch.manual_seed(seed)
-        module.init_weights(init_std)
-        modules.append(module)
-    tied = tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None
-    return ParallelModel(plan=plan, config=config, device=device, mesh=mesh, modules=modules,
-                         stage_ids=[s for s, _ in stages], tp_mesh=tp_mesh, dp_mesh=dp_mesh, pp_group=pp_group,
-                         tied_group=tied)
 
 
-def build_mesh_all_dims(plan: ParallelPlan, device_type: str):
-    """A 4-D mesh (pp, dp_replicate, dp_shard, tp), size-1 dims included, so every sub-mesh name always exists."""
-    from torch.distributed.device_mesh import init_device_mesh
+def full_state_dict(chunks: ModelChunks) -> dict[str, torch.Tensor]:
+    """Every parameter of this rank's chunks as a full CPU tensor (collective over tp and dp)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return init_device_mesh(device_type, (plan.pp, plan.dp_replicate, plan.dp_shard, plan.tp),
-                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+    out: dict[str, torch.Tensor] = {}
+    for module in chunks.modules:
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        for k, v in sd.items():
+            if hasattr(v, "full_tensor"):
+                v = v.full_tensor()
+            out[k] = v.detach().to("cpu").clone()
+    return out

@@ -14,9 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from qwenlink.errors import QwenlinkError
+
+if TYPE_CHECKING:
+    from qwenlink.models.config import ModelConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,7 +62,7 @@ class DataSection:
     tokenizer: str = "default"      # "default" = the embedded Qwen1.5 vocabulary, or an HF tokenizer directory
     pad_to_multiple_of: int = 8     # sft: pad each micro batch to the longest sample rounded up to this
     pack: bool = False              # sft: fill fixed seq_length rows with whole samples (document-masked attention)
-    pad_id: int = 151643            # <|endoftext|>, Qwen's padding token
+    pad_id: int = -1                # sft padding id; -1: the tokenizer's pad (else eos) token (151643 for Qwen)
     shuffle: bool = True
 
 
@@ -325,9 +328,11 @@ def validate(cfg: JobConfig) -> None:
     validate_section(cfg)
 
 
-def parallel_plan(cfg: JobConfig, world_size: int, num_layers: Optional[int] = None):
-    """The validated-by-arithmetic ParallelPlan of this job for a world size (model checks come later)."""
-    from qwenlink.parallel.mesh import plan_from_sizes
+def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["ModelConfig"] = None):
+    """The job's ParallelPlan for a world size: sizes multiplied out, and, given the model, every constraint of the
+    layout against the model, the batch and the data (the one place a layout is validated; a bad launch fails here
+    in a second, before any model is allocated)."""
+    from qwenlink.parallel.mesh import plan_from_sizes, validate_plan
 
     p = cfg.parallel
     if world_size < p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1):
@@ -335,11 +340,22 @@ def parallel_plan(cfg: JobConfig, world_size: int, num_layers: Optional[int] = N
                             f"processes (tp {p.tp} x pp {p.pp} x dp_replicate {p.dp_replicate} x dp_shard "
                             f"{max(p.dp_shard, 1)}) but {world_size} process(es) are running (launch with "
                             f"`qwenlink train --nproc N` or torchrun --nproc-per-node N)")
-    return plan_from_sizes(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp,
+    plan = plan_from_sizes(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp,
                            layers_per_virtual_stage=p.layers_per_virtual_stage, dp_shard=p.dp_shard,
-                           dp_replicate=p.dp_replicate, num_layers=num_layers,
+                           dp_replicate=p.dp_replicate,
+                           num_layers=model_config.num_hidden_layers if model_config is not None else None,
                            sequence_parallel=p.sequence_parallel, schedule=p.schedule,
                            num_layer_list=list(p.num_layer_list) or None)
+    if model_config is None:
+        return plan
+    validate_plan(plan, model_config, micro_batches=accumulation_steps(cfg, plan.dp), seq_length=cfg.data.seq_length)
+    if plan.pp > 1 and cfg.job.mode == "sft" and cfg.data.pack:
+        raise QwenlinkError("config: data.pack = true (per-sample positions and masks) is not supported with "
+                            "pipeline parallelism (parallel.pp > 1); use padding (data.pack = false)")
+    if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
+        raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
+                            "with pipeline parallelism yet; evaluate a saved checkpoint instead")
+    return plan
 
 
 def data_parallel_size(cfg: JobConfig, world_size: int) -> int:

@@ -35,22 +35,33 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+BACKENDS = {"cuda": "nccl", "npu": "hccl"}  # every other device type (cpu) uses gloo
+
+
+def backend_for(device_type: str) -> str:
+    """The collective backend of a device type ("cuda" for cuda, cuda:0, ...)."""
+    return BACKENDS.get(device_type, "gloo")
+
+
 def init_distributed(device_kind: str) -> DistInfo:
-    """Join the process group torchrun set up (no-op for a single process); pins each rank to its local device."""
+    """Join the process group torchrun set up (no-op for a single process); pins each rank to its local device.
+
+    device_kind is what `train.device` says: auto, cpu, cuda, cuda:N, npu... (the backend follows its type, so
+    "cuda:0" gets NCCL like "cuda"; under torchrun each rank then uses its own cuda:LOCAL_RANK)."""
     if not launched_by_torchrun():
         return DistInfo()
     import torch.distributed as dist
 
+    from qwenlink.device import resolve_device
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "gloo"
-    if device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available()):
+    device_type = resolve_device(None if device_kind == "auto" else device_kind).type
+    if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-        backend = "nccl"
-    elif device_kind == "npu":
+    elif device_type == "npu":
         torch.npu.set_device(local_rank)  # type: ignore[attr-defined]
-        backend = "hccl"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend_for(device_type), timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -61,15 +72,15 @@ def device_for(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
-def all_reduce_max(flag: int) -> int:
-    """Agree across ranks (e.g. on "a signal arrived": everyone saves at the same step)."""
+def all_reduce_max(flag: int, device: torch.device) -> int:
+    """Agree across ranks (e.g. on "a signal arrived": everyone saves at the same step). The value travels as a
+    tensor on the training device (NCCL has no CPU tensors); reading it back is one host synchronisation, made
+    outside the step."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
         return flag
-    t = torch.tensor([flag], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([flag], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 

@@ -1,7 +1,7 @@
 """LoRA in the trainer: the `[lora]` job section turned into adapters, base loading, checkpoints and exports.
 
 Kept apart from trainer.py so the loop only asks three questions: is LoRA on (`lora_of`), what to add to the meta
-model (`apply_to_meta_model`) and how to load the base underneath the adapters (`load_base_weights`). Checkpoints of
+model (`adapter_hook`) and how to load the base underneath the adapters (`load_base_weights`). Checkpoints of
 a LoRA run hold only trainable tensors (adapters + modules_to_save) and their optimizer state, plus `lora.json`
 naming the base model; resuming reloads the base from there and refuses a different one.
 """
@@ -46,18 +46,12 @@ def validate_section(cfg) -> None:
                             "base and the fp32 adapters together)")
 
 
-def apply_to_meta_model(model: nn.Module, cfg) -> nn.Module:
-    """Add adapters (and freeze the base) before parallelism and materialisation; also a `before_parallel` hook."""
-    lora = lora_of(cfg)
-    return apply_lora(model, lora) if lora is not None else model
-
-
-def before_parallel_hook(cfg) -> Optional[Callable[[nn.Module], None]]:
-    """The hook for `parallel.build_parallel_model(..., before_parallel=...)` (None without LoRA)."""
-    lora = lora_of(cfg)
+def adapter_hook(lora: Optional[LoraConfig]) -> Optional[Callable[[nn.Module], object]]:
+    """What the trainer applies to the full meta model before it is split and parallelized (None without LoRA):
+    adapters on the target projections and a frozen base."""
     if lora is None:
         return None
-    return lambda stage: apply_lora(stage, lora)
+    return lambda model: apply_lora(model, lora)
 
 
 @contextlib.contextmanager
@@ -74,15 +68,17 @@ def adapters_detached(model: nn.Module) -> Iterator[nn.Module]:
             module._parameters["lora_B"] = b
 
 
-def load_base_weights(model: nn.Module, source: str, load: Callable[[nn.Module, str], None], cfg) -> None:
-    """Load the base into a LoRA model with the trainer's own loader, then store frozen weights in base_dtype."""
+def load_base_weights(model: nn.Module, source: str, load: Callable[[nn.Module, str], None], cfg, *,
+                      cast_base: bool = True) -> None:
+    """Load the base into a LoRA model with the trainer's own loader, then (cast_base) store frozen weights in
+    base_dtype."""
     if is_lora_checkpoint(source):
         raise QwenlinkError(f"model.init_from: {source} is a LoRA checkpoint (adapters only); use its base model "
                             f"({read_reference(source).get('base_model')}) as init_from, or merge it first with "
                             f"`qwenlink convert --merge-lora`")
     with adapters_detached(model):
         load(model, source)
-    if cfg.lora.base_dtype == "bf16":
+    if cast_base and cfg.lora.base_dtype == "bf16":
         cast_frozen_(model, torch.bfloat16)
 
 

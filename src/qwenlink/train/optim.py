@@ -17,19 +17,24 @@ from qwenlink.train.config import JobConfig, OptimSection
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices and embeddings decay; norms and biases (1-D tensors) do not (Megatron's rule).
+    """Matrices and embeddings decay; norms and biases (1-D tensors) do not (Megatron's rule).
 
     Shared (tied) parameters appear once. Names are not used, so the rule survives wrappers that rename modules.
+    Each of the two is further split by how its parameters are distributed (plain tensors, DTensors on one mesh):
+    the fused and foreach kernels take one kind per call, and tensor parallelism without sequence parallelism leaves
+    the norms plain beside DTensor matrices.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple, dict] = {}
     seen: set[int] = set()
     for param in model.parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decays = param.dim() >= 2
+        kind = (type(param).__name__, id(getattr(param, "device_mesh", None)))
+        group = groups.setdefault((not decays, kind), {"params": [], "weight_decay": weight_decay if decays else 0.0})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups, key=lambda k: k[0])]  # decaying groups first, stable otherwise
 
 
 def _implementation_flags(choice: str, params: Iterable[torch.Tensor]) -> dict[str, bool]:

@@ -1,11 +1,10 @@
-"""The training loop: pretraining and full fine-tuning on one process, structured so a parallel plan can wrap it.
+"""The training loop: one path for every layout, from one process to pp x dp x tp under torchrun.
 
-The pieces a parallel trainer reuses or replaces are separate functions:
-- `build_training_model`: build on the meta device -> activation checkpointing -> `parallelize(model)` hook ->
-  materialise on the device -> initialise -> load initial weights;
-- `forward_backward`: gradient accumulation over micro batches with the loss normalised by the number of valid tokens
-  in the *global* batch (`token_count_reduce` all-reduces it across data-parallel ranks);
-- `MicroBatchStream` (train/data.py) takes the data-parallel rank and size.
+    config -> plan (validated once, train/config.py) -> model on meta -> parallelize (parallel/parallelize.py)
+    -> materialise -> layout-independent init (parallel/init.py) -> initial weights (init_from) -> resume
+    -> steps (train/step.py: micro batches -> loss -> backward -> clip) -> optimizer -> metrics, checkpoints, export
+
+One process is the plan whose sizes are all 1: the same functions run, each parallel dimension switched off.
 Checkpoints hold model, optimizer, step, data position and RNG (checkpoint/dcp.py), so resuming continues bitwise.
 """
 
@@ -20,25 +19,28 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Sequence, TextIO
+from typing import Any, ContextManager, Optional, Sequence, TextIO
 
 import torch
 from torch import nn
 
 from qwenlink.checkpoint import dcp as ckpt
+from qwenlink.checkpoint.loader import detect_format
 from qwenlink.device import resolve_device
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
-from qwenlink.train import lora as lora_train
+from qwenlink.parallel.init import init_weights
+from qwenlink.parallel.parallelize import (ModelChunks, ParallelizeOptions, build_layout, build_model_chunks,
+                                           full_state_dict)
 from qwenlink.train import distributed as distrib
+from qwenlink.train import lora as lora_train
 from qwenlink.train.config import JobConfig, accumulation_steps, parallel_plan
 from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
-from qwenlink.train.loss import IGNORE_INDEX, model_loss
+from qwenlink.train.loss import IGNORE_INDEX
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
 from qwenlink.train.optim import Scheduler, build_optimizer
-
-Parallelize = Callable[[Qwen2Model, JobConfig], Qwen2Model]
+from qwenlink.train.step import TrainStep, all_reduce_sum
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
@@ -66,40 +68,6 @@ def resolve_model_config(cfg: JobConfig) -> ModelConfig:
     return config
 
 
-def apply_activation_checkpointing(model: Qwen2Model, mode: str, every: int) -> None:
-    """Recompute layer activations in backward: every layer ("full") or every `every`-th layer ("every_n")."""
-    if mode == "none":
-        return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, name in enumerate(list(model.layers.keys())):
-        if mode == "full" or i % every == 0:
-            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=False)
-
-
-def build_training_model(cfg: JobConfig, config: ModelConfig, device: torch.device,
-                         parallelize: Optional[Parallelize] = None) -> Qwen2Model:
-    """Meta -> (activation checkpointing, parallel plan) -> materialise -> init -> initial weights.
-
-    Parameters stay fp32 (bf16 runs use autocast, which keeps fp32 master weights and optimizer state).
-    """
-    with torch.device("meta"):
-        model = Qwen2Model(config)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpoint, cfg.train.activation_checkpoint_every)
-    model = lora_train.apply_to_meta_model(model, cfg)  # adapters + frozen base when [lora] is enabled
-    if parallelize is not None:
-        model = parallelize(model, cfg)
-    model.to_empty(device=device)
-    model.tie_weights()
-    torch.manual_seed(cfg.job.seed)
-    model.init_weights(cfg.model.init_std)
-    if cfg.model.init_from and cfg.lora.enabled:
-        lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg)
-    elif cfg.model.init_from:
-        load_initial_weights(model, cfg.model.init_from)
-    return model
-
-
 def load_initial_weights(model: Qwen2Model, source: str) -> None:
     """Weights from an HF directory, a qwenlink checkpoint or a Megatron checkpoint (any TP/PP/VPP) into the built
     model (sharded or a pipeline stage), names, shapes and dtypes checked tensor by tensor."""
@@ -108,29 +76,28 @@ def load_initial_weights(model: Qwen2Model, source: str) -> None:
     load_into(model, source)
 
 
-# ---- one optimizer step -----------------------------------------------------------------------------------------
-def count_valid_tokens(batches: Sequence[MicroBatch]) -> int:
-    return sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)
+def resolve_pad_id(cfg: JobConfig, config: ModelConfig) -> JobConfig:
+    """The job with `data.pad_id` resolved: the configured id, else (-1) the tokenizer's pad or eos token; refused
+    before training when it is not an id of the model's vocabulary (an embedding lookup would fail mid-step)."""
+    pad_id = cfg.data.pad_id
+    if pad_id < 0:
+        if cfg.job.mode != "sft":
+            return cfg  # pretraining samples are full sequences: nothing is padded
+        from qwenlink.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        found = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        if found is None:
+            raise QwenlinkError(f"config: data.pad_id is not set and the tokenizer {cfg.data.tokenizer!r} has no pad "
+                                f"or eos token; set data.pad_id")
+        pad_id = found
+    if pad_id >= config.vocab_size:
+        raise QwenlinkError(f"config: data.pad_id = {pad_id} is outside the model's vocabulary of {config.vocab_size} "
+                            f"ids (set data.pad_id, or leave it unset to take the tokenizer's pad token)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pad_id=pad_id))
 
 
-def forward_backward(model: nn.Module, batches: Sequence[MicroBatch], *, total_valid: int, chunk_size: int,
-                     autocast: Callable[[], ContextManager] = nullcontext) -> torch.Tensor:
-    """Accumulate gradients of the global-batch mean token loss over this rank's micro batches.
-
-    Each micro batch contributes sum(CE) / total_valid, so accumulating k micro batches equals one batch k times
-    as large, and data-parallel ranks' gradients just need summing. Returns this rank's share of the loss (fp32).
-    """
-    scale = 1.0 / max(total_valid, 1)
-    total = torch.zeros((), dtype=torch.float32)
-    for batch in batches:
-        with autocast():
-            loss, _ = model_loss(model, batch.input_ids, batch.labels, scale=scale, chunk_size=chunk_size,
-                                 position_ids=batch.position_ids, attention_mask=batch.attention_mask)
-        loss.backward()
-        total += loss.detach().float().cpu()
-    return total
-
-
+# ---- metrics --------------------------------------------------------------------------------------------------------
 def step_flops(config: ModelConfig, batches: Sequence[MicroBatch], dp_size: int = 1) -> float:
     """Training FLOPs of one step from `ModelConfig.flops_per_token`, with the lm_head's share (6 x V x H per token)
     counted only at positions that have a label: the chunked loss never applies the head elsewhere, so counting it
@@ -141,17 +108,6 @@ def step_flops(config: ModelConfig, batches: Sequence[MicroBatch], dp_size: int 
         valid = int((b.labels != IGNORE_INDEX).sum())
         total += b.num_tokens * (config.flops_per_token(b.input_ids.shape[1]) - head) + valid * head
     return total * dp_size
-
-
-def _all_reduce_sum(value: float) -> float:
-    """Sum over all processes when a process group exists (data-parallel token counts and losses)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-    return value
 
 
 @dataclass
@@ -178,25 +134,23 @@ class StepResult:
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
 class Trainer:
-    """Owns model, optimizer, data and checkpoints of one job; `train()` runs it to the end or to a signal."""
+    """Owns model, optimizer, data and checkpoints of one job; `train()` runs it to the end or to a signal.
 
-    def __init__(self, cfg: JobConfig, *, parallelize: Optional[Parallelize] = None, rank: int = 0,
-                 world_size: int = 1, dp_rank: int = 0, stream: TextIO = sys.stdout) -> None:
-        self.cfg = cfg
+    rank / world_size / local_rank come from `train.distributed.init_distributed` (all defaults: one process)."""
+
+    def __init__(self, cfg: JobConfig, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 stream: TextIO = sys.stdout) -> None:
         self.rank, self.world_size = rank, world_size
         self.stream = stream
         self.model_config = resolve_model_config(cfg)
+        self.cfg = cfg = resolve_pad_id(cfg, self.model_config)
         # The layout is checked against the model before anything is allocated (a bad launch fails in a second).
-        self.plan = parallel_plan(cfg, world_size, self.model_config.num_hidden_layers)
+        self.plan = parallel_plan(cfg, world_size, self.model_config)
         self.distributed = self.plan.world_size > 1
-        if self.distributed:
-            self._validate_parallel()
         self.dp_size = self.plan.dp
-        self.dp_rank = dp_rank if not self.distributed else (rank // self.plan.tp) % self.plan.dp
         self.accum = accumulation_steps(cfg, self.dp_size)
         device = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
-        self.device = distrib.device_for(distrib.DistInfo(rank, world_size, int(__import__("os").environ.get(
-            "LOCAL_RANK", "0"))), device)
+        self.device = distrib.device_for(distrib.DistInfo(rank, world_size, local_rank), device)
         if cfg.data.seq_length > self.model_config.max_position_embeddings:
             raise QwenlinkError(f"config: data.seq_length ({cfg.data.seq_length}) is above the model's "
                                 f"max_position_embeddings ({self.model_config.max_position_embeddings})")
@@ -210,11 +164,12 @@ class Trainer:
         if self.distributed and self.rank == 0:
             distrib.barrier()
         self.lora = lora_train.lora_of(cfg)
-        self.pm = None  # the ParallelModel when distributed
-        if self.distributed:
-            self.model = self._build_parallel_model()
-        else:
-            self.model = build_training_model(cfg, self.model_config, self.device, parallelize)
+        self.layout = build_layout(self.plan, self.device, self.model_config)
+        self.dp_rank = self.layout.dp_rank
+        self.chunks = self._build_model()
+        self.model = self.chunks.state_module  # full parameter names: optimizer, checkpoints, export
+        self.step_fn = TrainStep(self.chunks, self.layout, chunk_size=cfg.train.loss_chunk_size,
+                                 seq_length=cfg.data.seq_length, pad_id=cfg.data.pad_id, autocast=self._autocast)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = Scheduler(self.optimizer, cfg)
         self.state = TrainState(global_batch_size=cfg.train.global_batch_size, seq_length=cfg.data.seq_length)
@@ -223,7 +178,7 @@ class Trainer:
         if latest is not None:
             self._resume(latest)  # this run's own progress wins over init_from
         elif cfg.model.init_from and not cfg.train.finetune and self.lora is None and \
-                ckpt.is_qwenlink_checkpoint(cfg.model.init_from):
+                detect_format(cfg.model.init_from) == "qwenlink":
             # Megatron's --load without --finetune: continue that run's optimizer, step and data position.
             self._resume(ckpt.resolve_step_dir(cfg.model.init_from))
         self.data = MicroBatchStream(self.dataset, cfg, micro_batch_size=cfg.train.micro_batch_size,
@@ -233,64 +188,41 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # every step's record (tests and the quickstart read it)
         self._signal: Optional[int] = None
 
-    # ---- parallel layout ----------------------------------------------------------------------------------------
-    def _validate_parallel(self) -> None:
-        from qwenlink.parallel.mesh import validate_plan
-
-        cfg, plan = self.cfg, self.plan
-        validate_plan(plan, self.model_config, global_batch=cfg.train.global_batch_size,
-                      micro_batch=cfg.train.micro_batch_size, seq_length=cfg.data.seq_length)
-        if plan.pp > 1 and cfg.job.mode == "sft" and cfg.data.pack:
-            raise QwenlinkError("config: data.pack = true (per-sample positions and masks) is not supported with "
-                                "pipeline parallelism (parallel.pp > 1); use padding (data.pack = false)")
-        if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
-            raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
-                                "with pipeline parallelism yet; evaluate a saved checkpoint instead")
-
-    def _build_parallel_model(self) -> nn.Module:
-        """This rank's chunks under the plan (meta -> hooks -> TP/FSDP -> materialise -> init -> initial weights)."""
-        from qwenlink.parallel.parallelize import build_parallel_model
-
+    # ---- the model ----------------------------------------------------------------------------------------------
+    def _build_model(self) -> ModelChunks:
+        """Meta -> (LoRA adapters) -> this rank's stages, parallelized -> materialise -> init -> initial weights."""
         cfg = self.cfg
-        lora_hook = lora_train.before_parallel_hook(cfg)
-
-        def before_parallel(stage: Qwen2Model) -> None:
-            apply_activation_checkpointing(stage, cfg.train.activation_checkpoint,
-                                           cfg.train.activation_checkpoint_every)
-            if lora_hook is not None:
-                lora_hook(stage)
-            if cfg.parallel.compile:
-                for layer in stage.layers.values():
-                    layer.compile()
-
-        param_dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else None
-        self.pm = build_parallel_model(self.model_config, self.plan, self.device, param_dtype=param_dtype,
-                                       before_parallel=before_parallel, seed=cfg.job.seed,
-                                       init_std=cfg.model.init_std)
-        self.pm.chunk_size = cfg.train.loss_chunk_size
-        model = self.pm.state_module
-        if cfg.model.init_from:
-            source = Path(cfg.model.init_from)
-            from qwenlink.checkpoint.hf import is_hf_dir, load_hf_weights
-
-            tied_across_stages = self.model_config.tie_word_embeddings and self.plan.pp > 1
-            if ckpt.is_qwenlink_checkpoint(source) and self.lora is None:
-                ckpt.load_checkpoint(ckpt.resolve_step_dir(source), model, None)  # DCP reshards on load
-            elif is_hf_dir(source) and self.lora is None and not tied_across_stages:
-                load_hf_weights(model, source)  # each rank reads only its stages' tensors, sliced to its shards
-            else:
-                # LoRA bases and heads tied to another stage's embedding: read whole on each rank, then sharded.
-                full = build_training_model(dataclasses.replace(cfg, train=dataclasses.replace(
-                    cfg.train, activation_checkpoint="none")), self.model_config, torch.device("cpu"))
-                self.pm.load_full_state_dict(full.state_dict())
-                del full
-        return model
+        options = ParallelizeOptions(
+            activation_checkpoint=cfg.train.activation_checkpoint,
+            activation_checkpoint_every=cfg.train.activation_checkpoint_every,
+            # Recomputation must draw the same dropout masks as the forward did.
+            preserve_rng_state=self.lora is not None and self.lora.dropout > 0,
+            compile=cfg.parallel.compile,
+            param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+        chunks = build_model_chunks(self.model_config, self.layout, options,
+                                    adapt=lora_train.adapter_hook(self.lora))
+        chunks.materialize(self.device)
+        torch.manual_seed(self.cfg.job.seed)  # the stream dropout draws from; the weights have their own generators
+        init_weights(chunks.modules, seed=cfg.job.seed, std=cfg.model.init_std)
+        model = chunks.state_module
+        if cfg.model.init_from and self.lora is not None:
+            # Storing the frozen base in bf16 is a one-process option: FSDP2 already shards it and gathers it in bf16.
+            lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg,
+                                         cast_base=self.plan.world_size == 1)
+        elif cfg.model.init_from:
+            load_initial_weights(model, cfg.model.init_from)
+        return chunks
 
     def _full_cpu_model(self) -> Optional[Qwen2Model]:
-        """Rank 0: an unsharded CPU copy of the model gathered from every stage and shard (collective)."""
+        """An unsharded CPU copy of the model on rank 0 (gathered from every stage and shard when distributed; the
+        model itself in one process); None on the other ranks."""
+        if not self.distributed:
+            return _unwrapped(self.model)
         import torch.distributed as dist
 
-        state = self.pm.full_state_dict()
+        from qwenlink.models.qwen2 import build_model
+
+        state = full_state_dict(self.chunks)
         parts: list = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(state, parts, dst=0)
         if self.rank != 0:
@@ -298,9 +230,10 @@ class Trainer:
         merged: dict[str, torch.Tensor] = {}
         for part in parts:
             merged.update(part)
-        cfg = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, init_from=""),
-                                  train=dataclasses.replace(self.cfg.train, activation_checkpoint="none"))
-        model = build_training_model(cfg, self.model_config, torch.device("cpu"))
+        model = build_model(self.model_config, device="cpu", init=False)
+        hook = lora_train.adapter_hook(self.lora)
+        if hook is not None:
+            hook(model)
         if self.model_config.tie_word_embeddings:
             merged.pop("lm_head.weight", None)
         model.load_state_dict(merged, strict=not self.model_config.tie_word_embeddings)
@@ -330,7 +263,7 @@ class Trainer:
     def _params_finite(self) -> bool:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
         finite = all(bool(torch.isfinite(p).all()) for p in local)
-        return not distrib.all_reduce_max(0 if finite else 1)  # every rank takes the same decision
+        return not distrib.all_reduce_max(0 if finite else 1, self.device)  # every rank takes the same decision
 
     def log(self, text: str) -> None:
         if self.rank == 0:
@@ -339,16 +272,11 @@ class Trainer:
     # ---- steps --------------------------------------------------------------------------------------------------
     def train_step(self, batches: Sequence[MicroBatch], step: int) -> StepResult:
         """One optimizer step over `batches` (this rank's micro batches of the global batch)."""
-        if self.pm is not None:
-            return self._parallel_step(batches, step)
         lr = self.scheduler.apply(step)
-        total_valid = int(_all_reduce_sum(count_valid_tokens(batches)))
-        loss = forward_backward(self.model, [b.to(self.device) for b in batches], total_valid=total_valid,
-                                chunk_size=self.cfg.train.loss_chunk_size, autocast=self._autocast)
-        loss_value = _all_reduce_sum(float(loss))
+        loss = self.step_fn.forward_backward(batches, self.step_fn.count_valid(batches))
         clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip, foreach=True))
-        return self._finish_step(step, loss_value, grad_norm, lr)
+        grad_norm = self.step_fn.clip_grad_norm_(clip)
+        return self._finish_step(step, float(loss), float(grad_norm), lr)
 
     def _finish_step(self, step: int, loss_value: float, grad_norm: float, lr: float) -> StepResult:
         """Apply the update, or skip and count it when the loss or the gradient norm is not finite."""
@@ -362,24 +290,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(step, loss_value, grad_norm, lr, skipped)
 
-    def _parallel_step(self, batches: Sequence[MicroBatch], step: int) -> StepResult:
-        """The same step under the parallel layout: every tp/pp rank of a data-parallel replica sees the same
-        batches, so sums over all ranks are divided by tp x pp to count each replica once."""
-        lr = self.scheduler.apply(step)
-        replicas = self.plan.tp * self.plan.pp
-        total_valid = int(round(_all_reduce_sum(count_valid_tokens(batches)) / replicas))
-        if self.plan.pp > 1:
-            batches = _pad_to_common_length(batches, self.cfg.data.pad_id)
-            tensors = [(b.input_ids, b.labels, None, None) for b in batches]
-        else:
-            tensors = [(b.input_ids, b.labels, b.position_ids, b.attention_mask) for b in batches]
-        with self._autocast():
-            loss = self.pm.forward_backward(tensors, scale=self.dp_size / max(total_valid, 1))
-        loss_value = _all_reduce_sum(float(loss)) / replicas
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = self.pm.clip_grad_norm_(clip)
-        return self._finish_step(step, loss_value, grad_norm, lr)
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (mean over valid tokens) and perplexity on the first eval_iters micro batches."""
@@ -387,24 +297,15 @@ class Trainer:
         self.model.eval()
         stream = MicroBatchStream(self.valid_dataset, self.cfg, micro_batch_size=self.cfg.train.micro_batch_size,
                                   dp_rank=self.dp_rank, dp_size=self.dp_size)
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.metrics.eval_iters):
-            b = stream.next().to(self.device)
-            if self.pm is not None:
-                with self._autocast():
-                    loss, n = self.pm.eval_loss(b.input_ids, b.labels, b.position_ids, b.attention_mask)
-                total += loss / (self.plan.tp * self.plan.pp)
-                count += n / (self.plan.tp * self.plan.pp)
-                continue
-            with self._autocast():
-                loss, n = model_loss(self.model, b.input_ids, b.labels, scale=1.0,
-                                     chunk_size=self.cfg.train.loss_chunk_size, position_ids=b.position_ids,
-                                     attention_mask=b.attention_mask)
-            total += float(loss)
+            loss, n = self.step_fn.eval_loss(stream.next())
+            total += loss
             count += n
         self.model.train()
-        total, count = _all_reduce_sum(total), _all_reduce_sum(count)
-        val = total / max(count, 1)
+        # Every tp rank of a replica adds the same loss and count, so their ratio is the global mean.
+        val = float(all_reduce_sum(total) / all_reduce_sum(count).clamp(min=1))
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
 
     def save(self) -> Optional[Path]:
@@ -513,7 +414,7 @@ class Trainer:
                     metrics.log(record, line)
                 self.history.append(record)
                 if self.distributed:  # all ranks must save at the same step: agree on whether a signal arrived
-                    agreed = distrib.all_reduce_max(self._signal or 0)
+                    agreed = distrib.all_reduce_max(self._signal or 0, self.device)
                     self._signal = agreed or None
                 if self._signal is not None:
                     path = self.save()
@@ -554,7 +455,7 @@ class Trainer:
 
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; HF export refused")
-        model = _unwrapped(self.model) if self.pm is None else self._full_cpu_model()
+        model = self._full_cpu_model()
         if model is None:  # not rank 0: its shards were gathered; wait until rank 0 wrote the directory
             distrib.barrier()
             return Path(directory)
@@ -566,7 +467,7 @@ class Trainer:
 
             model = merge_lora(copy.deepcopy(model))
         path = save_hf_model(model, directory, tokenizer=tokenizer)
-        if self.pm is not None:
+        if self.distributed:
             distrib.barrier()
         return path
 
@@ -577,28 +478,14 @@ class Trainer:
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; adapter export refused")
         assert self.lora is not None
-        model = _unwrapped(self.model) if self.pm is None else self._full_cpu_model()
+        model = self._full_cpu_model()
         if model is None:
             distrib.barrier()
             return Path(directory)
         path = save_model_adapter(model, directory, self.lora, base_model=self.cfg.model.init_from)
-        if self.pm is not None:
+        if self.distributed:
             distrib.barrier()
         return path
-
-
-def _pad_to_common_length(batches: Sequence[MicroBatch], pad_id: int) -> list[MicroBatch]:
-    """Right-pad micro batches to one length (a pipeline schedule splits one tensor into equal micro batches)."""
-    width = max(b.input_ids.shape[1] for b in batches)
-    out = []
-    for b in batches:
-        extra = width - b.input_ids.shape[1]
-        ids, labels = b.input_ids, b.labels
-        if extra:
-            ids = torch.nn.functional.pad(ids, (0, extra), value=pad_id)
-            labels = torch.nn.functional.pad(labels, (0, extra), value=IGNORE_INDEX)
-        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=None, attention_mask=None))
-    return out
 
 
 def _unwrapped(model: Qwen2Model) -> Qwen2Model:

@@ -1,0 +1,190 @@
+"""One optimizer step's computation for every layout: micro batches -> loss -> backward -> global gradient norm.
+
+The same `TrainStep` serves one process and any pp x dp x tp layout; what differs is data, not code paths:
+- the loss: the chunked head + cross entropy (train/loss.py) when this rank holds the whole vocabulary, the
+  vocabulary-parallel cross entropy when the head is tensor parallel;
+- backward: micro batches one by one (FSDP2 reduces gradients only after the last), or all of them through the
+  pipeline schedule when pp > 1.
+Each micro batch's loss is its summed token cross entropy x dp / (valid tokens in the whole global batch): FSDP2
+averages gradients over the dp ranks, so the result is exactly the gradient of the global-batch mean loss, as one
+process computes it. Reductions are made on tensors on the training device (NCCL has no CPU path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from qwenlink.parallel.data import set_gradient_sync
+from qwenlink.parallel.parallelize import Layout, ModelChunks
+from qwenlink.parallel.pipeline import build_schedule
+from qwenlink.parallel.tensor import loss_context, vocab_parallel_loss
+from qwenlink.train.data import MicroBatch
+from qwenlink.train.loss import IGNORE_INDEX, model_loss
+
+Tensor = torch.Tensor
+
+
+def all_reduce_sum(value: Tensor) -> Tensor:
+    """Sum a device tensor over all processes (identity in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int) -> list[MicroBatch]:
+    """Right-pad micro batches to `length` tokens: a pipeline schedule splits one tensor into equal micro batches and
+    its stages fix their send/receive shapes at the first step, so every step must have the same shape."""
+    out = []
+    for b in batches:
+        extra = length - b.input_ids.shape[1]
+        ids, labels = b.input_ids, b.labels
+        if extra > 0:
+            ids = F.pad(ids, (0, extra), value=pad_id)
+            labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
+        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=None, attention_mask=None))
+    return out
+
+
+class TrainStep:
+    """Forward and backward of one optimizer step's micro batches, gradient clipping and the validation loss."""
+
+    def __init__(self, chunks: ModelChunks, layout: Layout, *, chunk_size: int, seq_length: int, pad_id: int,
+                 autocast: Callable[[], ContextManager] = nullcontext) -> None:
+        self.chunks, self.layout, self.plan = chunks, layout, layout.plan
+        self.device = layout.device
+        self.chunk_size, self.seq_length, self.pad_id = chunk_size, seq_length, pad_id
+        self.autocast = autocast
+        self._schedules: dict[int, object] = {}
+        self._scale: Tensor | float = 1.0
+
+    # ---- the loss ---------------------------------------------------------------------------------------------------
+    def count_valid(self, batches: Sequence[MicroBatch]) -> Tensor:
+        """Tokens with a label in the whole global batch (every tp/pp rank of a replica sees the same batches)."""
+        mine = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # host-side labels: no device sync
+        total = all_reduce_sum(torch.tensor(float(mine), dtype=torch.float64, device=self.device))
+        return total / (self.plan.tp * self.plan.pp)
+
+    def _head_loss(self, output: Tensor, labels: Tensor) -> Tensor:
+        """Scaled summed CE of the last stage's logits: vocabulary-parallel with tp, full logits otherwise."""
+        if self.layout.tp_mesh is not None:
+            return vocab_parallel_loss(output, labels, self.layout.tp_mesh, scale=self._scale)
+        return F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") * self._scale
+
+    def _micro_loss(self, batch: MicroBatch) -> Tensor:
+        module = self.chunks.modules[0]
+        if self.layout.tp_mesh is not None:
+            logits = module(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+            return self._head_loss(logits, batch.labels)  # logits: this rank's vocabulary slice [B, T, V/tp]
+        loss, _ = model_loss(module, batch.input_ids, batch.labels, scale=self._scale, chunk_size=self.chunk_size,
+                             position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        return loss
+
+    # ---- forward and backward ---------------------------------------------------------------------------------------
+    def forward_backward(self, batches: Sequence[MicroBatch], total_valid: Tensor) -> Tensor:
+        """Accumulate the gradients of the global-batch mean loss over this rank's micro batches; returns that loss
+        (the same on every rank, a device tensor: reading it is the caller's one host synchronisation)."""
+        self._scale = self.plan.dp / total_valid.clamp(min=1).to(torch.float32)
+        if self.plan.pp > 1:
+            share = self._pipeline(batches)
+        else:
+            share = torch.zeros((), dtype=torch.float32, device=self.device)
+            modules = self.chunks.modules
+            for i, batch in enumerate(batches):
+                batch = batch.to(self.device)
+                set_gradient_sync(modules, i == len(batches) - 1)  # FSDP2: reduce-scatter after the last only
+                with loss_context(self.layout.tp_mesh), self.autocast():
+                    loss = self._micro_loss(batch)
+                with loss_context(self.layout.tp_mesh):
+                    loss.backward()
+                share += loss.detach().float()
+        self._sync_tied_gradients()
+        # Each replica's share is dp x its part of the mean; every tp and pp rank of a replica holds the same value.
+        return all_reduce_sum(share / self.plan.dp) / (self.plan.tp * self.plan.pp)
+
+    def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
+        """All micro batches through the schedule at once. Per-sample positions / masks cannot cross stage
+        boundaries (packed samples are refused at config time); right padding needs no mask (causal attention never
+        looks ahead at the pads). Returns the summed scaled loss (on every pipeline rank)."""
+        batches = pad_to_length(batches, self.seq_length, self.pad_id)
+        input_ids = torch.cat([b.input_ids for b in batches]).to(self.device)  # [n x b, T]
+        labels = torch.cat([b.labels for b in batches]).to(self.device)
+        n = len(batches)
+        schedule = self._schedules.get(n)
+        if schedule is None:
+            stages = list(zip(self.chunks.stage_ids, self.chunks.modules))
+            schedule = build_schedule(self.plan, stages, device=self.device, pp_group=self.layout.pp_group,
+                                      n_microbatches=n, loss_fn=self._head_loss)
+            self._schedules[n] = schedule
+        losses: list[Tensor] = []
+        with loss_context(self.layout.tp_mesh), self.autocast():
+            if self.chunks.has_first_stage:
+                schedule.step(input_ids, target=labels if self.chunks.has_last_stage else None, losses=losses)
+            elif self.chunks.has_last_stage:
+                schedule.step(target=labels, losses=losses)
+            else:
+                schedule.step()
+        total = torch.stack([loss.detach().float() for loss in losses]).sum() if losses else \
+            torch.zeros((), dtype=torch.float32, device=self.device)
+        dist.all_reduce(total, group=self.layout.pp_group)  # only the last stage had it
+        return total
+
+    def _sync_tied_gradients(self) -> None:
+        """Sum the gradients of the first stage's embedding and the last stage's (tied) lm_head."""
+        if self.layout.tied_group is None:
+            return
+        for module in self.chunks.modules:
+            for part in (module.embed_tokens, module.lm_head):
+                grad = part.weight.grad if part is not None else None
+                if grad is not None:
+                    dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad,
+                                    group=self.layout.tied_group)
+
+    # ---- clipping ---------------------------------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        """The global L2 norm of all gradients (every stage and shard; a head tied across stages counted once),
+        clipped to `max_norm` when it is finite and positive. One reduction per kind of sharding, on the device;
+        the scaling is computed on the device too (no host synchronisation)."""
+        groups: dict[tuple, list[torch.nn.Parameter]] = {}  # parameters by the kind of sharding of their gradient
+        for name, param in self.chunks.named_parameters():
+            if param.grad is not None:
+                grad = param.grad
+                key = (type(grad), getattr(grad, "device_mesh", None), tuple(getattr(grad, "placements", ())))
+                groups.setdefault(key, []).append(param)
+        duplicate = self.chunks.tied_head_copy() if self.layout.tied_group is not None else None
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for params in groups.values():
+            grads = [p.grad for p in params if p is not duplicate]
+            if not grads:
+                continue
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()  # the reduction over the shards of this group
+            squares = squares + norm.float() ** 2
+        if self.layout.pp_group is not None:
+            dist.all_reduce(squares, group=self.layout.pp_group)
+        total = squares.sqrt()
+        if 0 < max_norm < float("inf"):
+            for params in groups.values():
+                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        return total
+
+    # ---- validation -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
+        """Summed validation loss and valid-token count of one micro batch, this rank's share (pp must be 1)."""
+        batch = batch.to(self.device)
+        saved, self._scale = self._scale, 1.0
+        try:
+            with loss_context(self.layout.tp_mesh), self.autocast():
+                loss = self._micro_loss(batch).float()
+        finally:
+            self._scale = saved
+        count = (batch.labels != IGNORE_INDEX).sum().to(torch.float32)
+        return loss, count
