@@ -1,5 +1,5 @@
 """MMLU 5-shot scoring throughput on CPU: questions/s of `qwenlink eval` for the small model (qwen-tiny, real Qwen
-vocabulary, random weights) on the real MMLU files in ../shared/fixtures/mmlu.
+vocabulary, random weights) on the real MMLU files in tests/fixtures/mmlu.
 
     python benchmarks/bench_eval.py                 # all 57 subjects, 14042 questions (about 10 minutes here)
     python benchmarks/bench_eval.py --limit 8       # the first 8 questions of every subject (456), a quick check
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "mmlu" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "mmlu" / "data"
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How Megatron cuts a Qwen2/Llama model into tensor- and pipeline-parallel pieces (pure functions, no files).
 
-Facts (checked against Megatron-LM's converter output in shared/fixtures):
+Facts (checked against Megatron-LM's converter output in tests/fixtures):
 - q/k/v are fused per query group: [q heads of group 0; k0; v0; q heads of group 1; k1; v1; ...], and TP ranks take
   contiguous row chunks, i.e. whole groups;
 - gate/up are fused as [gate_r; up_r] per TP rank r (not the r-th chunk of [gate; up]);
