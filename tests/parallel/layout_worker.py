@@ -21,7 +21,7 @@ from parallel_reference import STEPS, make_batches, make_config, make_initial_st
 from qwenlink.models.config import ModelConfig  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
 from qwenlink.parallel.parallelize import (ModelChunks, ParallelizeOptions, build_layout,  # noqa: E402
-                                           build_model_chunks, full_state_dict, load_full_state_dict)
+                                           build_model_chunks, full_state_dict)
 from qwenlink.train.data import MicroBatch  # noqa: E402
 from qwenlink.train.step import TrainStep  # noqa: E402
 
@@ -32,6 +32,20 @@ def build(config: ModelConfig, plan: ParallelPlan, spec: dict, adapt=None) -> tu
     chunks = build_model_chunks(config, layout, ParallelizeOptions(), adapt=adapt)
     chunks.materialize(torch.device("cpu"))
     return chunks, TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
+
+
+def load_full_state_dict(chunks: ModelChunks, state: dict[str, torch.Tensor]) -> None:
+    """Distribute full tensors, keyed like Qwen2Model.state_dict(), into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for module in chunks.modules:
+        own = module.state_dict().keys()
+        subset = {k: v for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(subset))
+        if missing:
+            raise KeyError(f"state dict lacks {missing[0]}")
+        set_model_state_dict(module, subset, options=StateDictOptions(full_state_dict=True, strict=True))
+        module.tie_weights()
 
 
 def train_steps(step: TrainStep, spec: dict, optimizer) -> list[float]:

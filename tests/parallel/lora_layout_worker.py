@@ -16,12 +16,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_reference import lora_config, make_lora_initial_state  # noqa: E402
-from layout_worker import build, train_steps  # noqa: E402
+from layout_worker import build, load_full_state_dict, train_steps  # noqa: E402
 from parallel_reference import make_config, optimizer_for  # noqa: E402
 
 from qwenlink.models.lora import apply_lora  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
-from qwenlink.parallel.parallelize import full_state_dict, load_full_state_dict  # noqa: E402
+from qwenlink.parallel.parallelize import full_state_dict  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ A plain `torch.manual_seed(seed); model.init_weights()` gives different weights 
 each layout visits parameters in a different order and holds differently shaped pieces, so the shared generator
 hands out different numbers. Here every parameter is drawn from generators keyed by (run seed, parameter name,
 row block), over its *full* shape: a rank computes only the row blocks that overlap its shard and keeps its slice.
-The result is bitwise the same for one process, TP, FSDP2, PP and their products on one device type, and no rank
+The result is bitwise the same for one process, TP, FSDP2, PP and their products on one kind of device (CUDA
+random kernels size their work by the GPU's core count, so an A100 and an H100 draw differently), and no rank
 ever holds more than one block (about 4 MB) beyond its own shards, which keeps a 72B initialisation cheap.
 
 What each parameter is drawn from (normal, zeros, ones, uniform) is the model's knowledge: `models.qwen2.init_rule`.

@@ -135,11 +135,3 @@ def stage_layers(plan: ParallelPlan, num_layers: int) -> list[list[int]]:
 def stages_of_rank(plan: ParallelPlan, pp_rank: int) -> list[int]:
     """The stage indices a pipeline rank runs, in execution order (its model chunks)."""
     return [chunk * plan.pp + pp_rank for chunk in range(plan.vpp)]
-
-
-def submesh(mesh, *names: str):
-    """The sub-mesh over the named dims that exist in `mesh` (None when none of them do)."""
-    present = [n for n in names if n in (mesh.mesh_dim_names or ())]
-    if not present:
-        return None
-    return mesh[tuple(present)] if len(present) > 1 else mesh[present[0]]

@@ -7,7 +7,8 @@ The trainer always takes the same path, whatever the world size (one process is 
     -> materialise on the device -> layout-independent init (parallel/init.py) -> load initial weights
 
 Tensor parallelism comes first so that the modules it rewrites are the plain ones; checkpointing and compilation
-then wrap whole (already sharded) blocks, and FSDP2 goes last so that its hooks sit outside compiled frames.
+then wrap whole (already sharded) blocks, and FSDP2 goes last, over the compiled blocks (its hooks are marked for
+dynamo to skip, so they run eagerly at each block's entry and exit).
 Nothing here runs a training step; train/step.py does.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.parallel.data import apply_fsdp
-from qwenlink.parallel.mesh import ParallelPlan, submesh
+from qwenlink.parallel.mesh import ParallelPlan
 from qwenlink.parallel.pipeline import split_stages, tied_embedding_group
 from qwenlink.parallel.tensor import apply_tensor_parallel
 
@@ -71,9 +72,17 @@ def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig) 
                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
     return Layout(plan, device, mesh=mesh,
                   tp_mesh=mesh["tp"] if plan.tp > 1 else None,
-                  dp_mesh=submesh(mesh, "dp_replicate", "dp_shard") if plan.dp > 1 else None,
+                  dp_mesh=_data_parallel_mesh(mesh, plan),
                   pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
                   tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
+
+
+def _data_parallel_mesh(mesh, plan: ParallelPlan):
+    """What FSDP2 shards over: the dp_shard dim alone (ZeRO-3), or replicate x shard (HSDP; replicate only is DDP-like).
+    A size-1 replicate dim is left out: FSDP2 would otherwise run a no-op all-reduce over it for every unit."""
+    if plan.dp == 1:
+        return None
+    return mesh["dp_replicate", "dp_shard"] if plan.dp_replicate > 1 else mesh["dp_shard"]
 
 
 # ---- this rank's model ------------------------------------------------------------------------------------------------
@@ -202,21 +211,7 @@ def build_model_chunks(config: ModelConfig, layout: Layout, options: Parallelize
                        num_stages=plan.num_stages)
 
 
-# ---- full (unsharded) weights in and out ------------------------------------------------------------------------------
-def load_full_state_dict(chunks: ModelChunks, state: dict[str, torch.Tensor]) -> None:
-    """Distribute full tensors, keyed like Qwen2Model.state_dict(), into this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    for module in chunks.modules:
-        own = module.state_dict().keys()
-        subset = {k: v for k, v in state.items() if k in own}
-        missing = sorted(set(own) - set(subset))
-        if missing:
-            raise KeyError(f"state dict lacks {missing[0]}")
-        set_model_state_dict(module, subset, options=StateDictOptions(full_state_dict=True, strict=True))
-        module.tie_weights()
-
-
+# ---- full (unsharded) weights out ------------------------------------------------------------------------------
 def full_state_dict(chunks: ModelChunks) -> dict[str, torch.Tensor]:
     """Every parameter of this rank's chunks as a full CPU tensor (collective over tp and dp)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -225,7 +220,5 @@ def full_state_dict(chunks: ModelChunks) -> dict[str, torch.Tensor]:
     for module in chunks.modules:
         sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
         for k, v in sd.items():
-            if hasattr(v, "full_tensor"):
-                v = v.full_tensor()
             out[k] = v.detach().to("cpu").clone()
     return out

@@ -107,12 +107,7 @@ def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool, full_logit
         if sequence_parallel:
             layer_plan["input_layernorm"] = SequenceParallel()
             layer_plan["post_attention_layernorm"] = SequenceParallel()
-        parallelize_module(_unwrap(layer), tp_mesh, layer_plan)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The block inside an activation-checkpoint wrapper (plans address the block's own submodule names)."""
-    return getattr(module, "_checkpoint_wrapped_module", module)
+        parallelize_module(layer, tp_mesh, layer_plan)
 
 
 def vocab_parallel_loss(local_logits: torch.Tensor, labels: torch.Tensor, tp_mesh, *, scale: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(param))
         decays = param.dim() >= 2
-        kind = (type(param).__name__, id(getattr(param, "device_mesh", None)))
+        kind = (type(param).__name__, getattr(param, "device_mesh", None))  # meshes compare by layout
         group = groups.setdefault((not decays, kind), {"params": [], "weight_decay": weight_decay if decays else 0.0})
         group["params"].append(param)
     return [groups[key] for key in sorted(groups, key=lambda k: k[0])]  # decaying groups first, stable otherwise
@@ -59,7 +59,7 @@ def _implementation_flags(choice: str, params: Iterable[torch.Tensor]) -> dict[s
 
 
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
-    """AdamW over Megatron's two parameter groups; the learning rate is set by the scheduler each step."""
+    """AdamW over Megatron's decay / no-decay parameter groups (see `param_groups`); the learning rate is set by the scheduler each step."""
     groups = param_groups(model, cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
     if not params:
