@@ -104,16 +104,31 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
-                       description="Serve a model over an OpenAI-compatible API with continuous batching.")
+                       description="Serve a model over an OpenAI-compatible API with continuous batching. The KV "
+                       "cache holds --max-batch rows of --max-context tokens; at start-up it is sized to its memory "
+                       "budget (--cache-memory, or --cache-memory-fraction of the memory free once the model is "
+                       "loaded): fewer rows are served when they do not all fit (said at start-up), and the server "
+                       "refuses to start when not even one does.")
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="model id clients use (default: the --model name)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set QWENLINK_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
-    p.add_argument("--max-context", type=int, default=None, help="tokens per sequence (default: the model's)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV cache rows); fewer "
+                   "when that many rows of --max-context do not fit the cache's memory")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="tokens per request, prompt + completion; longer requests get HTTP 413 (default: "
+                   "--max-prompt-tokens + --max-tokens-limit, at most the model's max_position_embeddings)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--cache-memory-fraction", type=float, default=None, metavar="F",
+                        help="the KV cache may use this fraction of the memory free once the model is loaded: the "
+                        "accelerator's, or on CPU the host's available memory (default 0.9)")
+    budget.add_argument("--cache-memory", default=None, metavar="SIZE",
+                        help="the KV cache's size instead, e.g. 24G or 512M (powers of 1024); per process under "
+                        "torchrun")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
-    p.add_argument("--max-prompt-tokens", type=int, default=8192)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt accepted (default: --max-context when given, else 8192)")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before answering 429")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
 

@@ -58,6 +58,23 @@ def test_completion_prompt_forms_and_defaults(tok):
     assert _parse(tok, {"prompt": "x", "max_tokens": 3, "max_completion_tokens": 9}, chat=False) \
         .params.max_new_tokens == 3
     assert _parse(tok, {"prompt": "x", "logprobs": 0}, chat=False).params.logprobs  # completions: an integer
+
+
+def test_omitted_max_tokens_is_cut_to_the_room_left_in_the_context(tok):
+    """As OpenAI's and vLLM's servers do: a request without max_tokens never overruns the context by default."""
+    import dataclasses
+
+    limits = dataclasses.replace(LIMITS, context=100)
+
+    def parse(body, chat=False):
+        return api.parse_completion(body, chat=chat, tokenizer=tok, limits=limits, model_name="tiny").params
+
+    assert parse({"prompt": [5] * 90}).max_new_tokens == 10
+    assert parse({"prompt": [5] * 10}).max_new_tokens == 64  # the default when it fits
+    assert parse({"prompt": [5] * 90, "max_tokens": 30}).max_new_tokens == 30  # asked for: refused later (413)
+    assert parse({"messages": USER, "max_completion_tokens": 50}, chat=True).max_new_tokens == 50
+    assert parse({"prompt": [5] * 100}).max_new_tokens == 64  # no room at all: the engine's 413
+    assert _parse(tok, {"prompt": [5] * 190}, chat=False).params.max_new_tokens == 64  # no context known: no cut
     assert _parse(tok, {"prompt": "x", "stop": ["a", "b"], "n": 1, "presence_penalty": 0}, chat=False) \
         .params.stop_strings == ("a", "b")
     # stream_options only matters for a stream (include_usage is off without one).

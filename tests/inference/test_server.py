@@ -157,3 +157,57 @@ def test_api_key_required_when_configured(served):
     finally:
         server.shutdown()
         server.state.worker.stop()
+
+
+def test_serve_with_a_small_max_context_refuses_longer_requests(tiny_fixture_hf):
+    """`qwenlink serve --max-context 64` end to end: the cache is sized to its budget at start-up (16 requested rows
+    do not fit --cache-memory 100K, so 3 are served and it says so in one line), a prompt or a request longer than the
+    context gets the 413, a short one is answered as the engine alone answers it, and one that omits max_tokens gets
+    the room its prompt leaves."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, "-m", "qwenlink.cli", "serve", "--model", str(tiny_fixture_hf), "--device", "cpu",
+               "--port", "0", "--max-context", "64", "--cache-memory", "100K", "--max-tokens-limit", "32"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    log: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:
+            log.append(line)
+            if re.search(r"on http://[\d.]+:\d+/v1", line):
+                started.set()
+        started.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        started.wait(timeout=120)
+        base = re.search(r"on (http://[\d.]+:\d+)/v1", "".join(log))
+        assert base, "server did not start:\n" + "".join(log)[-3000:]
+        assert log[0] == ("qwenlink serve: KV cache: --max-batch 16 rows of 64 tokens would take 512.0 KiB but the "
+                          "cache may use 100.0 KiB (--cache-memory 100.0 KiB); serving 3 requests at a time "
+                          "(96.0 KiB); lower --max-context for more\n")
+        assert "(max batch 3, context 64, KV cache 96.0 KiB)" in log[1]
+        served = {"base": base.group(1), "model": load_hf_model(tiny_fixture_hf).eval(),
+                  "tok": Tokenizer.from_dir(tiny_fixture_hf)}
+        code, payload = _post(served, "/v1/completions", json.dumps({"prompt": [5] * 80, "max_tokens": 4}).encode())
+        assert code == 413 and payload["error"]["code"] == "context_length_exceeded"
+        assert "prompt has 80 tokens, above this server's limit of 64" in payload["error"]["message"]
+        code, payload = _post(served, "/v1/completions", json.dumps({"prompt": [5] * 40, "max_tokens": 30}).encode())
+        assert code == 413 and payload["error"]["code"] == "context_length_exceeded"
+        assert "= 70 exceeds the context length 64" in payload["error"]["message"]
+        code, payload = _post(served, "/v1/completions",
+                              json.dumps({"prompt": "hello world", "max_tokens": 10, "temperature": 0}).encode())
+        assert code == 200 and payload["choices"][0]["text"] == _alone(served, "hello world", 10, chat=False)
+        code, payload = _post(served, "/v1/completions", json.dumps({"prompt": [5] * 60, "temperature": 0}).encode())
+        assert code == 200 and 1 <= payload["usage"]["completion_tokens"] <= 4  # 64 - 60 left for the completion
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=60)
+    assert code == 0, "".join(log)[-3000:]

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.inference.cache_budget import kv_bytes_per_token
 from qwenlink.inference.greedy_head import ScreenedGreedyHead
 from qwenlink.inference.prepack import prepack_linears
 from qwenlink.inference.sampling import SamplingParams, sample_rows
@@ -81,7 +82,10 @@ class EngineStats:
 
 
 class Engine:
-    """Runs requests on a model with a fixed number of cache rows (max_batch) of max_length slots each."""
+    """Runs requests on a model with a fixed number of cache rows (max_batch) of max_length slots each.
+
+    The cache takes max_batch x max_length x `kv_bytes_per_token` bytes whatever the requests' lengths; a server sizes
+    it to its memory first (inference/cache_budget.py, `allocate(rows)`)."""
 
     def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None,
                  prepack: bool = True, compile: bool = False) -> None:
@@ -110,6 +114,35 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # row -> request
         self.stats = EngineStats()
+
+    # ---- the cache ------------------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes a token's keys and values take in this process's cache (its share of the heads under TP)."""
+        return kv_bytes_per_token(self.model.config, self.dtype, kv_heads=local_kv_heads(self.model),
+                                  layers=len(self.model.layers))
+
+    @property
+    def cache_bytes(self) -> int:
+        """The cache's size: max_batch rows x max_length slots x bytes a token."""
+        return self.max_batch * self.max_length * self.kv_bytes_per_token
+
+    @torch.inference_mode()
+    def allocate(self, rows: Optional[int] = None) -> None:
+        """Allocate the cache now (otherwise the first step does), with `rows` rows instead of max_batch when given
+        (a server sizes it to its memory, cache_budget.py). A compiled decode step is still compiled by the first
+        step, in the thread that steps (CUDA graph trees are per thread)."""
+        if self.cache is not None:
+            if rows is not None and rows != self.max_batch:
+                raise QwenlinkError(f"the KV cache is already allocated with {self.max_batch} rows")
+            return
+        if rows is not None:
+            if rows < 1:
+                raise QwenlinkError(f"the KV cache needs at least one row, got {rows}")
+            self.max_batch = rows
+        self.cache = KVCache(self.model.config, self.max_batch, self.max_length, dtype=self.dtype,
+                             device=self.device, layer_ids=list(self.model.layers.keys()),
+                             num_kv_heads=local_kv_heads(self.model))
 
     # ---- admission ------------------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -150,11 +183,9 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit and prefill waiting requests, then decode one token for the others. Returns requests that ended."""
         if self.cache is None:
-            self.cache = KVCache(self.model.config, self.max_batch, self.max_length, dtype=self.dtype,
-                                 device=self.device, layer_ids=list(self.model.layers.keys()),
-                                 num_kv_heads=local_kv_heads(self.model))
-            if self.compile:
-                self._compile_decode_step()
+            self.allocate()
+        if self.compile and self._decode_step is None:
+            self._compile_decode_step()
         finished: list[Request] = []
         decoding = list(self.running.values())
         free_rows = [r for r in range(self.max_batch) if r not in self.running]

@@ -15,7 +15,7 @@ import json
 import math
 import queue
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 from qwenlink.errors import QwenlinkError
@@ -31,6 +31,9 @@ class ServerLimits:
     max_concurrent: int = 64  # requests in flight (running + queued) before 429
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256
+    # The engine's context (prompt + completion tokens); a request that omits max_tokens gets at most the room its
+    # prompt leaves in it, as OpenAI's and vLLM's servers do (None: no such cut).
+    context: Optional[int] = None
 
 
 class ApiError(Exception):
@@ -218,6 +221,9 @@ def parse_completion(body: dict, *, chat: bool, tokenizer: Tokenizer, limits: Se
     if stream and options is not None and not isinstance(options, dict):
         raise ApiError(422, f"'stream_options' must be an object, got {type(options).__name__}", param="stream_options")
     include_usage = stream and bool((options or {}).get("include_usage"))
+    omitted = body.get("max_tokens") is None and not (chat and body.get("max_completion_tokens") is not None)
+    if omitted and limits.context is not None and 1 <= limits.context - len(prompt) < params.max_new_tokens:
+        params = replace(params, max_new_tokens=limits.context - len(prompt))
     return CompletionCall(chat, prompt, params, stream, include_usage)
 
 
