@@ -172,7 +172,7 @@ def test_data_path_without_index_files(make_config, tmp_path: Path) -> None:
     with pytest.raises(QwenlinkError, match=r"only.idx not found; expected an indexed dataset"):
         quiet(make_config(f"data.path={tmp_path / 'only'}"))
     with pytest.raises(QwenlinkError, match=r"for sft give the --output-prefix"):
-        quiet(make_config("job.mode=sft", f"data.path={tmp_path / 'nothing'}"))
+        quiet(make_config("job.mode=sft", "data.pad_id=0", f"data.path={tmp_path / 'nothing'}"))
 
 
 def test_export_hf_loads_back(make_config, tmp_path: Path) -> None:
