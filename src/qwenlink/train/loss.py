@@ -6,6 +6,10 @@ log-sum-exp and gradient are computed `chunk_size` tokens at a time inside one a
 w.r.t. the hidden states [N, H] and the head weight [V, H] are kept for backward. Positions whose label is -100 are
 dropped before the head is applied, so prompt tokens in SFT cost nothing in the head.
 
+No host synchronisation when the labels are on the host (the loader's CPU tensor, as the trainer passes them): the
+valid positions are found there and gathered on the device with `index_select`, so every shape is known to the host
+and nothing waits for the device (boolean indexing of device tensors would: its output size depends on the data).
+
 The loss is a *sum* over valid tokens multiplied by `scale`; the trainer passes 1 / (valid tokens in the whole global
 batch), which makes gradient accumulation exactly equivalent to one large batch.
 """
@@ -27,8 +31,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, label_i) * scale, with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, scale: float, chunk_size: int) -> Tensor:
-        # hidden: [N, H] (valid positions only), weight: [V, H], labels: [N]
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, scale: float | Tensor, chunk_size: int) -> Tensor:
+        # hidden: [N, H] (valid positions only), weight: [V, H], labels: [N]; scale: a number or a 0-dim device tensor
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -60,28 +64,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        if bool(grad_output == 1.0):  # the usual case (loss.backward()): skip two full-size multiplications
-            return (grad_hidden if ctx.needs_input_grad[0] else None,
-                    grad_weight if ctx.needs_input_grad[1] else None, None, None, None)
-        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = grad_weight * grad_output.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        # Scaled in place on the device: x * 1.0 is exact, so loss.backward() gets the forward's gradients bitwise
+        # without reading grad_output on the host to tell that case apart. (A second backward through the same
+        # graph is refused by autograd: the saved tensors were modified.)
+        gh = grad_hidden.mul_(grad_output) if ctx.needs_input_grad[0] else None
+        gw = grad_weight.mul_(grad_output) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale: float = 1.0,
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, scale: float | Tensor = 1.0,
                          chunk_size: int = 1024) -> tuple[Tensor, int]:
     """Summed cross entropy of `hidden @ weight.T` against `labels`, times `scale`, and the number of valid tokens.
 
-    hidden: [..., H]; labels: [...] with IGNORE_INDEX where no loss is wanted; weight: [V, H].
+    hidden: [..., H]; labels: [...] with IGNORE_INDEX where no loss is wanted; weight: [V, H]. `labels` may live on
+    the host while `hidden` is on an accelerator: the valid positions are then found on the host and only they are
+    sent to the device (no synchronisation). Labels already on the device cost one (finding the valid positions).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])                         # [N, H]
     labels = labels.reshape(-1)                                           # [N]
-    valid = labels != IGNORE_INDEX
-    count = int(valid.sum())
+    positions = (labels != IGNORE_INDEX).nonzero().squeeze(1)             # [n], where the labels are
+    count = positions.numel()
     if count == 0:
         # Keep the graph connected so backward still runs (all gradients zero).
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float(), 0
-    hidden, labels = hidden[valid], labels[valid]                         # [n, H], [n]
+    labels = labels.index_select(0, positions).to(hidden.device, non_blocking=True)            # [n]
+    hidden = hidden.index_select(0, positions.to(hidden.device, non_blocking=True))           # [n, H]
     if not torch.is_grad_enabled():
         with torch.no_grad():
             return _LinearCrossEntropy.forward(_NoGradCtx(), hidden, weight, labels, scale, chunk_size), count
@@ -121,11 +128,12 @@ def head_detached(model: nn.Module) -> Iterator[Optional[nn.Linear]]:
         model.lm_head = head
 
 
-def model_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, scale: float, chunk_size: int,
+def model_loss(model: nn.Module, input_ids: Tensor, labels: Tensor, *, scale: float | Tensor, chunk_size: int,
                position_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None) -> tuple[Tensor, int]:
     """Scaled summed next-token loss of a micro batch (labels already shifted to align with input positions).
 
-    input_ids, labels: [B, T]. Returns (loss, number of valid label tokens).
+    input_ids, labels: [B, T]; labels may stay on the host (see `linear_cross_entropy`). Returns (loss, number of
+    valid label tokens).
     """
     with head_detached(model) as head:
         hidden = model(input_ids, position_ids=position_ids, attention_mask=attention_mask)  # [B, T, H]

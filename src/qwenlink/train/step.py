@@ -8,6 +8,11 @@ The same `TrainStep` serves one process and any pp x dp x tp layout; what differ
 Each micro batch's loss is its summed token cross entropy x dp / (valid tokens in the whole global batch): FSDP2
 averages gradients over the dp ranks, so the result is exactly the gradient of the global-batch mean loss, as one
 process computes it. Reductions are made on tensors on the training device (NCCL has no CPU path).
+
+Nothing in a step synchronises the host with the device: labels are counted and masked on the host (they come from
+the loader's CPU tensors), batches are copied with non_blocking, and the loss, the gradient norm and the decision to
+skip a non-finite update stay device tensors (`step_if_finite`); the trainer reads them once per log interval.
+tests/parallel/test_fake_cuda_step.py holds the step to that on fake CUDA tensors (qwenlink.parallel.simulate).
 """
 
 from __future__ import annotations
@@ -66,8 +71,9 @@ class TrainStep:
     # ---- the loss ---------------------------------------------------------------------------------------------------
     def count_valid(self, batches: Sequence[MicroBatch]) -> Tensor:
         """Tokens with a label in the whole global batch (every tp/pp rank of a replica sees the same batches)."""
-        mine = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # host-side labels: no device sync
-        total = all_reduce_sum(torch.tensor(float(mine), dtype=torch.float64, device=self.device))
+        mine = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # the loader's host labels: no sync
+        # torch.full writes the value with a kernel; torch.tensor(value, device=...) would be a blocking copy.
+        total = all_reduce_sum(torch.full((), float(mine), dtype=torch.float64, device=self.device))
         return total / (self.plan.tp * self.plan.pp)
 
     def _head_loss(self, output: Tensor, labels: Tensor) -> Tensor:
@@ -77,12 +83,14 @@ class TrainStep:
         return F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum") * self._scale
 
-    def _micro_loss(self, batch: MicroBatch) -> Tensor:
+    def _micro_loss(self, batch: MicroBatch, host_labels: Tensor) -> Tensor:
+        """`batch` on the device; `host_labels` the same labels where the loader made them (the chunked loss finds
+        the valid positions there, without waiting for the device)."""
         module = self.chunks.modules[0]
         if self.layout.tp_mesh is not None:
             logits = module(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
             return self._head_loss(logits, batch.labels)  # logits: this rank's vocabulary slice [B, T, V/tp]
-        loss, _ = model_loss(module, batch.input_ids, batch.labels, scale=self._scale, chunk_size=self.chunk_size,
+        loss, _ = model_loss(module, batch.input_ids, host_labels, scale=self._scale, chunk_size=self.chunk_size,
                              position_ids=batch.position_ids, attention_mask=batch.attention_mask)
         return loss
 
@@ -96,11 +104,11 @@ class TrainStep:
         else:
             share = torch.zeros((), dtype=torch.float32, device=self.device)
             modules = self.chunks.modules
-            for i, batch in enumerate(batches):
-                batch = batch.to(self.device)
+            for i, host in enumerate(batches):
+                batch = host.to(self.device)  # non_blocking
                 set_gradient_sync(modules, i == len(batches) - 1)  # FSDP2: reduce-scatter after the last only
                 with loss_context(self.layout.tp_mesh), self.autocast():
-                    loss = self._micro_loss(batch)
+                    loss = self._micro_loss(batch, host.labels)
                 with loss_context(self.layout.tp_mesh):
                     loss.backward()
                 share += loss.detach().float()
@@ -113,8 +121,8 @@ class TrainStep:
         boundaries (packed samples are refused at config time); right padding needs no mask (causal attention never
         looks ahead at the pads). Returns the summed scaled loss (on every pipeline rank)."""
         batches = pad_to_length(batches, self.seq_length, self.pad_id)
-        input_ids = torch.cat([b.input_ids for b in batches]).to(self.device)  # [n x b, T]
-        labels = torch.cat([b.labels for b in batches]).to(self.device)
+        input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
+        labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True)
         n = len(batches)
         schedule = self._schedules.get(n)
         if schedule is None:
@@ -179,12 +187,32 @@ class TrainStep:
     @torch.no_grad()
     def eval_loss(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
         """Summed validation loss and valid-token count of one micro batch, this rank's share (pp must be 1)."""
-        batch = batch.to(self.device)
+        host, batch = batch, batch.to(self.device)
         saved, self._scale = self._scale, 1.0
         try:
             with loss_context(self.layout.tp_mesh), self.autocast():
-                loss = self._micro_loss(batch).float()
+                loss = self._micro_loss(batch, host.labels).float()
         finally:
             self._scale = saved
         count = (batch.labels != IGNORE_INDEX).sum().to(torch.float32)
         return loss, count
+
+
+# ---- the update -----------------------------------------------------------------------------------------------------
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+    """`optimizer.step()`, which changes nothing (parameters, moments, step count) when the 0-dim device tensor
+    `finite` is False, decided on the device.
+
+    The fused Adam(W) kernels take GradScaler's `found_inf` tensor and skip the update themselves, so the host never
+    waits. The foreach / for-loop implementations (optim.implementation) cannot: for them the flag is read on the
+    host, one synchronisation per step.
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and \
+            all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = (~finite).to(torch.float32)  # the attribute GradScaler sets for these optimizers
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()

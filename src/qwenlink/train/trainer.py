@@ -6,6 +6,11 @@
 
 One process is the plan whose sizes are all 1: the same functions run, each parallel dimension switched off.
 Checkpoints hold model, optimizer, step, data position and RNG (checkpoint/dcp.py), so resuming continues bitwise.
+
+A step never waits for the device: its loss, gradient norm and finiteness stay device tensors (the update of a
+non-finite step is skipped on the device) and the loop reads them once per log interval, before a checkpoint and at
+the end (`Trainer._settle`). `build_step_parts` builds one rank's model and step from the job alone (no data), which
+is also what qwenlink.train.simulate runs on fake devices.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.parallel.init import init_weights
-from qwenlink.parallel.parallelize import (ModelChunks, ParallelizeOptions, build_layout, build_model_chunks,
+from qwenlink.parallel.mesh import ParallelPlan
+from qwenlink.parallel.parallelize import (Layout, ModelChunks, ParallelizeOptions, build_layout, build_model_chunks,
                                            full_state_dict)
 from qwenlink.train import distributed as distrib
 from qwenlink.train import lora as lora_train
@@ -40,7 +46,7 @@ from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
 from qwenlink.train.loss import IGNORE_INDEX
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
 from qwenlink.train.optim import Scheduler, build_optimizer
-from qwenlink.train.step import TrainStep, all_reduce_sum
+from qwenlink.train.step import TrainStep, all_reduce_sum, step_if_finite
 
 
 # ---- model ----------------------------------------------------------------------------------------------------------
@@ -125,11 +131,94 @@ class TrainState:
 
 @dataclass
 class StepResult:
+    """One optimizer step's outcome; loss, grad_norm and finite are device tensors (see `read_results`)."""
+
     step: int
-    loss: float
-    grad_norm: float
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
     lr: float
-    skipped: bool
+    finite: torch.Tensor  # False: the update was skipped (loss or gradient norm not finite)
+
+
+def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool]]:
+    """(loss, gradient norm, finite) of each step, read from the device in one copy (one host synchronisation)."""
+    if not results:
+        return []
+    values = torch.stack([torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]) for r in results])
+    return [(loss, norm, flag == 1.0) for loss, norm, flag in values.tolist()]
+
+
+# ---- one rank's model and step, from the job alone -----------------------------------------------------------------
+def autocast_for(cfg: JobConfig, device: torch.device) -> ContextManager:
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class StepParts:
+    """Everything one optimizer step needs on this rank: the mesh, the model chunks, the step, optimizer, schedule."""
+
+    layout: Layout
+    chunks: ModelChunks
+    step_fn: TrainStep
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+
+
+def parallelize_options(cfg: JobConfig, lora: Optional[Any]) -> ParallelizeOptions:
+    return ParallelizeOptions(
+        activation_checkpoint=cfg.train.activation_checkpoint,
+        activation_checkpoint_every=cfg.train.activation_checkpoint_every,
+        # Recomputation must draw the same dropout masks as the forward did.
+        preserve_rng_state=lora is not None and lora.dropout > 0,
+        compile=cfg.parallel.compile,
+        param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+
+
+def build_chunks(cfg: JobConfig, model_config: ModelConfig, layout: Layout, device: torch.device,
+                 lora: Optional[Any], *, load_weights: bool = True) -> ModelChunks:
+    """Meta -> (LoRA adapters) -> this rank's stages, parallelized -> materialise -> init -> initial weights
+    (init_from, unless `load_weights` is False)."""
+    chunks = build_model_chunks(model_config, layout, parallelize_options(cfg, lora),
+                                adapt=lora_train.adapter_hook(lora))
+    chunks.materialize(device)
+    torch.manual_seed(cfg.job.seed)  # the stream dropout draws from; the weights have their own generators
+    init_weights(chunks.modules, seed=cfg.job.seed, std=cfg.model.init_std)
+    model = chunks.state_module
+    if not load_weights:
+        return chunks
+    if cfg.model.init_from and lora is not None:
+        # Storing the frozen base in bf16 is a one-process option: FSDP2 already shards it and gathers it in bf16.
+        lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg,
+                                     cast_base=layout.plan.world_size == 1)
+    elif cfg.model.init_from:
+        load_initial_weights(model, cfg.model.init_from)
+    return chunks
+
+
+def build_step_parts(cfg: JobConfig, model_config: ModelConfig, plan: ParallelPlan, device: torch.device, *,
+                     lora: Optional[Any] = None, load_weights: bool = True) -> StepParts:
+    """This rank's mesh (collective), model chunks, TrainStep, optimizer and schedule, as the Trainer trains them."""
+    layout = build_layout(plan, device, model_config)
+    chunks = build_chunks(cfg, model_config, layout, device, lora, load_weights=load_weights)
+    step_fn = TrainStep(chunks, layout, chunk_size=cfg.train.loss_chunk_size, seq_length=cfg.data.seq_length,
+                        pad_id=cfg.data.pad_id, autocast=lambda: autocast_for(cfg, device))
+    optimizer = build_optimizer(chunks.state_module, cfg.optim)
+    return StepParts(layout, chunks, step_fn, optimizer, Scheduler(optimizer, cfg))
+
+
+def run_step(parts: StepParts, batches: Sequence[MicroBatch], step: int, *, clip_grad: float) -> StepResult:
+    """One optimizer step over this rank's micro batches, without a host synchronisation: lr -> loss and gradients
+    -> clipping -> the update, skipped on the device when the loss or the gradient norm is not finite."""
+    lr = parts.scheduler.apply(step)
+    step_fn = parts.step_fn
+    loss = step_fn.forward_backward(batches, step_fn.count_valid(batches))
+    grad_norm = step_fn.clip_grad_norm_(clip_grad if clip_grad > 0 else math.inf)
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+    step_if_finite(parts.optimizer, finite)
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepResult(step, loss, grad_norm, lr, finite)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -164,14 +253,11 @@ class Trainer:
         if self.distributed and self.rank == 0:
             distrib.barrier()
         self.lora = lora_train.lora_of(cfg)
-        self.layout = build_layout(self.plan, self.device, self.model_config)
+        self.parts = build_step_parts(cfg, self.model_config, self.plan, self.device, lora=self.lora)
+        self.layout, self.chunks, self.step_fn = self.parts.layout, self.parts.chunks, self.parts.step_fn
+        self.optimizer, self.scheduler = self.parts.optimizer, self.parts.scheduler
         self.dp_rank = self.layout.dp_rank
-        self.chunks = self._build_model()
         self.model = self.chunks.state_module  # full parameter names: optimizer, checkpoints, export
-        self.step_fn = TrainStep(self.chunks, self.layout, chunk_size=cfg.train.loss_chunk_size,
-                                 seq_length=cfg.data.seq_length, pad_id=cfg.data.pad_id, autocast=self._autocast)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = Scheduler(self.optimizer, cfg)
         self.state = TrainState(global_batch_size=cfg.train.global_batch_size, seq_length=cfg.data.seq_length)
         self.resumed_from: Optional[Path] = None
         latest = ckpt.find_latest(cfg.checkpoint_dir) if cfg.checkpoint.resume else None
@@ -189,30 +275,6 @@ class Trainer:
         self._signal: Optional[int] = None
 
     # ---- the model ----------------------------------------------------------------------------------------------
-    def _build_model(self) -> ModelChunks:
-        """Meta -> (LoRA adapters) -> this rank's stages, parallelized -> materialise -> init -> initial weights."""
-        cfg = self.cfg
-        options = ParallelizeOptions(
-            activation_checkpoint=cfg.train.activation_checkpoint,
-            activation_checkpoint_every=cfg.train.activation_checkpoint_every,
-            # Recomputation must draw the same dropout masks as the forward did.
-            preserve_rng_state=self.lora is not None and self.lora.dropout > 0,
-            compile=cfg.parallel.compile,
-            param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
-        chunks = build_model_chunks(self.model_config, self.layout, options,
-                                    adapt=lora_train.adapter_hook(self.lora))
-        chunks.materialize(self.device)
-        torch.manual_seed(self.cfg.job.seed)  # the stream dropout draws from; the weights have their own generators
-        init_weights(chunks.modules, seed=cfg.job.seed, std=cfg.model.init_std)
-        model = chunks.state_module
-        if cfg.model.init_from and self.lora is not None:
-            # Storing the frozen base in bf16 is a one-process option: FSDP2 already shards it and gathers it in bf16.
-            lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg,
-                                         cast_base=self.plan.world_size == 1)
-        elif cfg.model.init_from:
-            load_initial_weights(model, cfg.model.init_from)
-        return chunks
-
     def _full_cpu_model(self) -> Optional[Qwen2Model]:
         """An unsharded CPU copy of the model on rank 0 (gathered from every stage and shard when distributed; the
         model itself in one process); None on the other ranks."""
@@ -255,11 +317,6 @@ class Trainer:
         self.resumed_from = step_dir
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def _autocast(self) -> ContextManager:
-        if self.cfg.train.dtype == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def _params_finite(self) -> bool:
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.model.parameters()]
         finite = all(bool(torch.isfinite(p).all()) for p in local)
@@ -271,24 +328,37 @@ class Trainer:
 
     # ---- steps --------------------------------------------------------------------------------------------------
     def train_step(self, batches: Sequence[MicroBatch], step: int) -> StepResult:
-        """One optimizer step over `batches` (this rank's micro batches of the global batch)."""
-        lr = self.scheduler.apply(step)
-        loss = self.step_fn.forward_backward(batches, self.step_fn.count_valid(batches))
-        clip = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = self.step_fn.clip_grad_norm_(clip)
-        return self._finish_step(step, float(loss), float(grad_norm), lr)
+        """One optimizer step over `batches` (this rank's micro batches of the global batch). Nothing is read from
+        the device: the result holds device tensors, which `_settle` reads once per log interval."""
+        return run_step(self.parts, batches, step, clip_grad=self.cfg.optim.clip_grad)
 
-    def _finish_step(self, step: int, loss_value: float, grad_norm: float, lr: float) -> StepResult:
-        """Apply the update, or skip and count it when the loss or the gradient norm is not finite."""
-        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        if skipped:
-            self.state.skipped_nonfinite += 1
-            self.state.nonfinite_in_row += 1
-        else:
-            self.optimizer.step()
-            self.state.nonfinite_in_row = 0
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(step, loss_value, grad_norm, lr, skipped)
+    def _settle(self, pending: list[tuple[dict[str, Any], StepResult]], metrics: MetricsLogger) -> None:
+        """Read the pending steps' loss, gradient norm and finiteness (one host synchronisation), count the skipped
+        updates, fill and keep their records, and stop after train.max_nonfinite_steps non-finite steps in a row
+        (every rank reads the same values, so all take the same decision)."""
+        done = list(pending)
+        pending.clear()
+        for (record, result), (loss, grad_norm, finite) in zip(done, read_results([r for _, r in done])):
+            record.update(loss=loss, grad_norm=grad_norm)
+            if finite:
+                self.state.nonfinite_in_row = 0
+            else:
+                self.state.skipped_nonfinite += 1
+                self.state.nonfinite_in_row += 1
+            record["skipped_nonfinite"] = self.state.skipped_nonfinite
+            self.history.append(record)
+            if finite:
+                continue
+            step = result.step
+            metrics.info(f"step {step}: loss {loss} / grad norm {grad_norm} is not finite; step skipped "
+                         f"({self.state.nonfinite_in_row} in a row, {self.state.skipped_nonfinite} in total)")
+            if self.state.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+                last = ckpt.find_latest(self.cfg.checkpoint_dir)
+                raise QwenlinkError(
+                    f"loss was not finite for {self.state.nonfinite_in_row} steps in a row (steps "
+                    f"{step - self.state.nonfinite_in_row + 1}..{step}, train.max_nonfinite_steps="
+                    f"{self.cfg.train.max_nonfinite_steps}); stopped without saving; last good checkpoint: "
+                    f"{last if last else 'none'} (try a lower optim.lr or check the data)")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -369,6 +439,14 @@ class Trainer:
         code = 0
         try:
             window_tokens, window_time, window_data, window_flops = 0, 0.0, 0.0, 0.0
+            pending: list[tuple[dict[str, Any], StepResult]] = []  # steps whose values are still on the device
+
+            def settle() -> float:
+                """Read the pending steps (the host waits for the device here); returns the seconds it took."""
+                t = time.perf_counter()
+                self._settle(pending, metrics)
+                return time.perf_counter() - t
+
             while self.state.step < total:
                 step = self.state.step + 1
                 t0 = time.perf_counter()
@@ -383,21 +461,11 @@ class Trainer:
                 window_tokens, window_time, window_data = window_tokens + tokens, window_time + elapsed, \
                     window_data + t_data
                 window_flops += step_flops(self.model_config, batches, self.dp_size)
-                record: dict[str, Any] = {"step": step, "loss": result.loss, "lr": result.lr,
-                                          "grad_norm": result.grad_norm, "skipped_nonfinite": self.state.skipped_nonfinite,
-                                          "tokens_seen": self.state.tokens_seen}
-                if result.skipped:
-                    metrics.info(f"step {step}: loss {result.loss} / grad norm {result.grad_norm} is not finite; "
-                                 f"step skipped ({self.state.nonfinite_in_row} in a row, "
-                                 f"{self.state.skipped_nonfinite} in total)")
-                    if self.state.nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                        last = ckpt.find_latest(cfg.checkpoint_dir)
-                        raise QwenlinkError(
-                            f"loss was not finite for {self.state.nonfinite_in_row} steps in a row (steps "
-                            f"{step - self.state.nonfinite_in_row + 1}..{step}, train.max_nonfinite_steps="
-                            f"{cfg.train.max_nonfinite_steps}); stopped without saving; last good checkpoint: "
-                            f"{last if last else 'none'} (try a lower optim.lr or check the data)")
+                record: dict[str, Any] = {"step": step, "loss": None, "lr": result.lr, "grad_norm": None,
+                                          "skipped_nonfinite": None, "tokens_seen": self.state.tokens_seen}
+                pending.append((record, result))
                 if step % cfg.metrics.log_interval == 0 or step == total:
+                    window_time += settle()  # the device's share of the window that the host did not wait for yet
                     rates = throughput(window_tokens, window_time, world_size=self.world_size,
                                        flops_per_token=window_flops / max(window_tokens, 1), peak=peak)
                     record.update(tokens_per_s=rates.tokens_per_s,
@@ -412,23 +480,26 @@ class Trainer:
                     if "val_loss" in record:
                         line += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
                     metrics.log(record, line)
-                self.history.append(record)
                 if self.distributed:  # all ranks must save at the same step: agree on whether a signal arrived
                     agreed = distrib.all_reduce_max(self._signal or 0, self.device)
                     self._signal = agreed or None
                 if self._signal is not None:
+                    window_time += settle()
                     path = self.save()
                     name = signal.Signals(self._signal).name
                     metrics.info(f"{name} received: saved {path} at step {step}; exiting (resume with the same "
                                  f"command)")
                     return 128 + self._signal
                 if stop_at is not None and step >= stop_at:
+                    window_time += settle()
                     self.save()
                     return 0
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < total:
+                    window_time += settle()
                     path = self.save()
                     if path is not None:
                         metrics.info(f"saved {path}")
+            settle()
             if self.valid_dataset is not None and cfg.metrics.eval_interval:
                 val = self.evaluate()
                 metrics.info(f"validation: loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}")
