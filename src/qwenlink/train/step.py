@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import nullcontext
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 import torch.distributed as dist
@@ -43,12 +43,13 @@ def all_reduce_sum(value: Tensor) -> Tensor:
 
 
 def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int) -> list[MicroBatch]:
-    """Right-pad micro batches to `length` tokens: a pipeline schedule splits one tensor into equal micro batches and
-    its stages fix their send/receive shapes at the first step, so every step must have the same shape."""
+    """Right-pad micro batches to exactly `length` tokens: a pipeline schedule splits one tensor into equal micro
+    batches and its stages fix their send/receive shapes at the first step, so every step must have the same shape.
+    Columns past `length` (SFT rounds widths up to data.pad_to_multiple_of) hold only padding and are cut."""
     out = []
     for b in batches:
         extra = length - b.input_ids.shape[1]
-        ids, labels = b.input_ids, b.labels
+        ids, labels = b.input_ids[:, :length], b.labels[:, :length]
         if extra > 0:
             ids = F.pad(ids, (0, extra), value=pad_id)
             labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
@@ -73,8 +74,9 @@ class TrainStep:
         """Tokens with a label in the whole global batch (every tp/pp rank of a replica sees the same batches)."""
         mine = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # the loader's host labels: no sync
         # torch.full writes the value with a kernel; torch.tensor(value, device=...) would be a blocking copy.
-        total = all_reduce_sum(torch.full((), float(mine), dtype=torch.float64, device=self.device))
-        return total / (self.plan.tp * self.plan.pp)
+        # Counted in int64 (exact, and reducible on every backend), used as fp32.
+        total = all_reduce_sum(torch.full((), mine, dtype=torch.int64, device=self.device))
+        return total.to(torch.float32) / (self.plan.tp * self.plan.pp)
 
     def _head_loss(self, output: Tensor, labels: Tensor) -> Tensor:
         """Scaled summed CE of the last stage's logits: vocabulary-parallel with tp, full logits otherwise."""

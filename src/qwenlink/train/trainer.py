@@ -367,8 +367,8 @@ class Trainer:
         self.model.eval()
         stream = MicroBatchStream(self.valid_dataset, self.cfg, micro_batch_size=self.cfg.train.micro_batch_size,
                                   dp_rank=self.dp_rank, dp_size=self.dp_size)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        count = torch.zeros((), dtype=torch.float32, device=self.device)
         for _ in range(self.cfg.metrics.eval_iters):
             loss, n = self.step_fn.eval_loss(stream.next())
             total += loss
