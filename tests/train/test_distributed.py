@@ -24,3 +24,23 @@ def test_backend_follows_the_device_type(monkeypatch, device, backend, pinned) -
     assert (info.rank, info.world_size, info.local_rank) == (3, 8, 3)
     expected = torch.device("cuda", 3) if backend == "nccl" else torch.device("cpu")
     assert distributed.device_for(info, torch.device(device)) == expected
+
+
+def test_resume_restores_only_this_rank_s_cuda_generator(monkeypatch) -> None:
+    """A checkpoint holds each rank's own CUDA generator (not every visible device's), and restores it on the
+    current device even where fewer GPUs are visible than at save time (older all-device lists included)."""
+    from qwenlink.checkpoint import dcp
+
+    calls: dict = {}
+    state = torch.arange(4, dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: calls.setdefault("set", []).append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("restores every device's state"))
+    saved = dcp.rng_state()
+    assert saved["cuda"] is state
+    dcp.set_rng_state(saved)
+    dcp.set_rng_state({**saved, "cuda": [state + 1, state + 2, state + 3]})  # written with 3 visible GPUs
+    assert [s.tolist() for s in calls["set"]] == [[0, 1, 2, 3], [1, 2, 3, 4]]

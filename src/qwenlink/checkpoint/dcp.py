@@ -140,7 +140,8 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's own device only: a rank drives one GPU, and a resume may see fewer GPUs per process.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -151,7 +152,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # older checkpoints held every visible device's state
+            saved = saved[torch.cuda.current_device()] if torch.cuda.current_device() < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved)  # the current device: each rank's own (torch.cuda.set_device)
 
 
 def _options(trainable_only: bool, *, load: bool = False):
