@@ -28,3 +28,12 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise QwenlinkError(f"unknown device {name!r} (expected cpu, cuda, cuda:N, npu...)") from None
+
+
+BACKENDS = {"cuda": "nccl", "npu": "hccl"}  # every other device type (cpu) uses gloo
+
+
+def backend_for(device_type: str) -> str:
+    """The collective backend of a device type ("cuda" for cuda, cuda:0, ...): NCCL has no CPU path, gloo no
+    accelerator one."""
+    return BACKENDS.get(device_type, "gloo")

@@ -28,8 +28,10 @@ from qwenlink.train.step import TrainStep  # noqa: E402
 
 def build(config: ModelConfig, plan: ParallelPlan, spec: dict, adapt=None) -> tuple[ModelChunks, TrainStep]:
     """The trainer's own path: layout -> meta chunks, parallelized -> materialised -> TrainStep."""
-    layout = build_layout(plan, torch.device("cpu"), config)
-    chunks = build_model_chunks(config, layout, ParallelizeOptions(), adapt=adapt)
+    bf16 = spec.get("dtype") == "bf16"  # the trainer's mixed-precision policy: FSDP2's, on every layout
+    layout = build_layout(plan, torch.device("cpu"), config, mixed_precision=bf16)
+    chunks = build_model_chunks(config, layout, ParallelizeOptions(param_dtype=torch.bfloat16 if bf16 else None),
+                                adapt=adapt)
     chunks.materialize(torch.device("cpu"))
     return chunks, TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
 

@@ -28,9 +28,11 @@ LAYOUTS = {
 }
 
 
-def run_layout(tmp_path: Path, layout: dict, *, tied: bool = False, timeout: int = 240) -> dict:
+def run_layout(tmp_path: Path, layout: dict, *, tied: bool = False, timeout: int = 240, dtype: str = "fp32") -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     world = layout.get("tp", 1) * layout.get("pp", 1) * layout.get("dp_shard", 1) * layout.get("dp_replicate", 1)
-    spec = {"layout": layout, "seed": 3, "tied": tied, "global_batch": 4, "micro_batch": 1, "seq": 16, "layers": 4}
+    spec = {"layout": layout, "seed": 3, "tied": tied, "global_batch": 4, "micro_batch": 1, "seq": 16, "layers": 4,
+            "dtype": dtype}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(WORKER), str(tmp_path), json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -65,3 +67,19 @@ def test_tied_embeddings_across_pipeline_stages(tmp_path):
     got = run_layout(tmp_path, dict(pp=2), tied=True)
     assert torch.equal(got["state"]["lm_head.weight"], got["state"]["embed_tokens.weight"])
     assert_equivalent(got)
+
+
+def test_bf16_computes_the_same_way_in_every_layout(tmp_path):
+    """One mixed-precision policy (bf16 compute copies of fp32 master weights, bf16 residual stream, fp32 gradient
+    reduction) whatever the layout: one process and dp2 / pp2 run the same bf16 matmuls on the same micro batches,
+    so the first step's loss agrees to fp32 rounding. (With autocast in one process and FSDP2's bf16 policy under
+    dp, the residual stream was fp32 in one and bf16 in the other: ~1e-3 apart.)"""
+    alone = run_layout(tmp_path / "one", {}, dtype="bf16")
+    assert all(t.dtype == torch.float32 for t in alone["state"].values())  # master weights stay fp32
+    fp32 = reference_run(alone["spec"])[0]
+    assert abs(alone["losses"][0] - fp32[0]) > 1e-6 * abs(fp32[0])  # bf16 did compute in bf16
+    for name, layout in {"dp2": dict(dp_shard=2), "pp2": dict(pp=2)}.items():
+        got = run_layout(tmp_path / name, layout, dtype="bf16")
+        assert abs(got["losses"][0] - alone["losses"][0]) <= 1e-6 * abs(alone["losses"][0]), name
+        for step, (a, b) in enumerate(zip(got["losses"], alone["losses"])):
+            assert abs(a - b) <= 2e-3 * abs(b), f"{name} step {step}: {a} vs one process {b}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.train.config import accumulation_steps, data_parallel_size, load_config, parse_override
@@ -108,3 +109,15 @@ def test_tiny_cpu_configs_load() -> None:
         cfg = load_config(path)
         assert cfg.train.device in ("cpu", "auto")
         resolve_model_config(cfg)
+
+
+def test_compile_defaults_to_on_for_cuda_only() -> None:
+    from qwenlink.train.trainer import compile_blocks
+
+    unset = load_config(None, ["--data.path=x"])
+    assert unset.parallel.compile is None
+    assert compile_blocks(unset, torch.device("cuda", 0)) and not compile_blocks(unset, torch.device("cpu"))
+    off = load_config(None, ["--data.path=x", "--parallel.compile=false"])
+    on = load_config(None, ["--data.path=x", "--parallel.compile=true"])
+    assert not compile_blocks(off, torch.device("cuda")) and compile_blocks(on, torch.device("cpu"))
+    assert load_config(None, ["--data.path=x"]).to_toml()  # an unset value writes (and reads back) as absent

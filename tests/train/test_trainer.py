@@ -12,6 +12,7 @@ import torch
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.errors import QwenlinkError
 from qwenlink.train import step as step_mod
+from qwenlink.train.loss import model_loss
 from qwenlink.train.trainer import Trainer
 
 
@@ -81,9 +82,22 @@ def test_sft_loss_only_on_labels(make_config, sft_prefix: str) -> None:
                       "data.pad_id=0", "checkpoint.save_final=false")
     t = quiet(cfg)
     batch = t.data.next()
-    assert batch.attention_mask is not None and batch.input_ids.shape[1] % 8 == 0
+    assert batch.input_ids.shape[1] % 8 == 0
     valid = int((batch.labels != -100).sum())
     assert 0 < valid == 5 * batch.input_ids.shape[0]  # 4 reply tokens + end token per sample, nothing else
+    # Right-padded: plain causal attention, no mask tensor - and the same loss and gradients as with the padding mask
+    assert batch.attention_mask is None and batch.position_ids is None
+    lengths = (batch.input_ids != 0).sum(1)
+    mask = (torch.arange(batch.input_ids.shape[1])[None] < lengths[:, None]).long()  # [B, T] 1 = real token
+    results = []
+    for kwargs in ({}, {"attention_mask": mask}):
+        loss, _ = model_loss(t.model, batch.input_ids, batch.labels, scale=1.0, chunk_size=64, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in t.model.parameters()]))
+        t.optimizer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     t.train()
     assert all(math.isfinite(r["loss"]) for r in t.history)
 

@@ -62,27 +62,49 @@ class Layout:
         return self._coordinate("tp")
 
 
-def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig) -> Layout:
-    """The mesh of `plan` on `device`'s type (collective: every rank calls it); nothing to build in one process."""
-    if plan.world_size == 1:
+def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, *,
+                 mixed_precision: bool = False) -> Layout:
+    """The mesh of `plan` on `device`'s type (collective: every rank calls it).
+
+    `mixed_precision` (bf16 compute): FSDP2's policy applies to every layout, so even a plan without data
+    parallelism gets a (size-1) FSDP mesh, and one process gets a one-rank process group for it. Without it, one
+    process builds nothing."""
+    if plan.world_size == 1 and not mixed_precision:
         return Layout(plan, device)
     from torch.distributed.device_mesh import init_device_mesh
 
+    if plan.world_size == 1:
+        ensure_local_process_group(device)
     mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard, plan.tp),
                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
     return Layout(plan, device, mesh=mesh,
                   tp_mesh=mesh["tp"] if plan.tp > 1 else None,
-                  dp_mesh=_data_parallel_mesh(mesh, plan),
+                  dp_mesh=_data_parallel_mesh(mesh, plan, mixed_precision),
                   pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
                   tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
 
 
-def _data_parallel_mesh(mesh, plan: ParallelPlan):
+def _data_parallel_mesh(mesh, plan: ParallelPlan, mixed_precision: bool = False):
     """What FSDP2 shards over: the dp_shard dim alone (ZeRO-3), or replicate x shard (HSDP; replicate only is DDP-like).
-    A size-1 replicate dim is left out: FSDP2 would otherwise run a no-op all-reduce over it for every unit."""
+    A size-1 replicate dim is left out: FSDP2 would otherwise run a no-op all-reduce over it for every unit. Without
+    data parallelism, the size-1 dp_shard dim when FSDP2 carries the mixed-precision policy, else none."""
     if plan.dp == 1:
-        return None
+        return mesh["dp_shard"] if mixed_precision else None
     return mesh["dp_replicate", "dp_shard"] if plan.dp_replicate > 1 else mesh["dp_shard"]
+
+
+def ensure_local_process_group(device: torch.device) -> None:
+    """A one-rank process group for a single process that needs a device mesh (FSDP2's mixed precision); kept for
+    the life of the process, as torchrun's group is, and reused by later jobs in the same process."""
+    import torch.distributed as dist
+
+    from qwenlink.device import backend_for
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("a one-process layout inside a multi-process group")
+        return
+    dist.init_process_group(backend_for(device.type), store=dist.HashStore(), rank=0, world_size=1)
 
 
 # ---- this rank's model ------------------------------------------------------------------------------------------------

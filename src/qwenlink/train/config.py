@@ -113,7 +113,7 @@ class ParallelSection:
     dp_replicate: int = 1           # plain replicas (with dp_shard > 1: HSDP)
     sequence_parallel: bool = True  # with tp > 1, shard norms / residual activations over the sequence
     schedule: str = "1f1b"          # gpipe | 1f1b | interleaved-1f1b | interleaved-zero-bubble
-    compile: bool = False           # torch.compile each decoder block
+    compile: Optional[bool] = None  # torch.compile each decoder block; unset: on for CUDA, off elsewhere
 
 
 @dataclass

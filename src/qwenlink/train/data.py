@@ -6,9 +6,12 @@ step number; `dp_rank` / `dp_size` are parameters so the parallel trainer can ha
 
 from __future__ import annotations
 
+import collections
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -27,6 +30,11 @@ class MicroBatch:
     labels: torch.Tensor
     position_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None  # 2-D padding [B, T] or 4-D boolean [B, 1, T, T]
+
+    def pinned(self) -> "MicroBatch":
+        """The same batch in page-locked host memory (copies to an accelerator can then overlap compute)."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return MicroBatch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.attention_mask))
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -94,7 +102,10 @@ def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
 
         trimmed = [{k: v[: cfg.data.seq_length] for k, v in s.items()} for s in samples]
         b = pad_collate(trimmed, cfg.data.pad_id, cfg.data.pad_to_multiple_of)
-        return MicroBatch(b["input_ids"], b["labels"], b["position_ids"], b["attention_mask"])
+        # Right padding needs neither the padding mask nor positions: under causal attention a real token never sees
+        # the pads after it, and its position is its index. Plain causal attention (is_causal, no [B, 1, T, T]
+        # mask) keeps flash / memory-efficient kernels; the pads' own outputs carry no label.
+        return MicroBatch(b["input_ids"], b["labels"])
     input_ids = torch.stack([torch.as_tensor(s["input_ids"]) for s in samples]).long()  # [B, T]
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()        # [B, T]
     if "segment_ids" in samples[0]:
@@ -107,10 +118,18 @@ def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
 
 
 class MicroBatchStream:
-    """Endless micro batches for one data-parallel rank, starting after `consumed_samples`."""
+    """Endless micro batches for one data-parallel rank, starting after `consumed_samples`.
+
+    With `prefetch` > 0 a background thread reads and collates up to that many micro batches ahead (in page-locked
+    memory with `pin_memory`, so the step's non_blocking copies to an accelerator really overlap), while the device
+    computes the current step. The order is the sampler's either way; `close()` stops the thread and keeps what it
+    had made, so a stream that trains again later continues at the same micro batch. An error while reading is
+    raised by the `next()` that would have returned that batch.
+    """
 
     def __init__(self, dataset: torch.utils.data.Dataset, cfg: JobConfig, *, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0, shuffle: bool = False) -> None:
+                 dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0, shuffle: bool = False,
+                 prefetch: int = 0, pin_memory: bool = False) -> None:
         from qwenlink.data.sampler import ResumableBatchSampler
 
         self.dataset, self.cfg = dataset, cfg
@@ -118,7 +137,63 @@ class MicroBatchStream:
                                              consumed_samples=consumed_samples, shuffle=shuffle,
                                              seed=cfg.job.seed, num_epochs=None)
         self._iter: Iterator[list[int]] = iter(self.sampler)
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self._ready: collections.deque = collections.deque()  # made ahead (or an error), handed out first, in order
+        self._queue: Optional[queue.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    def _make(self) -> MicroBatch:
+        indices = next(self._iter)
+        batch = collate([self.dataset[i] for i in indices], self.cfg)
+        return batch.pinned() if self.pin_memory else batch
 
     def next(self) -> MicroBatch:
-        indices = next(self._iter)
-        return collate([self.dataset[i] for i in indices], self.cfg)
+        if not self._ready and self.prefetch > 0:
+            if self._thread is None:
+                self._start()
+            self._ready.append(self._queue.get())
+        item = self._ready.popleft() if self._ready else self._make()
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def _start(self) -> None:
+        self._queue, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop), daemon=True,
+                                        name="qwenlink-data")
+        self._thread.start()
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                item: Any = self._make()
+            except BaseException as exc:  # handed to the consumer, raised in the training thread
+                item = exc
+            while True:
+                try:
+                    out.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    if stop.is_set():
+                        self._leftover = item  # made but not queued: close() keeps it, after the queued ones
+                        return
+            if isinstance(item, BaseException):
+                return
+
+    def close(self) -> None:
+        """Stop the reading thread; the micro batches it made stay first in line for the next `next()`."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                self._ready.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        leftover = self.__dict__.pop("_leftover", None)
+        if leftover is not None:
+            self._ready.append(leftover)
+        self._thread = self._queue = None

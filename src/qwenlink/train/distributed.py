@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from qwenlink.device import BACKENDS, backend_for  # noqa: F401  (re-exported: the launcher's backend choice)
 from qwenlink.errors import QwenlinkError
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("QWENLINK_COLLECTIVE_TIMEOUT", "600")))
@@ -33,14 +34,6 @@ class DistInfo:
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-BACKENDS = {"cuda": "nccl", "npu": "hccl"}  # every other device type (cpu) uses gloo
-
-
-def backend_for(device_type: str) -> str:
-    """The collective backend of a device type ("cuda" for cuda, cuda:0, ...)."""
-    return BACKENDS.get(device_type, "gloo")
 
 
 def init_distributed(device_kind: str) -> DistInfo:

@@ -54,8 +54,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk_size] = grad @ weight          # [C, H]
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad.t().float() if grad.dtype != torch.float32 else grad.t(),
-                                       h.float() if h.dtype != torch.float32 else h)  # [V, H]
+                    # [V, H]: a bf16 GEMM (fp32 accumulation inside it) for bf16 inputs, summed over chunks in fp32;
+                    # casting both operands up instead would run the head's largest GEMM at fp32 speed.
+                    if grad.dtype == torch.float32:
+                        grad_weight.addmm_(grad.t(), h)
+                    else:
+                        grad_weight.add_(grad.t() @ h)
         if need_grad:
             ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0),
                                   grad_weight.to(weight.dtype) if grad_weight is not None else torch.empty(0))

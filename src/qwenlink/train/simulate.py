@@ -11,6 +11,7 @@ process group, every collective's tensors checked to be on the device, and any h
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import Counter
 from contextlib import nullcontext
@@ -30,7 +31,7 @@ from qwenlink.train.config import JobConfig, accumulation_steps, load_config, pa
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import IGNORE_INDEX
 from qwenlink.train.step import pad_to_length
-from qwenlink.train.trainer import (autocast_for, build_step_parts, parallelize_options, resolve_model_config,
+from qwenlink.train.trainer import (build_step_parts, parallelize_options, resolve_model_config,
                                     resolve_pad_id, run_step)
 
 STEPS = 2  # the first step also creates the optimizer state (and a pipeline's buffers); the second is steady
@@ -85,7 +86,7 @@ def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora
         parallelize(module, layout, parallelize_options(cfg, lora))
         module.to_empty(device=device)
         module.tie_weights()
-        with torch.enable_grad(), autocast_for(cfg, device):
+        with torch.enable_grad():
             x = module(x)
     return (x,)
 
@@ -95,6 +96,8 @@ def simulate_step(cfg: JobConfig, world_size: int, rank: int, *, device_type: st
     returns what was checked (devices, dtypes, collectives seen)."""
     model_config = resolve_model_config(cfg)
     cfg = resolve_pad_id(cfg, model_config)
+    if cfg.parallel.compile is None:  # compilation is not simulated: fake tensors show the eager step
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, compile=False))
     plan = parallel_plan(cfg, world_size, model_config)
     batches = synthetic_batches(cfg, model_config.vocab_size, accumulation_steps(cfg, plan.dp), seed=rank)
     lora = lora_train.lora_of(cfg)

@@ -18,8 +18,7 @@ tests/parallel/test_fake_cuda_step.py holds the step to that on fake CUDA tensor
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
-from typing import Callable, ContextManager, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -60,12 +59,11 @@ def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int) -> li
 class TrainStep:
     """Forward and backward of one optimizer step's micro batches, gradient clipping and the validation loss."""
 
-    def __init__(self, chunks: ModelChunks, layout: Layout, *, chunk_size: int, seq_length: int, pad_id: int,
-                 autocast: Callable[[], ContextManager] = nullcontext) -> None:
+    def __init__(self, chunks: ModelChunks, layout: Layout, *, chunk_size: int, seq_length: int,
+                 pad_id: int) -> None:
         self.chunks, self.layout, self.plan = chunks, layout, layout.plan
         self.device = layout.device
         self.chunk_size, self.seq_length, self.pad_id = chunk_size, seq_length, pad_id
-        self.autocast = autocast
         self._schedules: dict[int, object] = {}
         self._scale: Tensor | float = 1.0
 
@@ -109,7 +107,7 @@ class TrainStep:
             for i, host in enumerate(batches):
                 batch = host.to(self.device)  # non_blocking
                 set_gradient_sync(modules, i == len(batches) - 1)  # FSDP2: reduce-scatter after the last only
-                with loss_context(self.layout.tp_mesh), self.autocast():
+                with loss_context(self.layout.tp_mesh):
                     loss = self._micro_loss(batch, host.labels)
                 with loss_context(self.layout.tp_mesh):
                     loss.backward()
@@ -133,7 +131,7 @@ class TrainStep:
                                       n_microbatches=n, loss_fn=self._head_loss)
             self._schedules[n] = schedule
         losses: list[Tensor] = []
-        with loss_context(self.layout.tp_mesh), self.autocast():
+        with loss_context(self.layout.tp_mesh):
             if self.chunks.has_first_stage:
                 schedule.step(input_ids, target=labels if self.chunks.has_last_stage else None, losses=losses)
             elif self.chunks.has_last_stage:
@@ -159,30 +157,50 @@ class TrainStep:
     # ---- clipping ---------------------------------------------------------------------------------------------------
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """The global L2 norm of all gradients (every stage and shard; a head tied across stages counted once),
-        clipped to `max_norm` when it is finite and positive. One reduction per kind of sharding, on the device;
-        the scaling is computed on the device too (no host synchronisation)."""
-        groups: dict[tuple, list[torch.nn.Parameter]] = {}  # parameters by the kind of sharding of their gradient
-        for name, param in self.chunks.named_parameters():
-            if param.grad is not None:
+        clipped to `max_norm` when it is finite and positive.
+
+        One all-reduce of one number per step, over all ranks: each rank adds the squares of its local gradient
+        shards, each weighted by 1 / (how many ranks hold the same shard: the sizes of the mesh dimensions it is
+        replicated over), so the sum over the world counts every element once. Gradients still pending a sum over
+        tensor-parallel ranks (Partial: norm weights under sequence parallelism) are summed first - the optimizer
+        needs them summed anyway. Scaling is computed on the device too (no host synchronisation)."""
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        duplicate = self.chunks.tied_head_copy() if self.layout.tied_group is not None else None
+        groups: dict[tuple, list[Tensor]] = {}  # local gradients by their weight and kind (one foreach norm each)
+        params = []
+        for _, param in self.chunks.named_parameters():
+            grad = param.grad
+            if grad is None:
+                continue
+            params.append(param)
+            if param is duplicate:
+                continue
+            weight = 1.0
+            if isinstance(grad, DTensor):
+                if any(isinstance(p, Partial) for p in grad.placements):
+                    grad = param.grad = grad.redistribute(
+                        placements=[Replicate() if isinstance(p, Partial) else p for p in grad.placements])
+                for size, placement in zip(grad.device_mesh.shape, grad.placements):
+                    if isinstance(placement, Replicate):
+                        weight /= size
+                grad = grad.to_local()
+            elif self.plan.world_size > 1:
+                weight /= self.plan.tp  # a plain tensor under tp (a norm without sequence parallelism): on every tp rank
+            groups.setdefault((weight, grad.dtype, grad.device), []).append(grad)
+        squares = torch.zeros((), dtype=torch.float32, device=self.device)
+        for (weight, _, _), grads in groups.items():
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+            squares = squares + norm.float() ** 2 * weight
+        total = all_reduce_sum(squares).sqrt()
+        if 0 < max_norm < float("inf"):
+            by_kind: dict[tuple, list[torch.nn.Parameter]] = {}  # foreach needs one tensor type / mesh per call
+            for param in params:
                 grad = param.grad
                 key = (type(grad), getattr(grad, "device_mesh", None), tuple(getattr(grad, "placements", ())))
-                groups.setdefault(key, []).append(param)
-        duplicate = self.chunks.tied_head_copy() if self.layout.tied_group is not None else None
-        squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for params in groups.values():
-            grads = [p.grad for p in params if p is not duplicate]
-            if not grads:
-                continue
-            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()  # the reduction over the shards of this group
-            squares = squares + norm.float() ** 2
-        if self.layout.pp_group is not None:
-            dist.all_reduce(squares, group=self.layout.pp_group)
-        total = squares.sqrt()
-        if 0 < max_norm < float("inf"):
-            for params in groups.values():
-                torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+                by_kind.setdefault(key, []).append(param)
+            for same in by_kind.values():
+                torch.nn.utils.clip_grads_with_norm_(same, max_norm, total, foreach=True)
         return total
 
     # ---- validation -------------------------------------------------------------------------------------------------
@@ -192,7 +210,7 @@ class TrainStep:
         host, batch = batch, batch.to(self.device)
         saved, self._scale = self._scale, 1.0
         try:
-            with loss_context(self.layout.tp_mesh), self.autocast():
+            with loss_context(self.layout.tp_mesh):
                 loss = self._micro_loss(batch, host.labels).float()
         finally:
             self._scale = saved

@@ -21,10 +21,9 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Sequence, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 import torch
 from torch import nn
@@ -149,12 +148,6 @@ def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool
 
 
 # ---- one rank's model and step, from the job alone -----------------------------------------------------------------
-def autocast_for(cfg: JobConfig, device: torch.device) -> ContextManager:
-    if cfg.train.dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @dataclass
 class StepParts:
     """Everything one optimizer step needs on this rank: the mesh, the model chunks, the step, optimizer, schedule."""
@@ -166,21 +159,45 @@ class StepParts:
     scheduler: Scheduler
 
 
-def parallelize_options(cfg: JobConfig, lora: Optional[Any]) -> ParallelizeOptions:
+def compile_blocks(cfg: JobConfig, device: Optional[torch.device]) -> bool:
+    """parallel.compile, or when unset: on for CUDA (fused elementwise kernels around the GEMMs), off elsewhere
+    (a CPU run is a first try: compiling costs more than it saves on a few small steps)."""
+    if cfg.parallel.compile is not None:
+        return cfg.parallel.compile
+    return device is not None and device.type == "cuda"
+
+
+def enable_tf32(device: torch.device) -> None:
+    """Any fp32 matmul left on a CUDA device (fp32 jobs, norms' and loss' leftovers) runs on TF32 tensor cores."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def parallelize_options(cfg: JobConfig, lora: Optional[Any], device: Optional[torch.device] = None
+                        ) -> ParallelizeOptions:
     return ParallelizeOptions(
         activation_checkpoint=cfg.train.activation_checkpoint,
         activation_checkpoint_every=cfg.train.activation_checkpoint_every,
         # Recomputation must draw the same dropout masks as the forward did.
         preserve_rng_state=lora is not None and lora.dropout > 0,
-        compile=cfg.parallel.compile,
-        param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None)
+        compile=compile_blocks(cfg, device),
+        param_dtype=compute_dtype(cfg))
+
+
+def compute_dtype(cfg: JobConfig) -> Optional[torch.dtype]:
+    """The dtype parameters are gathered and computed in (None: their own, fp32). One mixed-precision policy for
+    every layout: FSDP2's - bf16 compute copies of fp32 master weights, fp32 gradient reduction and optimizer state,
+    a bf16 residual stream (norms and softmax accumulate in fp32) - applied over a size-1 mesh when the layout has
+    no data parallelism. No autocast anywhere, so one process, TP, PP and FSDP compute the same way."""
+    return torch.bfloat16 if cfg.train.dtype == "bf16" else None
 
 
 def build_chunks(cfg: JobConfig, model_config: ModelConfig, layout: Layout, device: torch.device,
                  lora: Optional[Any], *, load_weights: bool = True) -> ModelChunks:
     """Meta -> (LoRA adapters) -> this rank's stages, parallelized -> materialise -> init -> initial weights
     (init_from, unless `load_weights` is False)."""
-    chunks = build_model_chunks(model_config, layout, parallelize_options(cfg, lora),
+    chunks = build_model_chunks(model_config, layout, parallelize_options(cfg, lora, device),
                                 adapt=lora_train.adapter_hook(lora))
     chunks.materialize(device)
     torch.manual_seed(cfg.job.seed)  # the stream dropout draws from; the weights have their own generators
@@ -200,10 +217,10 @@ def build_chunks(cfg: JobConfig, model_config: ModelConfig, layout: Layout, devi
 def build_step_parts(cfg: JobConfig, model_config: ModelConfig, plan: ParallelPlan, device: torch.device, *,
                      lora: Optional[Any] = None, load_weights: bool = True) -> StepParts:
     """This rank's mesh (collective), model chunks, TrainStep, optimizer and schedule, as the Trainer trains them."""
-    layout = build_layout(plan, device, model_config)
+    layout = build_layout(plan, device, model_config, mixed_precision=compute_dtype(cfg) is not None)
     chunks = build_chunks(cfg, model_config, layout, device, lora, load_weights=load_weights)
     step_fn = TrainStep(chunks, layout, chunk_size=cfg.train.loss_chunk_size, seq_length=cfg.data.seq_length,
-                        pad_id=cfg.data.pad_id, autocast=lambda: autocast_for(cfg, device))
+                        pad_id=cfg.data.pad_id)
     optimizer = build_optimizer(chunks.state_module, cfg.optim)
     return StepParts(layout, chunks, step_fn, optimizer, Scheduler(optimizer, cfg))
 
@@ -240,6 +257,7 @@ class Trainer:
         self.accum = accumulation_steps(cfg, self.dp_size)
         device = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
         self.device = distrib.device_for(distrib.DistInfo(rank, world_size, local_rank), device)
+        enable_tf32(self.device)
         if cfg.data.seq_length > self.model_config.max_position_embeddings:
             raise QwenlinkError(f"config: data.seq_length ({cfg.data.seq_length}) is above the model's "
                                 f"max_position_embeddings ({self.model_config.max_position_embeddings})")
@@ -270,7 +288,8 @@ class Trainer:
         self.data = MicroBatchStream(self.dataset, cfg, micro_batch_size=cfg.train.micro_batch_size,
                                      dp_rank=self.dp_rank, dp_size=self.dp_size,
                                      consumed_samples=self.state.consumed_samples,
-                                     shuffle=cfg.data.shuffle and cfg.job.mode == "sft")
+                                     shuffle=cfg.data.shuffle and cfg.job.mode == "sft",
+                                     prefetch=2 * self.accum, pin_memory=self.device.type in ("cuda", "npu"))
         self.history: list[dict[str, Any]] = []  # every step's record (tests and the quickstart read it)
         self._signal: Optional[int] = None
 
@@ -514,6 +533,7 @@ class Trainer:
                 self.export_adapter(cfg.lora.export_adapter)
                 metrics.info(f"exported LoRA adapter (PEFT format) to {cfg.lora.export_adapter}")
         finally:
+            self.data.close()  # the reading thread stops; what it read ahead stays for a later train()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             metrics.close()
