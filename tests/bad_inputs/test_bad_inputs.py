@@ -204,3 +204,12 @@ def test_bad_input(case: Case, corpus: dict[str, str], tmp_path: Path) -> None:
     assert re.search(case.problem, line), f"the line does not say /{case.problem}/{detail}"
     assert not list(out.iterdir()), f"files were written: {sorted(p.name for p in out.iterdir())}{detail}"
     assert not marker_path(root).exists(), f"a payload ran{detail}"
+
+
+def test_serve_refuses_an_api_key_no_client_can_send(tmp_path: Path) -> None:
+    """Issue 22: a non-ASCII --api-key was accepted though no Authorization header could ever match it."""
+    code, _, stderr = _run_cli(["serve", "--model", "test-tiny", "--port", "0", "--api-key", "cl\u00e9"],
+                               tmp_path / "cli")
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith("qwenlink serve: error: ") and "U+00E9" in lines[0] and "printable ASCII" in lines[0]

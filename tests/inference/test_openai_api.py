@@ -109,12 +109,34 @@ BAD_FIELDS = [  # (body, chat, status, param)
     ({"prompt": "x", "repetition_penalty": 0}, False, 422, "repetition_penalty"),
     ({"messages": "hello"}, True, 422, "messages"),
     ({"messages": []}, True, 422, "messages"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, True, 422, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, True, 422, "messages"),
-    ({"messages": [{"role": "user", "content": 5}]}, True, 422, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, True, 422, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, True, 422, "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": 5}]}, True, 422, "messages[0].content"),
+    # From issue 22: each of these reached a 500 (or garbage) before the schema layer.
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]}, True, 422,
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 7}]}]}, True, 422,
+     "messages[0].content[0].text"),
+    ({"messages": [{"role": "user", "content": "a\ud800b"}]}, True, 422, "messages[0].content"),
+    ({"messages": ["hi"]}, True, 422, "messages[0]"),
+    ({"prompt": "x\udfff"}, False, 422, "prompt"),
+    ({"prompt": "x", "seed": 2**64}, False, 422, "seed"),
+    ({"prompt": "x", "top_k": 1e400}, False, 422, "top_k"),
+    ({"prompt": "x", "top_k": 2.0}, False, 422, "top_k"),
+    ({"prompt": "x", "repetition_penalty": float("nan")}, False, 422, "repetition_penalty"),
+    ({"prompt": "x", "max_tokens": 10**30}, False, 422, "max_tokens"),
+    ({"prompt": "x", "temperature": 10**400}, False, 422, "temperature"),
+    ({"prompt": "x", "stream_options": "yes"}, False, 422, "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, False, 422,
+     "stream_options.include_usage"),
+    ({"prompt": "x", "stream": "yes"}, False, 422, "stream"),
+    ({"prompt": "x", "stop": ["a", 5]}, False, 422, "stop[1]"),
+    ({"prompt": "x", "stop": "\ud800"}, False, 422, "stop"),
+    ({"prompt": [1, 2**40]}, False, 422, "prompt[1]"),
+    ({"prompt": "x", "model": 5}, False, 422, "model"),  # a type error, named as the field
     ({"prompt": {"text": "x"}}, False, 422, "prompt"),
     ({"prompt": ["a", "b"]}, False, 422, "prompt"),
-    ({"prompt": [True, 1]}, False, 422, "prompt"),
+    ({"prompt": [True, 1]}, False, 422, "prompt[0]"),
     ({"prompt": ""}, False, 422, "prompt"),
     ({}, False, 422, "prompt"),
     ({"prompt": [1] * 201}, False, 413, "prompt"),
@@ -129,7 +151,7 @@ def test_each_bad_field_is_refused_naming_it(tok, body, chat, status, param):
         _parse(tok, body, chat=chat)
     err = info.value
     assert (err.status, err.param) == (status, param)
-    assert (param if param != "model" else "gpt-4") in err.message
+    assert (param if status != 404 else "gpt-4") in err.message
     payload = err.body()["error"]
     assert set(payload) == {"message", "type", "param", "code"}
     assert payload["type"] == "invalid_request_error" and payload["param"] == param
@@ -307,3 +329,24 @@ def test_completion_stream_chunks(tok):
     assert [c["choices"][0]["text"] for c in chunks] == ["ab", "c", "d", ""]
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, None, "length"]
     assert Completion.model_validate(chunks[-1]).choices[0].finish_reason == "length"
+
+
+def test_an_engine_failure_in_a_stream_is_an_error_event_not_text(tok):
+    """Issue 22: a request the engine failed mid-stream used to send the exception message as generated text."""
+    bursts = [[("ab", None)], [("internal error: ValueError: Overflow", "error")]]
+    _, chunks = _stream(tok, bursts, chat=True, include_usage=True)
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[:-1]] == ["", "ab"]
+    assert chunks[-1] == {"error": {"message": "internal error: ValueError: Overflow", "type": "server_error",
+                                    "param": None, "code": None}}
+
+
+@pytest.mark.parametrize("key,needle", [("kéy", "'é' (U+00E9)"), ("k\u2603", "U+2603"), ("a b", "' '"),
+                                        ("key\n", "U+000A"), ("", "empty")])
+def test_api_keys_no_client_could_send_are_refused_at_start(key, needle):
+    from qwenlink.errors import QwenlinkError
+
+    with pytest.raises(QwenlinkError, match="API key|QWENLINK_API_KEY") as info:
+        api.check_api_key_setting(key)
+    assert needle in str(info.value)
+    api.check_api_key_setting("sk-Proper_key.123~")
+    api.check_api_key_setting(None)

@@ -79,3 +79,21 @@ def test_seeded_generation_does_not_depend_on_batch_mates():
     batched, _ = generate(model, [[5, 6, 7], [9, 9], [1, 2, 3, 4]],
                           [params, SamplingParams(max_new_tokens=8, temperature=0.5, seed=3), SamplingParams(8)])
     assert batched[0].tokens == alone[0].tokens
+
+
+def test_non_finite_knobs_and_huge_seeds_are_refused_and_tiny_temperatures_are_greedy():
+    """Issue 22: NaN passed every `<` check and sampled garbage; 1e-45 became 0 in fp32 and divided by zero."""
+    import pytest
+
+    from qwenlink.errors import QwenlinkError
+
+    for field in ("temperature", "top_p", "repetition_penalty"):
+        with pytest.raises(QwenlinkError, match=f"{field} must be a finite number"):
+            SamplingParams(**{field: float("nan")}).validate()
+    with pytest.raises(QwenlinkError, match="seed"):
+        SamplingParams(seed=2**64).validate()
+    SamplingParams(seed=2**64 - 1).validate()
+    tiny = SamplingParams(temperature=1e-45)
+    assert tiny.greedy
+    logits = torch.randn(2, 50)
+    assert sample_rows(logits, [tiny, tiny], [None, None], [(), ()]) == logits.argmax(dim=-1).tolist()

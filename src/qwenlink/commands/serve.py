@@ -20,7 +20,8 @@ from qwenlink.inference.cache_budget import (DEFAULT_MEMORY_FRACTION, CachePlan,
                                              memory_budget, parse_size, plan_cache)
 from qwenlink.inference.engine import Engine
 from qwenlink.inference.lockstep import follow
-from qwenlink.inference.server import ServerLimits, make_server, response_decoder
+from qwenlink.inference.openai_api import check_api_key_setting
+from qwenlink.inference.server import ServerLimits, make_server, response_decoder, stop_gracefully
 from qwenlink.inference.session import InferenceSession, open_session
 
 
@@ -60,6 +61,8 @@ def size_cache(engine: Engine, args: argparse.Namespace, session: InferenceSessi
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    api_key = args.api_key if args.api_key is not None else (os.environ.get("QWENLINK_API_KEY") or None)
+    check_api_key_setting(api_key)  # before the model loads: a key no client can send is a mistake to report now
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                            lora=getattr(args, "lora", None))
     context, max_prompt_tokens = serving_context(args, session.model.config.max_position_embeddings)
@@ -84,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or session.name
     try:
         server = make_server(engine, session.tokenizer, name, host=args.host, port=args.port, limits=limits,
-                             api_key=args.api_key or os.environ.get("QWENLINK_API_KEY"),
+                             api_key=api_key,
                              lockstep=session.world_size > 1)
     except OSError as exc:
         raise QwenlinkError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc})") from None
@@ -97,6 +100,5 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        server.server_close()
-        server.state.worker.stop()
+        stop_gracefully(server)  # queued connections get 503, running requests a few seconds to finish
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -10,6 +11,8 @@ import torch
 from qwenlink.errors import QwenlinkError
 
 Tensor = torch.Tensor
+# Below this, fp32 logits of a few tens divided by the temperature exceed fp32's range (3.4e38) and softmax gives NaN.
+MIN_TEMPERATURE = 1e-30
 
 
 @dataclass
@@ -27,8 +30,13 @@ class SamplingParams:
     logprobs: bool = False
 
     def validate(self) -> None:
+        """Refuse values that would sample garbage rather than fail: NaN passes every `<` test, so finiteness is
+        checked first; a seed must fit torch's 64-bit generator."""
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise QwenlinkError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise QwenlinkError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise QwenlinkError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -37,12 +45,16 @@ class SamplingParams:
             raise QwenlinkError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise QwenlinkError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise QwenlinkError(f"seed must be in [0, 2**64), got {self.seed}")
         if any(not s for s in self.stop_strings):
             raise QwenlinkError("stop strings must not be empty")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or one so small that logits / temperature overflows fp32 (1e-45 is 0 in fp32): the limit
+        of sampling as the temperature falls is the argmax, so such requests are greedy rather than NaN."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def apply_repetition_penalty(scores: Tensor, seen: Sequence[int], penalty: float) -> Tensor:
