@@ -198,3 +198,37 @@ def test_pp2_sft_with_varying_lengths_equals_single_process(corpus, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = _losses(out)
     _close(runs["pp2"], runs["single"], range(1, 5))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_tp2_dp2_equal_single_process(corpus, single, tmp_path):
+    """The documented multi-node launch (docs/parallel.md, examples/slurm/train.sbatch), two "nodes" on this machine:
+    torchrun --nnodes 2 --node-rank 0|1 with c10d rendezvous, 2 processes each, tp2 x dp2 across them. Losses per
+    step equal one process; both nodes write the one (shared) run directory."""
+    out = tmp_path / "run"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    nodes = []
+    for node_rank in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+               "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "two-nodes", "-m", "qwenlink.cli", *_args(corpus, out, "--parallel.tp=2")]
+        nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, (stdout, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    assert "2 data-parallel rank(s)" in outputs[0][0]  # rank 0 (node 0) logs; tp2 x dp2 over the 4 processes
+    _close(_losses(out), single, range(1, 5))
+    assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
