@@ -23,6 +23,7 @@ from qwenlink.checkpoint.sources import model_from_source
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path
 from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.outputs import check_replaceable_dir, refuse_clobbering
 
 FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy", "peft")
 HF_SHARD_BYTES = 1 << 30
@@ -53,10 +54,9 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     if opts.to not in FORMATS:
         raise QwenlinkError(f"--to {opts.to!r}: expected one of {', '.join(FORMATS)}")
     output = Path(output)
-    if Path(input_path).resolve() == output.resolve():
-        raise QwenlinkError(f"{output}: output must differ from the input")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not opts.overwrite:
-        raise QwenlinkError(f"{output}: already exists and is not empty (pass --overwrite to replace it)")
+    refuse_clobbering(output, {"input": input_path, "--config-from directory": opts.config_from,
+                               "--tokenizer directory": opts.tokenizer_dir, "--merge-lora adapter": opts.merge_lora})
+    check_replaceable_dir(output, overwrite=opts.overwrite)
     if opts.to == "peft":
         return _save_peft(input_path, output, opts)
     fmt = detect_format(input_path)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.evaluation.tasks import Task, check_shots
+from qwenlink.outputs import refuse_clobbering
 
 BUILTIN_TASKS = ("mmlu", "ceval")
 
@@ -87,6 +88,11 @@ def run_eval(args: argparse.Namespace) -> int:
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     task = load_task(args.task, args.data, subjects=subjects, split=args.split, shots=args.shots)
     check_shots(task.subjects, args.shots, args.task)
+    if args.output is not None:
+        inputs = {"--model": args.model, "--task file": args.task, "--data": args.data,
+                  "--lora adapter": getattr(args, "lora", None), "--tokenizer": getattr(args, "tokenizer", None)}
+        inputs.update({f"task's data file {i}": f for i, f in enumerate(task.files, start=1)})
+        refuse_clobbering(args.output, inputs)
 
     from qwenlink.checkpoint.dtypes import parse_dtype
     from qwenlink.device import resolve_device

@@ -11,6 +11,7 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text
 from qwenlink.inference.generate import generate
 from qwenlink.inference.session import open_session, sampling_from_args
+from qwenlink.outputs import refuse_clobbering
 from qwenlink.tokenizer import Tokenizer
 
 
@@ -45,6 +46,11 @@ def _read_jsonl_prompts(path: str, tokenizer: Tokenizer) -> list[str]:
 def run_generate(args: argparse.Namespace) -> int:
     if not args.prompt and not args.input:
         raise QwenlinkError("give at least one --prompt or an --input JSONL file")
+    if args.output:
+        refuse_clobbering(args.output, {"--input prompt file": args.input, "--model": args.model,
+                                        "--lora adapter": getattr(args, "lora", None), "--tokenizer": args.tokenizer})
+        if Path(args.output).is_dir():
+            raise QwenlinkError(f"{args.output}: --output is a directory (expected a .jsonl file path)")
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                            seed=args.seed, lora=getattr(args, "lora", None))
     tok = session.tokenizer

@@ -25,6 +25,7 @@ from qwenlink.data.indexed import IndexedDatasetWriter, optimal_dtype
 from qwenlink.data.progress import Progress
 from qwenlink.data.readers import RecordBatch, iter_batches, list_input_files
 from qwenlink.errors import QwenlinkError
+from qwenlink.outputs import refuse_clobbering
 from qwenlink.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -129,6 +130,11 @@ def preprocess(cfg: PreprocessConfig, tokenizer: Tokenizer | None = None,
     dtype = np.dtype(optimal_dtype(tok.vocab_size))
     summary = PreprocessSummary(files=len(files))
     prefixes = {name: f"{cfg.output_prefix}_{name}" for name in handler.output_names}
+    inputs = {"--input": cfg.input, "--tokenizer": cfg.tokenizer}
+    inputs.update({f"input file {i}": f for i, f in enumerate(files, start=1)})
+    for prefix in prefixes.values():
+        for suffix in (".bin", ".idx"):
+            refuse_clobbering(prefix + suffix, inputs, option="--output-prefix")
     progress = Progress(_count_rows(files), cfg.log_interval, log_stream)
 
     with contextlib.ExitStack() as stack:

@@ -88,6 +88,7 @@ class Task:
     subjects: list[Subject]
     categories: tuple[str, ...] = ()  # report order; empty means the order of first appearance
     split: str = "test"
+    files: tuple[Path, ...] = ()  # the data files it was read from (an --output must never replace one)
 
 
 # ---- files ----------------------------------------------------------------------------------------------------------
@@ -238,7 +239,8 @@ def load_task_file(path: str | os.PathLike, *, data_override: Optional[str] = No
         raise QwenlinkError(f"{data}: expected a .jsonl or .csv file of questions, got a directory")
     fields = _FieldSpec.from_spec(spec, labels, path)
     questions = _read_records(data, fields)
-    fewshot = _read_records(base / spec["fewshot_data"], fields) if spec.get("fewshot_data") else []
+    fewshot_file = base / spec["fewshot_data"] if spec.get("fewshot_data") else None
+    fewshot = _read_records(fewshot_file, fields) if fewshot_file else []
     try:
         fmt.render(questions[0][0])
     except (KeyError, IndexError, ValueError) as exc:
@@ -254,7 +256,7 @@ def load_task_file(path: str | os.PathLike, *, data_override: Optional[str] = No
     subjects = [Subject(s, "all", description.replace("{subject}", s.replace("_", " ")), qs,
                         shots.get(s, shots.get(name, [q for q, _ in fewshot])), s)
                 for s, qs in groups.items()]
-    return Task(name, fmt, subjects, ("all",))
+    return Task(name, fmt, subjects, ("all",), files=tuple(f for f in (data, fewshot_file) if f is not None))
 
 
 @dataclass

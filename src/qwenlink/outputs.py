@@ -1,0 +1,82 @@
+"""Output paths that never destroy inputs: every command checks its output against its inputs before any work.
+
+Why: writes are atomic (fileio.atomic_path), and replacing a directory removes the old one, so an output path that
+is an input (`generate --input p.jsonl --output p.jsonl`), contains one (`convert --input parent/model --output parent
+--overwrite`) or lies inside one would replace or delete what the command reads, together with unrelated files. Paths
+are compared after resolving symlinks, and files also by identity (a hard link is the same file). Inputs that are not
+paths (a preset name such as `test-tiny`) are skipped.
+
+`--overwrite` removes only a directory that holds an output qwenlink recognises (an HF, Megatron, qwenlink or PEFT
+directory): a directory of anything else is someone's data, and a wrong `--output` must not delete it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+from qwenlink.errors import QwenlinkError
+
+PathLike = Union[str, os.PathLike]
+
+
+def _resolved(path: PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_clobbering(output: PathLike, inputs: Mapping[str, Optional[PathLike]], *, option: str = "--output") -> None:
+    """Refuse an output that is, contains, or lies inside one of `inputs` ({description: path or None})."""
+    out = _resolved(output)
+    for label, value in inputs.items():
+        if value is None or not Path(value).expanduser().exists():
+            continue
+        source = _resolved(value)
+        if out == source or _same_file(out, source):
+            raise QwenlinkError(f"{output}: {option} is the {label} ({value}); writing it would replace the input "
+                                f"(choose another {option})")
+        if out in source.parents:
+            raise QwenlinkError(f"{output}: {option} contains the {label} ({value}); replacing it would delete the "
+                                f"input (choose another {option})")
+        if source.is_dir() and source in out.parents:
+            raise QwenlinkError(f"{output}: {option} lies inside the {label} ({value}); write outside the input "
+                                f"(choose another {option})")
+
+
+def recognised_output(directory: Path) -> Optional[str]:
+    """The kind of qwenlink output `directory` holds ('hf', 'megatron', 'qwenlink', 'qwenlink-lora', 'peft'), or
+    None for an empty directory or anything else."""
+    from qwenlink.checkpoint.loader import detect_format
+
+    if (directory / "adapter_config.json").is_file():
+        return "peft"
+    try:
+        return detect_format(directory)
+    except QwenlinkError:
+        return None
+
+
+def check_replaceable_dir(output: PathLike, *, overwrite: bool, option: str = "--output") -> None:
+    """An output directory may be written when it is absent or empty, or (with --overwrite) holds a recognised
+    qwenlink output; a file there, or a directory of other things, is refused and never deleted."""
+    path = Path(output)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise QwenlinkError(f"{output}: {option} exists and is not a directory")
+    if not any(path.iterdir()):
+        return
+    kind = recognised_output(path)
+    if not overwrite:
+        raise QwenlinkError(f"{output}: already exists and is not empty (pass --overwrite to replace it)")
+    if kind is None:
+        raise QwenlinkError(f"{output}: --overwrite replaces only a directory holding a model qwenlink wrote (HF, "
+                            f"Megatron, qwenlink or PEFT); this one holds other files, so it is left alone (choose "
+                            f"another {option} or empty it yourself)")
