@@ -16,9 +16,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qwenlink.checkpoint.dtypes import check_float, dtype_name, parse_dtype, safetensors_dtype
+from qwenlink.checkpoint.safe_load import confined_file
+from qwenlink.checkpoint.safetensors_io import save_file
 from qwenlink.checkpoint.shards import copy_into
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path, read_json_object
@@ -59,10 +60,13 @@ def _safetensors_files(directory: Path) -> list[Path]:
     index = directory / SAFE_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise QwenlinkError(f"{index}: not a valid safetensors index (expected a 'weight_map' object)") from None
-        files = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict):
+            raise QwenlinkError(f"{index}: not a valid safetensors index (expected a 'weight_map' object)")
+        files = sorted({str(confined_file(directory, name, index).relative_to(directory))
+                        for name in weight_map.values()})
         missing = [name for name in files if not (directory / name).is_file()]
         if missing:
             raise QwenlinkError(f"{index}: shard {missing[0]} listed in the index is missing")
@@ -230,7 +234,7 @@ def _write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, t
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.is_file():
-                shutil.copy2(src, tmp / name)
+                shutil.copyfile(src, tmp / name)  # contents only: the copy gets the umask's mode, not the source's
     elif tokenizer is not None:
         tokenizer.save(tmp)
 

@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from qwenlink.checkpoint.dtypes import check_float
+from qwenlink.checkpoint.safetensors_io import save_file
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig

@@ -180,3 +180,17 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = True,
             raise _refusal(path, exc) from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QwenlinkError(f"{path}: unreadable checkpoint file ({first[:200]})") from None
+
+
+def confined_file(directory: Path, name: Any, index: Path) -> Path:
+    """The file an untrusted index (model.safetensors.index.json) names, refused unless it stays in `directory`.
+
+    An index is data from the internet like the weights: `"../../home/me/.ssh/id_rsa"`, an absolute path or a symlink
+    leading out would make qwenlink open (and report on) files the checkpoint does not contain."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise QwenlinkError(f"{index}: shard name {name!r} is not a file name")
+    root = directory.resolve()
+    path = (directory / name).resolve()
+    if root not in path.parents:
+        raise QwenlinkError(f"{index}: shard {name!r} lies outside the model directory {directory}; refused")
+    return directory / name

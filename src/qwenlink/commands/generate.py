@@ -22,7 +22,7 @@ def _read_jsonl_prompts(path: str, tokenizer: Tokenizer) -> list[str]:
         raise QwenlinkError(f"{path}: input file not found")
     texts = []
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8-sig").splitlines()  # -sig: a leading byte order mark is dropped
     except UnicodeDecodeError as exc:
         raise QwenlinkError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):

@@ -142,8 +142,17 @@ def _rechunk(batches: Iterator[Any], batch_size: int) -> Iterator[Any]:
             yield big.slice(start, batch_size)
 
 
+# A UTF-8 byte order mark (Windows editors write one) is not text: left in, it breaks the first JSON line, renames the
+# first CSV column and is tokenized into the first document. Every reader drops it from the start of a file.
+BOM = b"\xef\xbb\xbf"
+
+
+def _strip_bom(line_no: int, raw: bytes) -> bytes:
+    return raw[len(BOM):] if line_no == 1 and raw.startswith(BOM) else raw
+
+
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    data = _strip_bom(1, path.read_bytes())
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -179,7 +188,7 @@ def _rows_to_batches(path: Path, rows: Iterator[tuple[int, dict]], wanted: Seque
 def _json_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     """JSON lines (one object per line, blank lines skipped) or a single JSON array of objects."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = _strip_bom(1, f.read(4096)).lstrip()
     if head.startswith(b"["):
         try:
             records = json.loads(_read_utf8(path))
@@ -202,7 +211,7 @@ def _jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = _strip_bom(line_no, raw).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise QwenlinkError(f"{path}: row {line_no}: not valid UTF-8 (byte {exc.start} of the line)") from None
             if not line.strip():
@@ -228,7 +237,7 @@ def _txt_batches(path: Path, required, batch_size) -> Iterator[RecordBatch]:
         def rows() -> Iterator[tuple[int, dict]]:
             for line_no, raw in enumerate(f, start=1):
                 try:
-                    yield line_no, {key: raw.decode("utf-8").rstrip("\r\n")}
+                    yield line_no, {key: _strip_bom(line_no, raw).decode("utf-8").rstrip("\r\n")}
                 except UnicodeDecodeError as exc:
                     raise QwenlinkError(f"{path}: row {line_no}: not valid UTF-8 (byte {exc.start} of the line)") \
                         from None
