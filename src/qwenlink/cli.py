@@ -8,6 +8,7 @@ broken optional feature cannot break the others).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 import traceback
@@ -15,6 +16,7 @@ from typing import Callable, Sequence
 
 from qwenlink import __version__
 from qwenlink.errors import QwenlinkError
+from qwenlink.signals import Terminated, terminate_as_exception
 
 
 def _lazy(module: str, function: str, *fields: str, **keyword_fields: str) -> Callable[[argparse.Namespace], int]:
@@ -320,8 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # The trainer handles SIGTERM itself (finish the step, save); every other command unwinds as on Ctrl-C.
+    handle_signals = terminate_as_exception() if args.command != "train" else contextlib.nullcontext()
     try:
-        return int(args.func(args) or 0)
+        with handle_signals:
+            return int(args.func(args) or 0)
+    except Terminated as exc:
+        print(f"qwenlink {args.command}: stopped by {exc.name}; partial outputs were removed", file=sys.stderr)
+        return exc.exit_code
     except QwenlinkError as exc:
         if debug:
             traceback.print_exc()

@@ -26,6 +26,7 @@ from qwenlink.data.progress import Progress
 from qwenlink.data.readers import RecordBatch, iter_batches, list_input_files
 from qwenlink.errors import QwenlinkError
 from qwenlink.outputs import refuse_clobbering
+from qwenlink.signals import quiet_worker_signals
 from qwenlink.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -68,6 +69,7 @@ _WORKER_HANDLER: Handler | None = None
 
 def _init_worker(tokenizer_spec: str, options: HandlerOptions) -> None:
     global _WORKER_HANDLER
+    quiet_worker_signals()  # the parent decides when to stop and terminates the pool
     _WORKER_HANDLER = make_handler(options, load_tokenizer(tokenizer_spec))
 
 
