@@ -31,20 +31,26 @@ def atomic_path(target: str | os.PathLike, *, is_dir: bool = False) -> Iterator[
         yield tmp
         # mkstemp/mkdtemp create 0600/0700 entries; give the result the mode a plain open()/mkdir() would have had.
         os.chmod(tmp, _default_mode(is_dir))
-        if is_dir and target.exists():
-            # Replace a previous directory: move it aside first so the swap is two renames, then delete it.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        publish(tmp, target, is_dir=is_dir)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def publish(tmp: Path, target: Path, *, is_dir: bool = False) -> None:
+    """Rename a finished `tmp` onto `target`. A previous directory is moved aside first, so the swap is two renames
+    (a reader never sees a mix of old and new files), then deleted. Also for temporaries that several processes
+    fill (a multi-rank export), which cannot come from `atomic_path`'s private name."""
+    if is_dir and target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "x")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
 
 
 def _current_umask() -> int:

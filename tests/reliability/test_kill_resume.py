@@ -185,3 +185,64 @@ def test_kill_9_cli_at_a_random_moment_then_resume(seed: int, corpus: str, refer
     assert resumed.returncode == 0, resumed.stderr
     assert jsonl_losses(out) == reference
     assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["latest", "step_00000005", "step_00000006"]
+
+
+# ---- asynchronous checkpoints (checkpoint.async) -------------------------------------------------------------------
+def _async_points():
+    """name: (FileSystemWriter method to die in during the target save's background write, wait first until the
+    training thread has finished the next step)."""
+    return {"async-write-in-flight-while-the-next-step-trains": ("write_data", True),
+            "async-shards-written-no-metadata": ("finish", False)}
+
+
+@pytest.mark.parametrize("point", list(_async_points()))
+def test_kill_9_during_an_async_save_then_resume(point: str, corpus: str, reference: dict[int, float],
+                                                 tmp_path: Path) -> None:
+    """checkpoint.async: the target save's shards are written in a background thread while training goes on; a
+    kill -9 there (after the next step has trained, or with every shard written but no .metadata yet) leaves no
+    COMPLETE marker, and the rerun resumes from the previous complete checkpoint with the reference losses."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    method, after_next_step = _async_points()[point]
+    out = tmp_path / "run"
+    cfg = job_config(corpus, out, "--checkpoint.async=true")
+    target = f".tmp-{ckpt.step_dir_name(TARGET_SAVE)}"
+
+    def child() -> None:
+        trainer = Trainer(cfg, stream=io.StringIO())
+        real = getattr(FileSystemWriter, method)
+
+        def dying(self, *args, **kwargs):
+            if Path(self.path).name == target:
+                deadline = time.monotonic() + 60
+                while after_next_step and trainer.state.step <= TARGET_SAVE:  # the write waits; training does not
+                    if time.monotonic() > deadline:
+                        os._exit(5)  # the step after the save never ran: the save blocked training
+                    time.sleep(0.01)
+                kill_self()
+            return real(self, *args, **kwargs)
+
+        pytest.MonkeyPatch().setattr(FileSystemWriter, method, dying)
+        trainer.train()
+
+    assert run_forked(child) == -signal.SIGKILL, f"{point}: not killed inside the background write"
+    if after_next_step:
+        assert max(jsonl_losses(out)) == TARGET_SAVE + 1  # step 4 trained while step 3 was being written
+    _assert_survives(cfg, out, reference, TARGET_SAVE - 1)
+
+
+def test_async_checkpoints_resume_like_synchronous_ones(corpus: str, reference: dict[int, float],
+                                                        tmp_path: Path) -> None:
+    """Without a crash an asynchronous run ends with the same losses and the same complete checkpoints (the
+    staged copy, not the parameters the next steps changed, is what was written: resuming step 5 reproduces the
+    reference's step 6)."""
+    out = tmp_path / "run"
+    cfg = job_config(corpus, out, "--checkpoint.async=true")
+    trainer, code = run_in_process(cfg)
+    assert code == 0 and jsonl_losses(out) == reference
+    assert sorted(p.name for p in cfg.checkpoint_dir.iterdir()) == ["latest", "step_00000005", "step_00000006"]
+    assert check_every_checkpoint_loads(cfg) == [5, 6]
+    shutil.rmtree(cfg.checkpoint_dir / "step_00000006")
+    (cfg.checkpoint_dir / "latest").write_text("step_00000005\n")
+    resumed, code = run_in_process(cfg)
+    assert code == 0 and resumed.history[0]["step"] == 6 and resumed.history[0]["loss"] == reference[6]

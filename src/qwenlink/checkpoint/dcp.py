@@ -195,27 +195,38 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, step: int, model: Qwen2Model,
     `trainable_only` (LoRA) keeps only trainable tensors and their optimizer state; `extra_files` (name -> text)
     are written next to config.json (e.g. LoRA's reference to its base model).
     """
-    root = Path(ckpt_dir)
-    final = root / step_dir_name(step)
-    tmp = root / f".tmp-{step_dir_name(step)}"
+    root, tmp, final = step_paths(ckpt_dir, step)
     try:
         _write_step(root, tmp, final, step, model, optimizer, train_state=train_state, job_toml=job_toml,
                     rank=rank, barrier=barrier, trainable_only=trainable_only, keep_last=keep_last,
                     extra_files=extra_files)
     except BaseException as exc:  # disk full, quota, permissions...: drop the partial save, keep the previous one
-        space = _free_space(root)  # before the partial save is removed
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_failure(exc):
-            raise  # KeyboardInterrupt / SystemExit: stop, having removed the partial save
-        error = safe_dcp.user_error_in(exc)
-        if error is not None:
-            raise error from None
-        previous = find_latest(root)
-        raise QwenlinkError(f"{tmp}: saving checkpoint step {step} failed ({_reason(exc)}; {space}); "
-                            f"the previous checkpoint ({previous if previous else 'none'}) is intact") from None
+        raise save_failed(root, tmp, step, exc, rank) from None
     barrier()
     return final
+
+
+def step_paths(ckpt_dir: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
+    """(checkpoint root, the temporary directory a save of `step` writes into, the step directory it becomes)."""
+    root = Path(ckpt_dir)
+    return root, root / f".tmp-{step_dir_name(step)}", root / step_dir_name(step)
+
+
+def save_failed(root: Path, tmp: Path, step: int, exc: BaseException, rank: int) -> BaseException:
+    """The exception to raise for a save that failed with `exc`, after removing its partial directory (rank 0):
+    `exc` itself for an interrupt or exit, else one line with the cause, the free space and the intact previous
+    checkpoint."""
+    space = _free_space(root)  # before the partial save is removed
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not _is_failure(exc):
+        return exc  # KeyboardInterrupt / SystemExit: stop, having removed the partial save
+    error = safe_dcp.user_error_in(exc)
+    if error is not None:
+        return error
+    previous = find_latest(root)
+    return QwenlinkError(f"{tmp}: saving checkpoint step {step} failed ({_reason(exc)}; {space}); "
+                         f"the previous checkpoint ({previous if previous else 'none'}) is intact")
 
 
 def _is_failure(exc: BaseException) -> bool:
@@ -247,30 +258,50 @@ def _write_step(root: Path, tmp: Path, final: Path, step: int, model: Qwen2Model
                 optimizer: Optional[torch.optim.Optimizer], *, train_state: dict[str, Any], job_toml: str,
                 rank: int, barrier: Callable[[], None], trainable_only: bool, keep_last: int,
                 extra_files: Optional[dict[str, str]]) -> None:
+    state = begin_step(root, tmp, model, optimizer, rank=rank, barrier=barrier, trainable_only=trainable_only)
+    with _quiet():
+        _dcp().save(state, checkpoint_id=str(tmp))
+    write_rng(tmp, rank)
+    barrier()
+    if rank == 0:
+        finish_step(root, tmp, final, step, model.config, train_state=train_state, job_toml=job_toml,
+                    keep_last=keep_last, extra_files=extra_files)
+
+
+def begin_step(root: Path, tmp: Path, model: Qwen2Model, optimizer: Optional[torch.optim.Optimizer], *, rank: int,
+               barrier: Callable[[], None], trainable_only: bool) -> dict[str, Any]:
+    """The part of a save before DCP writes the shards (collective): rank 0 makes a fresh temporary directory;
+    returns the state dicts DCP is to write."""
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left over from a crashed save of the same step
         tmp.mkdir()
     barrier()
-    state = _state_dicts(model, optimizer, trainable_only)
-    with _quiet():
-        _dcp().save(state, checkpoint_id=str(tmp))
+    return _state_dicts(model, optimizer, trainable_only)
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    """This rank's RNG states into the save's temporary directory."""
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    barrier()
-    if rank == 0:
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "job.toml").write_text(job_toml, encoding="utf-8")
-        (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2) + "\n", encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        (tmp / COMPLETE).write_text(f"step {step}\n", encoding="utf-8")
-        if final.exists():  # re-saving a step (e.g. after a resume that saved at once): replace it
-            _remove_step(final)
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST, final.name + "\n")
-        prune(root, keep_last)
+
+
+def finish_step(root: Path, tmp: Path, final: Path, step: int, config: ModelConfig, *, train_state: dict[str, Any],
+                job_toml: str, keep_last: int, extra_files: Optional[dict[str, str]]) -> None:
+    """Rank 0, once every rank's shards and DCP's .metadata are written: the small files, then the COMPLETE marker,
+    the rename to the step directory, `latest`, and pruning."""
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+    (tmp / "job.toml").write_text(job_toml, encoding="utf-8")
+    (tmp / "train_state.json").write_text(json.dumps(train_state, indent=2) + "\n", encoding="utf-8")
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    (tmp / COMPLETE).write_text(f"step {step}\n", encoding="utf-8")
+    if final.exists():  # re-saving a step (e.g. after a resume that saved at once): replace it
+        _remove_step(final)
+    os.replace(tmp, final)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    prune(root, keep_last)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

@@ -191,7 +191,7 @@ def load_hf_model(directory: str | os.PathLike, *, device: torch.device | str = 
     return model
 
 
-def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+def shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
     """Group tensor names (in order) into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
     shards: list[list[str]] = [[]]
     size = 0
@@ -204,24 +204,39 @@ def _shard_plan(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
-def _write_weights(tmp: Path, sizes: list[tuple[str, int]], fetch, max_shard_bytes: int) -> None:
-    """Write safetensors shards, fetching each shard's tensors only when that shard is written, so at most one
-    shard is in memory beyond what `fetch` reads from (an in-memory model, or a streamed checkpoint)."""
-    shards = _shard_plan(sizes, max_shard_bytes)
-    if len(shards) == 1:
-        save_file({n: fetch(n) for n in shards[0]}, str(tmp / SAFE_SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: fetch(n) for n in names}, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update({n: file for n in names})
-    index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+def shard_file_name(index: int, count: int) -> str:
+    """HF's name for shard `index` (1-based) of `count`; a model in one file is SAFE_SINGLE."""
+    return SAFE_SINGLE if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_index(tmp: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which shard holds each tensor (what loaders open), and the bytes in all."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, tokenizer_dir, tokenizer,
-                    generation_config: Optional[dict]) -> None:
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file with the metadata transformers expects ({"format": "pt"})."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_weights(tmp: Path, sizes: list[tuple[str, int]], fetch, max_shard_bytes: int) -> None:
+    """Write safetensors shards, fetching each shard's tensors only when that shard is written, so at most one
+    shard is in memory beyond what `fetch` reads from (an in-memory model, or a streamed checkpoint)."""
+    shards = shard_plan(sizes, max_shard_bytes)
+    weight_map = {}
+    for i, names in enumerate(shards, start=1):
+        file = shard_file_name(i, len(shards))
+        write_shard(tmp / file, {n: fetch(n) for n in names})
+        weight_map.update({n: file for n in names})
+    if len(shards) > 1:
+        write_index(tmp, weight_map, sum(n for _, n in sizes))
+
+
+def write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, tokenizer_dir, tokenizer,
+                   generation_config: Optional[dict]) -> None:
+    """config.json (torch_dtype = out_dtype), generation_config.json (eos / pad from the tokenizer) and the
+    tokenizer files: everything of an HF directory besides the weights."""
     hf_config = config.to_hf_dict(dtype=dtype_name(out_dtype))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     gen = dict(generation_config or {})
@@ -263,8 +278,8 @@ def save_hf_from_source(source, directory: str | os.PathLike, *, dtype: str | to
     directory = Path(directory)
     with atomic_path(directory, is_dir=True) as tmp:
         _write_weights(tmp, sizes, fetch, max_shard_bytes)
-        _write_metadata(tmp, config, torch_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-                        generation_config=None)
+        write_metadata(tmp, config, torch_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
+                       generation_config=None)
     return directory
 
 
@@ -291,6 +306,6 @@ def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str
     sizes = [(n, t.numel() * t.element_size()) for n, t in state.items()]
     with atomic_path(directory, is_dir=True) as tmp:
         _write_weights(tmp, sizes, state.__getitem__, max_shard_bytes)
-        _write_metadata(tmp, config, out_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-                        generation_config=generation_config)
+        write_metadata(tmp, config, out_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
+                       generation_config=generation_config)
     return directory

@@ -126,6 +126,7 @@ class CheckpointSection:
     resume: bool = True             # continue from dir/latest when it exists
     export_hf: str = ""             # write the final model as an HF directory here
     save_final: bool = True
+    async_save: bool = False        # TOML `async`: write in the background while training goes on (async_save.py)
 
 
 @dataclass
@@ -177,11 +178,17 @@ class JobConfig:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.job.output_dir) / "checkpoints"
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for (section, key), field_name in KEY_ALIASES.items():  # written under the documented key
+            out[section][key] = out[section].pop(field_name)
+        return out
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
+
+# TOML keys that are Python keywords, and the field that holds them.
+KEY_ALIASES: dict[tuple[str, str], str] = {("checkpoint", "async"): "async_save"}
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(JobConfig)[f.name] for f in dataclasses.fields(JobConfig)}
 
@@ -203,7 +210,8 @@ def _suggest(name: str, candidates: Sequence[str]) -> str:
 
 
 def _all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    documented = {(s, f): k for (s, k), f in KEY_ALIASES.items()}
+    return [f"{s}.{documented.get((s, f.name), f.name)}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
@@ -247,6 +255,7 @@ def _apply(cfg: JobConfig, data: dict[str, Any], source: str) -> None:
         obj = getattr(cfg, section)
         hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
+            key = KEY_ALIASES.get((section, key), key)
             if key not in hints:
                 owners = [k for k in _all_keys() if k.endswith(f".{key}")]  # the right key in the wrong section?
                 if owners:

@@ -408,14 +408,29 @@ class Trainer:
             return None
         state = dataclasses.asdict(self.state)
         state["lr"] = self.scheduler.lr_at(max(self.state.step, 1))
-        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.state.step, self.model, self.optimizer,
-                                    train_state=state, job_toml=self.cfg.to_toml(),
-                                    keep_last=self.cfg.checkpoint.keep_last, rank=self.rank,
-                                    barrier=distrib.barrier,
-                                    trainable_only=self.lora is not None,
-                                    extra_files={lora_train.LORA_FILE: lora_train.reference_json(self.cfg, self.lora)}
-                                    if self.lora is not None else None)
+        # checkpoint.async: the state is staged to host memory and written while training goes on; COMPLETE,
+        # the rename and `latest` follow when the write is done (checkpoint/async_save.py).
+        save = self._async_checkpointer().save if self.cfg.checkpoint.async_save else ckpt.save_checkpoint
+        path = save(self.cfg.checkpoint_dir, self.state.step, self.model, self.optimizer,
+                    train_state=state, job_toml=self.cfg.to_toml(),
+                    keep_last=self.cfg.checkpoint.keep_last, rank=self.rank,
+                    barrier=distrib.barrier,
+                    trainable_only=self.lora is not None,
+                    extra_files={lora_train.LORA_FILE: lora_train.reference_json(self.cfg, self.lora)}
+                    if self.lora is not None else None)
         return path
+
+    def _async_checkpointer(self):
+        from qwenlink.checkpoint.async_save import AsyncCheckpointer
+
+        if getattr(self, "_checkpointer", None) is None:
+            self._checkpointer = AsyncCheckpointer()
+        return self._checkpointer
+
+    def wait_for_checkpoint(self) -> None:
+        """Finish an asynchronous save still being written (its COMPLETE marker, `latest`); no-op otherwise."""
+        if getattr(self, "_checkpointer", None) is not None:
+            self._checkpointer.wait()
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -537,6 +552,7 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             metrics.close()
+            self.wait_for_checkpoint()  # every way out, a signal's included, leaves its last save complete
         return code
 
     def export_hf(self, directory: str) -> Path:
