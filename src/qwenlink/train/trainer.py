@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 import torch
-from torch import nn
 
 from qwenlink.checkpoint import dcp as ckpt
 from qwenlink.checkpoint.loader import detect_format
@@ -36,8 +35,7 @@ from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.parallel.init import init_weights
 from qwenlink.parallel.mesh import ParallelPlan
-from qwenlink.parallel.parallelize import (Layout, ModelChunks, ParallelizeOptions, build_layout, build_model_chunks,
-                                           full_state_dict)
+from qwenlink.parallel.parallelize import Layout, ModelChunks, ParallelizeOptions, build_layout, build_model_chunks
 from qwenlink.train import distributed as distrib
 from qwenlink.train import lora as lora_train
 from qwenlink.train.config import JobConfig, accumulation_steps, parallel_plan
@@ -293,34 +291,6 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # every step's record (tests and the quickstart read it)
         self._signal: Optional[int] = None
 
-    # ---- the model ----------------------------------------------------------------------------------------------
-    def _full_cpu_model(self) -> Optional[Qwen2Model]:
-        """An unsharded CPU copy of the model on rank 0 (gathered from every stage and shard when distributed; the
-        model itself in one process); None on the other ranks."""
-        if not self.distributed:
-            return _unwrapped(self.model)
-        import torch.distributed as dist
-
-        from qwenlink.models.qwen2 import build_model
-
-        state = full_state_dict(self.chunks)
-        parts: list = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(state, parts, dst=0)
-        if self.rank != 0:
-            return None
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        model = build_model(self.model_config, device="cpu", init=False)
-        hook = lora_train.adapter_hook(self.lora)
-        if hook is not None:
-            hook(model)
-        if self.model_config.tie_word_embeddings:
-            merged.pop("lm_head.weight", None)
-        model.load_state_dict(merged, strict=not self.model_config.tie_word_embeddings)
-        model.tie_weights()
-        return model
-
     # ---- resume -------------------------------------------------------------------------------------------------
     def _resume(self, step_dir: Path) -> None:
         lora_train.check_resume(step_dir, self.cfg, self.lora)
@@ -556,55 +526,21 @@ class Trainer:
         return code
 
     def export_hf(self, directory: str) -> Path:
-        """The current weights as an HF directory with the job's tokenizer."""
-        from qwenlink.checkpoint.hf import save_hf_model
+        """The current weights as an HF directory with the job's tokenizer (LoRA adapters merged), streamed from
+        every stage and shard without gathering the model (train/export.py). Every rank calls this."""
         from qwenlink.tokenizer import load_tokenizer
+        from qwenlink.train.export import export_hf
 
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; HF export refused")
-        model = self._full_cpu_model()
-        if model is None:  # not rank 0: its shards were gathered; wait until rank 0 wrote the directory
-            distrib.barrier()
-            return Path(directory)
-        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        if self.lora is not None:  # the adapters folded into a copy: a plain HF model of the base's shape
-            import copy
-
-            from qwenlink.models.lora import merge_lora
-
-            model = merge_lora(copy.deepcopy(model))
-        path = save_hf_model(model, directory, tokenizer=tokenizer)
-        if self.distributed:
-            distrib.barrier()
-        return path
+        return export_hf(self.chunks, self.layout, directory,
+                         tokenizer=lambda: load_tokenizer(self.cfg.data.tokenizer))
 
     def export_adapter(self, directory: str) -> Path:
         """The trained adapter (+ modules_to_save) in PEFT format, loadable by peft and `qwenlink ... --lora`."""
-        from qwenlink.checkpoint.peft import save_model_adapter
+        from qwenlink.train.export import export_adapter
 
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; adapter export refused")
         assert self.lora is not None
-        model = self._full_cpu_model()
-        if model is None:
-            distrib.barrier()
-            return Path(directory)
-        path = save_model_adapter(model, directory, self.lora, base_model=self.cfg.model.init_from)
-        if self.distributed:
-            distrib.barrier()
-        return path
-
-
-def _unwrapped(model: Qwen2Model) -> Qwen2Model:
-    """The model with activation-checkpoint wrappers removed (parameter names as HF expects)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    if not any(isinstance(m, CheckpointWrapper) for m in model.layers.values()):
-        return model
-    import copy
-
-    plain = copy.copy(model)
-    plain._modules = dict(model._modules)
-    plain.layers = nn.ModuleDict({k: (m._checkpoint_wrapped_module if isinstance(m, CheckpointWrapper) else m)
-                                  for k, m in model.layers.items()})
-    return plain
+        return export_adapter(self.chunks, self.layout, directory, self.lora, base_model=self.cfg.model.init_from)
