@@ -46,12 +46,22 @@ def validate_section(cfg) -> None:
                             "base and the fp32 adapters together)")
 
 
-def adapter_hook(lora: Optional[LoraConfig]) -> Optional[Callable[[nn.Module], object]]:
+def adapter_hook(lora: Optional[LoraConfig], base_dtype: str = "fp32") -> Optional[Callable[[nn.Module], object]]:
     """What the trainer applies to the full meta model before it is split and parallelized (None without LoRA):
-    adapters on the target projections and a frozen base."""
+    adapters on the target projections and a frozen base, stored in `base_dtype` (lora.base_dtype).
+
+    The base is cast here, on the meta device, so every layout stores it that way from the start: FSDP2 then
+    shards bf16 base weights next to fp32 adapters (casting after FSDP2 wrapped them would leave its fp32 shards
+    behind)."""
     if lora is None:
         return None
-    return lambda model: apply_lora(model, lora)
+
+    def adapt(model: nn.Module) -> None:
+        apply_lora(model, lora)
+        if base_dtype == "bf16":
+            cast_frozen_(model, torch.bfloat16)
+
+    return adapt
 
 
 @contextlib.contextmanager
@@ -68,18 +78,14 @@ def adapters_detached(model: nn.Module) -> Iterator[nn.Module]:
             module._parameters["lora_B"] = b
 
 
-def load_base_weights(model: nn.Module, source: str, load: Callable[[nn.Module, str], None], cfg, *,
-                      cast_base: bool = True) -> None:
-    """Load the base into a LoRA model with the trainer's own loader, then (cast_base) store frozen weights in
-    base_dtype."""
+def load_base_weights(model: nn.Module, source: str, load: Callable[[nn.Module, str], None]) -> None:
+    """Load the base into a LoRA model with the trainer's own loader (into the dtype the base is stored in)."""
     if is_lora_checkpoint(source):
         raise QwenlinkError(f"model.init_from: {source} is a LoRA checkpoint (adapters only); use its base model "
                             f"({read_reference(source).get('base_model')}) as init_from, or merge it first with "
                             f"`qwenlink convert --merge-lora`")
     with adapters_detached(model):
         load(model, source)
-    if cast_base and cfg.lora.base_dtype == "bf16":
-        cast_frozen_(model, torch.bfloat16)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------------------

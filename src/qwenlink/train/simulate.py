@@ -76,7 +76,7 @@ def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora
     plan = layout.plan
     with torch.device("meta"):
         full = Qwen2Model(model_config)
-    hook = lora_train.adapter_hook(lora)
+    hook = lora_train.adapter_hook(lora, cfg.lora.base_dtype)
     if hook is not None:
         hook(full)
     x: Any = micro_ids.to(device, non_blocking=True)

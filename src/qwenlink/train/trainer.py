@@ -196,7 +196,7 @@ def build_chunks(cfg: JobConfig, model_config: ModelConfig, layout: Layout, devi
     """Meta -> (LoRA adapters) -> this rank's stages, parallelized -> materialise -> init -> initial weights
     (init_from, unless `load_weights` is False)."""
     chunks = build_model_chunks(model_config, layout, parallelize_options(cfg, lora, device),
-                                adapt=lora_train.adapter_hook(lora))
+                                adapt=lora_train.adapter_hook(lora, cfg.lora.base_dtype))
     chunks.materialize(device)
     torch.manual_seed(cfg.job.seed)  # the stream dropout draws from; the weights have their own generators
     init_weights(chunks.modules, seed=cfg.job.seed, std=cfg.model.init_std)
@@ -204,9 +204,7 @@ def build_chunks(cfg: JobConfig, model_config: ModelConfig, layout: Layout, devi
     if not load_weights:
         return chunks
     if cfg.model.init_from and lora is not None:
-        # Storing the frozen base in bf16 is a one-process option: FSDP2 already shards it and gathers it in bf16.
-        lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights, cfg,
-                                     cast_base=layout.plan.world_size == 1)
+        lora_train.load_base_weights(model, cfg.model.init_from, load_initial_weights)
     elif cfg.model.init_from:
         load_initial_weights(model, cfg.model.init_from)
     return chunks

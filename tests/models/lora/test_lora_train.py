@@ -163,3 +163,22 @@ def _wide_config():
 def test_bad_lora_config(setup, tmp_path, extra, message):
     with pytest.raises(QwenlinkError, match=message):
         _config(setup, tmp_path, *extra)
+
+
+def test_bf16_base_is_stored_in_bf16_under_the_precision_policy(setup, tmp_path):
+    """lora.base_dtype = bf16 stores the frozen base in bf16 from the start (cast on the meta model, before FSDP2
+    shards it: a cast afterwards would leave FSDP2's fp32 shards behind), adapters stay fp32 master weights, and
+    the run computes exactly as with an fp32-stored base (the bf16 policy computes the base in bf16 either way)."""
+    runs = {}
+    for base_dtype in ("fp32", "bf16"):
+        t = Trainer(_config(setup, tmp_path / base_dtype, "--train.dtype=bf16", f"--lora.base_dtype={base_dtype}",
+                            "--lora.dropout=0.0"), stream=io.StringIO())
+        assert t.train() == 0
+        runs[base_dtype] = t
+    bf16 = runs["bf16"]
+    stored = {(p.requires_grad, p.dtype) for p in bf16.model.parameters()}
+    assert stored == {(True, torch.float32), (False, torch.bfloat16)}
+    shards = bf16.model.layers["0"]._get_fsdp_state()._fsdp_param_group.fsdp_params  # what FSDP2 really keeps
+    assert {(f._sharded_param_data.dtype, f.sharded_param.requires_grad) for f in shards} == \
+        {(torch.float32, True), (torch.bfloat16, False)}
+    assert [r["loss"] for r in bf16.history] == [r["loss"] for r in runs["fp32"].history]
