@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.models.config import ModelConfig
+from qwenlink.models.documents import DocumentMask, document_attention
 
 Tensor = torch.Tensor
 
@@ -148,7 +149,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, kv, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
 
-    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor], *,
+    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor | DocumentMask], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
         bsz, seqlen, _ = x.shape
         # Head counts come from the weights, not the config, so a tensor-parallel shard sees its local heads.
@@ -161,7 +162,9 @@ class Attention(nn.Module):
             slots, span, rows, start = cache
             k, v = kv_cache.update(layer_id, k, v, slots, span, rows, start)  # [B, Hkv, S, D], S = span
         gqa = q.shape[1] != k.shape[1]
-        if mask is None:
+        if isinstance(mask, DocumentMask):
+            out = document_attention(q, k, v, mask)  # [B, Hq, T, D], causal within each document, no [T, T] mask
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, Hq, T, D]
@@ -191,7 +194,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor], *,
+    def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor | DocumentMask], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, kv_cache=kv_cache, layer_id=layer_id,
                                cache=cache)
@@ -286,7 +289,7 @@ class Qwen2Model(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, *, position_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, kv_cache: Optional[KVCache] = None,
+                attention_mask: Optional[Tensor | DocumentMask] = None, kv_cache: Optional[KVCache] = None,
                 cache_start: int = 0, cache_positions: Optional[Tensor] = None, cache_rows: Optional[Tensor] = None,
                 cache_span: Optional[int] = None, logits_to_keep: int | Tensor = 0,
                 apply_head: bool = True) -> Tensor:
@@ -294,7 +297,9 @@ class Qwen2Model(nn.Module):
 
         Returns logits [B, T, V], or hidden states [B, T, H] when lm_head was removed.
         - position_ids [B, T]: rotary positions; default: the tokens' cache slots (cache_start + arange(T)).
-        - attention_mask: a 2-D padding mask [B, S] over all key slots, or a 4-D boolean mask [B, 1, T, S].
+        - attention_mask: a 2-D padding mask [B, S] over all key slots, a 4-D boolean mask [B, 1, T, S], or a
+          `DocumentMask` (several documents per row, each attended causally on its own; no [T, T] tensor; not with
+          kv_cache). Positions still come from position_ids (pass the documents' restarting ones if wanted).
         - kv_cache: write this call's keys/values at slots cache_start + arange(T) for every row, or at per-row
           `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1).
         - cache_span: attend over cache slots [0, cache_span) (default: up to the largest slot written), slots past
@@ -307,11 +312,14 @@ class Qwen2Model(nn.Module):
         """
         h = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # [B, T, H]
         bsz, seqlen = inputs.shape[:2]
-        if kv_cache is None and attention_mask is None:
-            # Training / scoring a fresh sequence: causal attention, positions 0..T-1 unless given. Nothing here may
-            # depend on h's sequence length, which sequence parallelism shards.
+        documents = isinstance(attention_mask, DocumentMask)
+        if documents and kv_cache is not None:
+            raise ValueError("a DocumentMask is for training / scoring whole sequences, not with a kv_cache")
+        if kv_cache is None and (attention_mask is None or documents):
+            # Training / scoring a fresh sequence: causal attention (within each document), positions 0..T-1 unless
+            # given. Nothing here may depend on h's sequence length, which sequence parallelism shards.
             return self._run_layers(h, RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta),
-                                    None, None, None, logits_to_keep, apply_head)
+                                    attention_mask, None, None, logits_to_keep, apply_head)
         if cache_positions is None:
             slots = torch.arange(cache_start, cache_start + seqlen, device=h.device)[None]  # [1, T]
         else:
@@ -331,7 +339,7 @@ class Qwen2Model(nn.Module):
             kv_cache.length = max(kv_cache.length, span)
         return out
 
-    def _run_layers(self, h: Tensor, rope: RotaryTables, mask: Optional[Tensor], kv_cache: Optional[KVCache],
+    def _run_layers(self, h: Tensor, rope: RotaryTables, mask: Optional[Tensor | DocumentMask], kv_cache: Optional[KVCache],
                     cache: Optional[tuple], logits_to_keep: int | Tensor, apply_head: bool = True) -> Tensor:
         bsz = h.shape[0]
         for layer_id, layer in self.layers.items():

@@ -63,6 +63,11 @@ class DataSection:
     pad_to_multiple_of: int = 8     # sft: pad each micro batch to the longest sample rounded up to this
     pack: bool = False              # sft: fill fixed seq_length rows with whole samples (document-masked attention)
     pad_id: int = -1                # sft padding id; -1: the tokenizer's pad (else eos) token (151643 for Qwen)
+    # pretrain, as Megatron's --reset-attention-mask / --reset-position-ids: inside a sample, attention / positions
+    # restart after each end-of-document token (eod_id; -1: the tokenizer's eos, what preprocess --append-eod adds)
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
+    eod_id: int = -1
     shuffle: bool = True
 
 
@@ -326,6 +331,9 @@ def validate(cfg: JobConfig) -> None:
         raise QwenlinkError(f"config: optim.warmup_fraction must be in [0, 1], got {cfg.optim.warmup_fraction}")
     if cfg.checkpoint.keep_last < 1:
         raise QwenlinkError(f"config: checkpoint.keep_last must be at least 1, got {cfg.checkpoint.keep_last}")
+    if (cfg.data.reset_attention_mask or cfg.data.reset_position_ids) and cfg.job.mode != "pretrain":
+        raise QwenlinkError("config: data.reset_attention_mask / reset_position_ids are for pretraining; sft keeps "
+                            "samples apart with data.pack = true (or padding)")
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.path):
         raise QwenlinkError(f"config: data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.path)} "
                             f"data.path entries")
@@ -361,6 +369,9 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
     if plan.pp > 1 and cfg.job.mode == "sft" and cfg.data.pack:
         raise QwenlinkError("config: data.pack = true (per-sample positions and masks) is not supported with "
                             "pipeline parallelism (parallel.pp > 1); use padding (data.pack = false)")
+    if plan.pp > 1 and (cfg.data.reset_attention_mask or cfg.data.reset_position_ids):
+        raise QwenlinkError("config: data.reset_attention_mask / reset_position_ids (per-sample documents and "
+                            "positions) are not supported with pipeline parallelism (parallel.pp > 1)")
     if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
         raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
                             "with pipeline parallelism yet; evaluate a saved checkpoint instead")

@@ -7,6 +7,7 @@ step number; `dp_rank` / `dp_size` are parameters so the parallel trainer can ha
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from qwenlink.data.indexed import bin_path, idx_path
 from qwenlink.errors import QwenlinkError
+from qwenlink.models.documents import DocumentMask
 from qwenlink.train.config import JobConfig
 
 SFT_SUFFIX = "_packed_input_ids_document"
@@ -24,12 +26,15 @@ SFT_SUFFIX = "_packed_input_ids_document"
 
 @dataclass
 class MicroBatch:
-    """One micro batch: input_ids/labels [B, T] (labels already shifted), optional positions and mask."""
+    """One micro batch: input_ids/labels [B, T] (labels already shifted), optional positions and mask.
+
+    Several documents in a row (packed SFT, pretraining with data.reset_attention_mask) travel as a `DocumentMask`
+    (per-row document ids and boundaries, O(T)), never as a [B, 1, T, T] tensor."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: Optional[torch.Tensor] = None
-    attention_mask: Optional[torch.Tensor] = None  # 2-D padding [B, T] or 4-D boolean [B, 1, T, T]
+    attention_mask: Optional[torch.Tensor | DocumentMask] = None  # 2-D padding [B, T] or documents
 
     def pinned(self) -> "MicroBatch":
         """The same batch in page-locked host memory (copies to an accelerator can then overlap compute)."""
@@ -109,12 +114,33 @@ def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
     input_ids = torch.stack([torch.as_tensor(s["input_ids"]) for s in samples]).long()  # [B, T]
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()        # [B, T]
     if "segment_ids" in samples[0]:
-        from qwenlink.data.instruction import packed_attention_mask
-
         segments = torch.stack([s["segment_ids"] for s in samples])                      # [B, T]
         positions = torch.stack([s["position_ids"] for s in samples])                    # [B, T]
-        return MicroBatch(input_ids, labels, positions, packed_attention_mask(segments))  # mask [B, 1, T, T]
+        return MicroBatch(input_ids, labels, positions, DocumentMask.from_segment_ids(segments))
+    if cfg.data.reset_attention_mask or cfg.data.reset_position_ids:
+        # Pretraining samples span several documents, each ended by an EOD token (Megatron's --reset-attention-mask
+        # / --reset-position-ids): attention and / or positions restart after each EOD.
+        docs = DocumentMask.from_eod(input_ids, eod_id(cfg))
+        return MicroBatch(input_ids, labels, docs.positions() if cfg.data.reset_position_ids else None,
+                          docs if cfg.data.reset_attention_mask else None)
     return MicroBatch(input_ids, labels)
+
+
+def eod_id(cfg: JobConfig) -> int:
+    """The end-of-document token that data.reset_attention_mask / reset_position_ids split at: data.eod_id, or
+    (-1) the tokenizer's eos token (<|endoftext|>, 151643 for Qwen, what `preprocess --append-eod` appends)."""
+    return cfg.data.eod_id if cfg.data.eod_id >= 0 else _tokenizer_eos(cfg.data.tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_eos(tokenizer: str) -> int:
+    from qwenlink.tokenizer import load_tokenizer
+
+    found = load_tokenizer(tokenizer).eos_id
+    if found is None:
+        raise QwenlinkError(f"config: data.reset_attention_mask / reset_position_ids need an end-of-document token, "
+                            f"and the tokenizer {tokenizer!r} has no eos token; set data.eod_id")
+    return found
 
 
 class MicroBatchStream:
