@@ -240,6 +240,31 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("qwenlink.commands.train", "run_train"))
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="will a training job fit its devices, and how fast will it run",
+                       description="Simulate one training step of each rank role of a job (pipeline rank x tensor "
+                       "rank) on fake tensors with a fake process group of the job's world size, through the "
+                       "trainer's own code, and report per-device memory (parameters, gathered parameters, "
+                       "gradients, optimizer state, activations; the largest contributors), whether it fits, the "
+                       "estimated step time and tokens/s/device, and the bytes each mesh dimension communicates. "
+                       "Allocates nothing. Exit status 3 when it does not fit. Any `--section.key=value` overrides "
+                       "a config value.")
+    p.__class__ = _OverrideParser
+    p.add_argument("--config", required=True, help="TOML job config (see configs/)")
+    p.add_argument("--world-size", type=int, default=None, help="processes (default: the config's `# plan:` "
+                   "header line, else the layout's smallest world)")
+    p.add_argument("--device", default=None, help="h100, h200, a100-80g, 910b or cpu (default: the config's "
+                   "`# plan:` header line, else h100)")
+    p.add_argument("--device-memory", default=None, metavar="SIZE", help="memory per device instead of the "
+                   "device's, e.g. 64GiB")
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the step time "
+                   "(default 0.40)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(overrides=[])
+
+    p.set_defaults(func=_lazy("qwenlink.commands.plan", "run_plan"))
+
+
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="plot a run's loss / lr / throughput curves to a PNG",
                        description="Read RUN_DIR/metrics.jsonl and write loss, learning rate, tokens/s per device and "
@@ -281,6 +306,10 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--merge-lora", metavar="ADAPTER_DIR", default=None, help="fold a PEFT LoRA adapter "
                    "(adapter_config.json + adapter_model.safetensors) into the input's weights; fails if it does "
                    "not match the model")
+    p.add_argument("--chat", default="auto", choices=["auto", "yes", "no"], help="HF output: was the model trained "
+                   "with ChatML? yes: generation_config.json stops at <|im_end|> (eos [151645, 151643], as "
+                   "Qwen1.5-Chat); no: at <|endoftext|> (as Qwen1.5 base); auto (default): the input's own generation "
+                   "config, or what the run that wrote a qwenlink checkpoint trained on")
 
     p.set_defaults(func=_lazy("qwenlink.commands.convert", "run_convert"))
 
@@ -295,6 +324,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_preprocess,
     _add_eval,
     _add_train,
+    _add_plan,
     _add_plot,
 ]
 

@@ -85,6 +85,9 @@ class TrainSection:
     activation_checkpoint_every: int = 2
     max_nonfinite_steps: int = 5    # abort after this many NaN/inf losses in a row (each one is skipped and counted)
     loss_chunk_size: int = 1024     # tokens per chunk of the memory-efficient cross entropy
+    # On CUDA / NPU the trainer plans the job (qwenlink.train.plan) before allocating and refuses one whose busiest
+    # rank would not fit the device; true: skip that check (e.g. a plan known to be pessimistic for a layout).
+    skip_memory_check: bool = False
 
 
 @dataclass

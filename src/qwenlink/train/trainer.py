@@ -43,6 +43,7 @@ from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
 from qwenlink.train.loss import IGNORE_INDEX
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
 from qwenlink.train.optim import Scheduler, build_optimizer
+from qwenlink.train.plan import check_fits
 from qwenlink.train.step import TrainStep, all_reduce_sum, step_if_finite
 
 
@@ -253,6 +254,7 @@ class Trainer:
         self.accum = accumulation_steps(cfg, self.dp_size)
         device = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
         self.device = distrib.device_for(distrib.DistInfo(rank, world_size, local_rank), device)
+        check_fits(cfg, self.model_config, world_size, self.device, stream=stream)  # CUDA/NPU: refuse what cannot fit
         enable_tf32(self.device)
         if cfg.data.seq_length > self.model_config.max_position_embeddings:
             raise QwenlinkError(f"config: data.seq_length ({cfg.data.seq_length}) is above the model's "

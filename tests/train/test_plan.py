@@ -1,0 +1,107 @@
+"""`qwenlink plan`: memory of the trainer's own step on fake tensors (qwenlink.train.plan / train.memory), its
+inputs, and the trainer's fit check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwenlink.cli import main
+from qwenlink.commands.plan import header_defaults
+from qwenlink.errors import QwenlinkError
+from qwenlink.parallel.simulate import SimulationError, stand_in_library
+from qwenlink.train.config import load_config
+from qwenlink.train.memory import block_bytes, general_name
+from qwenlink.train.plan import DEVICES, check_fits, parse_bytes, plan_job
+from qwenlink.train.trainer import resolve_model_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny(*overrides: str):
+    base = ["--model.preset=test-tiny", "--data.path=unused", "--data.seq_length=16", "--train.micro_batch_size=2",
+            "--train.global_batch_size=8", "--optim.lr=1e-3"]
+    return load_config(None, base + [f"--{o}" for o in overrides])
+
+
+def test_sizes_and_names() -> None:
+    assert parse_bytes("64GiB") == parse_bytes("64G") == parse_bytes("64gb") == 64 * 2**30
+    assert parse_bytes("512MiB") == 512 * 2**20
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(QwenlinkError, match="--device-memory"):
+            parse_bytes(bad)
+    assert block_bytes(1) == 512 and block_bytes(512) == 512 and block_bytes(513) == 1024 and block_bytes(0) == 0
+    assert general_name("layers.12._checkpoint_wrapped_module.mlp.up_proj.weight") == "layers.*.mlp.up_proj.weight"
+
+
+def test_header_defaults(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("# A job.\n# plan: --world-size 16 --device h200\n[job]\nname = \"x\"\n")
+    assert header_defaults(str(job)) == {"world_size": "16", "device": "h200"}
+    assert header_defaults(None) == {}
+
+
+@pytest.mark.parametrize("flag, value, field", [("--device", "tpu", "--device"),
+                                                ("--device-memory", "lots", "--device-memory")])
+def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, flag: str, value: str, field: str) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("[model]\npreset = \"test-tiny\"\n")
+    assert main(["plan", "--config", str(job), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+
+
+def test_trainer_check_does_not_plan_on_cpu(monkeypatch) -> None:
+    """On a CPU the trainer's check returns at once (tests and CPU runs start without a simulation)."""
+    import qwenlink.train.plan as plan
+
+    def fail(*args, **kwargs):
+        raise AssertionError("planned on a CPU")
+
+    monkeypatch.setattr(plan, "plan_job", fail)
+    config = resolve_model_config(tiny())
+    assert check_fits(tiny(), config, 1, torch.device("cpu")) is None
+    assert check_fits(tiny("train.skip_memory_check=true"), config, 1, torch.device("cuda")) is None
+
+
+@pytest.fixture(scope="module")
+def fake_cuda() -> None:
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        pytest.skip("a CUDA build of torch without a visible GPU has no room for the stand-in")
+    try:
+        stand_in_library("cuda")
+    except SimulationError as exc:
+        pytest.skip(str(exc))
+
+
+def test_one_process_plan_counts_what_adamw_holds(fake_cuda) -> None:
+    """fp32, one process: parameters, gradients (the same sizes) and AdamW's two moments per parameter, exactly."""
+    cfg = tiny()
+    config = resolve_model_config(cfg)
+    plan = plan_job(cfg, 1, DEVICES["h100"], config)
+    [role] = plan.roles
+    data = plan.to_dict()
+    for key in ("world_size", "device_memory_bytes", "peak_bytes", "fits"):
+        assert key in data
+    rank = data["ranks"][0]
+    params = sum(block_bytes(4 * p.numel()) for p in _meta_model(config).parameters())
+    assert rank["params_bytes"] >= params  # + rotary buffers
+    assert rank["grads_bytes"] == params
+    assert rank["optimizer_bytes"] >= 2 * params  # exp_avg, exp_avg_sq (+ step counters)
+    assert rank["activations_bytes"] > 0
+    assert rank["peak_bytes"] == sum(rank[k] for k in ("params_bytes", "gathered_params_bytes", "grads_bytes",
+                                                       "optimizer_bytes", "activations_bytes"))
+    assert plan.fits and data["peak_bytes"] == rank["peak_bytes"]
+    assert role.micro_batches == (2, 3)  # 4 micro batches per step: the first, a middle and the last reach the peak
+    assert data["estimate"]["step_seconds"] > 0 and data["comm_bytes_per_step"] == {}
+    small = plan_job(cfg, 1, DEVICES["h100"], config, device_memory=rank["peak_bytes"] // 2)
+    assert not small.fits
+
+
+def _meta_model(config):
+    from qwenlink.models.qwen2 import Qwen2Model
+
+    with torch.device("meta"):
+        return Qwen2Model(config)
