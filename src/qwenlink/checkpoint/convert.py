@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from qwenlink.checkpoint import dcp, hf, lora_run, megatron
+from qwenlink.checkpoint import chat_export, dcp, hf, lora_run, megatron
 from qwenlink.checkpoint.loader import detect_format, open_source
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.peft import MergedLoraSource, save_model_adapter
@@ -24,6 +24,7 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.outputs import check_replaceable_dir, refuse_clobbering
+from qwenlink.tokenizer import load_tokenizer
 
 FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy", "peft")
 HF_SHARD_BYTES = 1 << 30
@@ -46,6 +47,7 @@ class ConvertOptions:
     tokenizer_dir: Optional[str] = None
     overwrite: bool = False
     merge_lora: Optional[str] = None  # a PEFT adapter directory folded into the weights (base + adapter -> merged)
+    chat: str = "auto"  # HF output: yes / no = trained with ChatML or not; auto = what the input records
 
 
 def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: ConvertOptions,
@@ -73,13 +75,42 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     if (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage, opts.num_layer_list) != (1, 1, None, None, None):
         raise QwenlinkError(f"--tp/--pp/--vpp/--num-layer-list apply to Megatron output only, not --to {opts.to}")
     if opts.to == "hf":
-        tokenizer_dir = opts.tokenizer_dir or opts.config_from or (input_path if fmt == "hf" else None)
+        tokenizer_dir, tokenizer, chat, carried = _hf_metadata(input_path, fmt, opts, source.config.vocab_size)
         # Streamed shard by shard: safetensors serialises one whole file in memory, so 1 GiB shards bound the peak.
         return hf.save_hf_from_source(source, output, dtype=opts.dtype, tokenizer_dir=tokenizer_dir,
-                                      max_shard_bytes=HF_SHARD_BYTES)
+                                      tokenizer=tokenizer, max_shard_bytes=HF_SHARD_BYTES, chat=chat,
+                                      generation_config=carried)
     model = model_from_source(source, dtype=opts.dtype)
     del source  # unmaps the input's files before the output is serialised
     return _save_qwenlink(model, output, notice)
+
+
+def _hf_metadata(input_path: str | os.PathLike, fmt: str, opts: ConvertOptions, vocab_size: int):
+    """(tokenizer dir, tokenizer, chat?, generation config kept as is) for HF output.
+
+    The tokenizer: --tokenizer, else the --config-from or HF input directory's, else the tokenizer the run that
+    wrote a qwenlink checkpoint trained with (when it fits the model's vocabulary). Chat or base: --chat yes/no; else the generation config of the merged
+    adapter's directory, of --config-from, of an HF input; else, for a qwenlink checkpoint, whether its run trained
+    on ChatML (chat_export.py)."""
+    tokenizer_dir = opts.tokenizer_dir or opts.config_from or (input_path if fmt == "hf" else None)
+    tokenizer = None
+    step_dir = dcp.resolve_step_dir(input_path) if fmt in ("qwenlink", "qwenlink-lora") else None
+    if tokenizer_dir is not None and chat_export.has_tokenizer(tokenizer_dir):
+        tokenizer = load_tokenizer(tokenizer_dir)
+    elif step_dir is not None:
+        tokenizer = chat_export.checkpoint_tokenizer(step_dir)
+        if tokenizer is not None and tokenizer.vocab_size > vocab_size:
+            tokenizer = None  # not the vocabulary this model was trained with (a test-sized model)
+        tokenizer_dir = None
+    carried = None
+    for directory in (opts.merge_lora, opts.config_from, input_path if fmt == "hf" else None):
+        carried = chat_export.read_generation_config(directory)
+        if carried is not None:
+            break
+    detected = step_dir is not None and tokenizer is not None and chat_export.checkpoint_run_is_chat(step_dir,
+                                                                                                     tokenizer)
+    chat, carried = chat_export.resolve_chat(opts.chat, carried, detected, tokenizer)
+    return tokenizer_dir, tokenizer, chat, carried
 
 
 def _save_peft(input_path: str | os.PathLike, output: Path, opts: ConvertOptions) -> Path:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
 
+from qwenlink.checkpoint.chat_export import write_generation_config, write_tokenizer
 from qwenlink.checkpoint.dtypes import check_float, dtype_name, parse_dtype, safetensors_dtype
 from qwenlink.checkpoint.safe_load import confined_file
 from qwenlink.checkpoint.safetensors_io import save_file
@@ -28,8 +28,6 @@ from qwenlink.models.qwen2 import Qwen2Model, build_model
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json")
 # Buffers some exporters write that carry no learned state.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -234,29 +232,19 @@ def _write_weights(tmp: Path, sizes: list[tuple[str, int]], fetch, max_shard_byt
 
 
 def write_metadata(tmp: Path, config: ModelConfig, out_dtype: torch.dtype, *, tokenizer_dir, tokenizer,
-                   generation_config: Optional[dict]) -> None:
-    """config.json (torch_dtype = out_dtype), generation_config.json (eos / pad from the tokenizer) and the
-    tokenizer files: everything of an HF directory besides the weights."""
+                   generation_config: Optional[dict], chat: bool = False) -> None:
+    """config.json (torch_dtype = out_dtype), generation_config.json and the tokenizer files: everything of an HF
+    directory besides the weights. `chat`: the model was trained with ChatML, so it stops at <|im_end|> as
+    Qwen1.5-Chat does; `generation_config`: an input's own, kept as is (chat_export.py)."""
     hf_config = config.to_hf_dict(dtype=dtype_name(out_dtype))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    gen = dict(generation_config or {})
-    eos_id = getattr(tokenizer, "eos_id", None)
-    if eos_id is not None:
-        gen.setdefault("eos_token_id", eos_id)
-        gen.setdefault("pad_token_id", tokenizer.pad_id)
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copyfile(src, tmp / name)  # contents only: the copy gets the umask's mode, not the source's
-    elif tokenizer is not None:
-        tokenizer.save(tmp)
+    written = write_tokenizer(tmp, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, chat=chat)
+    write_generation_config(tmp, written, chat, generation_config)
 
 
 def save_hf_from_source(source, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                         max_shard_bytes: int = 1 << 30, tokenizer_dir: str | os.PathLike | None = None,
-                        tokenizer=None) -> Path:
+                        tokenizer=None, chat: bool = False, generation_config: Optional[dict] = None) -> Path:
     """Write an HF directory from a tensor source (`.config`, `.get(qwenlink_name)`) one shard at a time.
 
     Conversion from a Megatron or qwenlink checkpoint never holds the whole model: peak memory is about one output
@@ -279,13 +267,13 @@ def save_hf_from_source(source, directory: str | os.PathLike, *, dtype: str | to
     with atomic_path(directory, is_dir=True) as tmp:
         _write_weights(tmp, sizes, fetch, max_shard_bytes)
         write_metadata(tmp, config, torch_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-                       generation_config=None)
+                       generation_config=generation_config, chat=chat)
     return directory
 
 
 def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
                   max_shard_bytes: int = 5 * 1024**3, tokenizer_dir: str | os.PathLike | None = None,
-                  tokenizer=None, generation_config: Optional[dict] = None) -> Path:
+                  tokenizer=None, generation_config: Optional[dict] = None, chat: bool = False) -> Path:
     """Write an HF directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Files: config.json, generation_config.json, model.safetensors (or model-0000i-of-0000n.safetensors + index),
@@ -307,5 +295,5 @@ def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str
     with atomic_path(directory, is_dir=True) as tmp:
         _write_weights(tmp, sizes, state.__getitem__, max_shard_bytes)
         write_metadata(tmp, config, out_dtype, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer,
-                       generation_config=generation_config)
+                       generation_config=generation_config, chat=chat)
     return directory

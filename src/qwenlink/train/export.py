@@ -23,6 +23,7 @@ small: rank 0 assembles them from the stage writers' part files into PEFT's sing
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from qwenlink.checkpoint.chat_export import GENERATION_CONFIG
 from qwenlink.checkpoint.dtypes import safetensors_dtype
 from qwenlink.checkpoint.hf import (hf_name, shard_file_name, shard_plan, unwrapped_name, write_index, write_metadata,
                                     write_shard)
 from qwenlink.errors import QwenlinkError
-from qwenlink.fileio import publish
+from qwenlink.fileio import atomic_write_text, publish
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.lora import ADAPTER_SUFFIXES, LoraConfig, iter_lora_modules, merged_weight
 from qwenlink.models.qwen2 import Qwen2Model
@@ -188,19 +190,22 @@ def _stream(chunks: ModelChunks, layout: Layout, write: Callable[[Qwen2Model, in
 
 
 # ---- agreeing and finishing -----------------------------------------------------------------------------------------
-def _prepare(staging: Path) -> None:
-    """Rank 0 empties the staging directory (a crashed export's leftovers) and creates it; the others wait."""
+def _prepare(what: str, target: Path, staging: Path, layout: Layout, option: str) -> None:
+    """Rank 0 checks the target (a directory it may replace: absent, empty or a previous export, never a file or
+    someone's files), empties the staging directory (a crashed export's leftovers) and creates it; every rank learns
+    the outcome (a failure on rank 0 alone would leave the others waiting in the export's collectives)."""
+    from qwenlink.train.output_paths import check_export_target
+
     error = None
     if _is_rank0():
         try:
+            check_export_target(str(target), option=option)
             if staging.exists():
                 shutil.rmtree(staging)
             staging.mkdir(parents=True)
-        except OSError as exc:
+        except (OSError, QwenlinkError) as exc:
             error = _failure(exc)
-    distrib.barrier()
-    if error is not None:
-        raise QwenlinkError(f"{staging}: cannot create the export's staging directory ({error})")
+    _agree(what, target, staging, layout, error)
 
 
 def _conclude(what: str, target: Path, staging: Path, layout: Layout, error: Optional[str],
@@ -248,9 +253,9 @@ def _model_order(config: ModelConfig) -> list[str]:
     return [hf_name(n) for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
 
 
-def publish_hf(staging: Path, target: Path, config: ModelConfig, tokenizer: Any) -> None:
-    """Rank 0, after every stage is written: HF file names, the index, config, generation config, tokenizer; then
-    the staging directory becomes `target`."""
+def publish_hf(staging: Path, target: Path, config: ModelConfig, tokenizer: Any, chat: bool = False) -> None:
+    """Rank 0, after every stage is written: HF file names, the index, config, generation config (a chat model's
+    when `chat`: trained with ChatML), tokenizer; then the staging directory becomes `target`."""
     parts = sorted(staging.glob("stage-*.safetensors"))
     headers = _read_headers(parts)
     order = _model_order(config)
@@ -264,35 +269,40 @@ def publish_hf(staging: Path, target: Path, config: ModelConfig, tokenizer: Any)
     if len(parts) > 1:
         write_index(staging, {n: names[headers[n][0]] for n in order}, sum(h[2] for h in headers.values()))
     write_metadata(staging, config, headers[order[0]][1], tokenizer_dir=None, tokenizer=tokenizer,
-                   generation_config=None)
+                   generation_config=None, chat=chat)
     publish(staging, target, is_dir=True)
 
 
 # ---- the two exports ------------------------------------------------------------------------------------------------
 def export_hf(chunks: ModelChunks, layout: Layout, directory: str | os.PathLike, *,
-              tokenizer: Callable[[], Any], max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+              tokenizer: Callable[[], Any], max_shard_bytes: int = MAX_SHARD_BYTES,
+              chat: Callable[[Any], bool] = lambda tokenizer: False) -> Path:
     """Write the model of every rank's chunks as one HF directory (LoRA adapters merged). Every rank calls this;
-    `tokenizer` is called on rank 0 only (the directory's tokenizer files)."""
+    `tokenizer` and `chat(tokenizer)` (was the model trained with ChatML?) are called on rank 0 only."""
     target = Path(directory)
     staging = staging_dir(target)
-    _prepare(staging)
+    _prepare("HF export", target, staging, layout, "checkpoint.export_hf")
     error = _stream(chunks, layout, lambda module, stage, keep: write_stage_shards(
         hf_items(module), staging, stage, keep=keep, max_shard_bytes=max_shard_bytes))
-    _conclude("HF export", target, staging, layout, error,
-              lambda: publish_hf(staging, target, chunks.config, tokenizer()))
+    def finish() -> None:
+        tok = tokenizer()
+        publish_hf(staging, target, chunks.config, tok, chat=chat(tok))
+
+    _conclude("HF export", target, staging, layout, error, finish)
     return target
 
 
 def export_adapter(chunks: ModelChunks, layout: Layout, directory: str | os.PathLike, lora: LoraConfig, *,
-                   base_model: Optional[str] = None) -> Path:
-    """Write the trained adapter (+ modules_to_save) of every rank's chunks as one PEFT directory."""
+                   base_model: Optional[str] = None, generation: Optional[Callable[[], dict]] = None) -> Path:
+    """Write the trained adapter (+ modules_to_save) of every rank's chunks as one PEFT directory; `generation`
+    (rank 0) gives the merged model's generation_config.json, which `convert --merge-lora` carries over."""
     from safetensors.torch import load_file
 
     from qwenlink.checkpoint.peft import save_peft_adapter
 
     target = Path(directory)
     staging = staging_dir(target)
-    _prepare(staging)
+    _prepare("adapter export", target, staging, layout, "lora.export_adapter")
     error = _stream(chunks, layout, lambda module, stage, keep: _write_adapter_part(
         adapter_items(module), staging, stage, keep=keep))
 
@@ -304,6 +314,8 @@ def export_adapter(chunks: ModelChunks, layout: Layout, directory: str | os.Path
             # One parameter, saved under both names as PEFT does (a copy: safetensors refuses shared storage).
             state["lm_head.weight"] = state["embed_tokens.weight"].clone()
         save_peft_adapter(target, state, lora, chunks.config, base_model=base_model)
+        if generation is not None:
+            atomic_write_text(target / GENERATION_CONFIG, json.dumps(generation(), indent=2) + "\n")
         shutil.rmtree(staging, ignore_errors=True)
 
     _conclude("adapter export", target, staging, layout, error, finish)

@@ -44,6 +44,8 @@ from qwenlink.train.loss import IGNORE_INDEX
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
 from qwenlink.train.optim import Scheduler, build_optimizer
 from qwenlink.train.plan import check_fits
+from qwenlink.train.output_paths import check_outputs
+from qwenlink.train.resume_guard import check_unchanged
 from qwenlink.train.step import TrainStep, all_reduce_sum, step_if_finite
 
 
@@ -245,6 +247,7 @@ class Trainer:
                  stream: TextIO = sys.stdout) -> None:
         self.rank, self.world_size = rank, world_size
         self.stream = stream
+        check_outputs(cfg)  # a file or read-only parent where an output goes fails now, not at the first save
         self.model_config = resolve_model_config(cfg)
         self.cfg = cfg = resolve_pad_id(cfg, self.model_config)
         # The layout is checked against the model before anything is allocated (a bad launch fails in a second).
@@ -294,14 +297,13 @@ class Trainer:
     # ---- resume -------------------------------------------------------------------------------------------------
     def _resume(self, step_dir: Path) -> None:
         lora_train.check_resume(step_dir, self.cfg, self.lora)
+        # seed, data, batch, sequence length and model shape as the checkpoint's run had them (resume_guard.py)
+        check_unchanged(step_dir, self.cfg, self.model_config)
         saved = ckpt.load_checkpoint(step_dir, self.model, self.optimizer, rank=self.rank,
                                      trainable_only=self.lora is not None)
-        for key in ("global_batch_size", "seq_length"):
-            if saved.get(key) not in (None, getattr(self.state, key)):
-                raise QwenlinkError(f"{step_dir}: checkpoint was written with {key}={saved[key]} but the config has "
-                                    f"{getattr(self.state, key)}; resuming would not continue the same data order "
-                                    f"(use model.init_from with train.finetune=true to start a new run from it)")
         known = {f.name for f in dataclasses.fields(TrainState)}
+        # The batch and sequence length now, when checkpoint.allow_config_change let them differ.
+        saved.update(global_batch_size=self.state.global_batch_size, seq_length=self.state.seq_length)
         self.state = TrainState(**{k: v for k, v in saved.items() if k in known})
         self.resumed_from = step_dir
 
@@ -534,7 +536,14 @@ class Trainer:
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; HF export refused")
         return export_hf(self.chunks, self.layout, directory,
-                         tokenizer=lambda: load_tokenizer(self.cfg.data.tokenizer))
+                         tokenizer=lambda: load_tokenizer(self.cfg.data.tokenizer), chat=self._trained_chat)
+
+    def _trained_chat(self, tokenizer) -> bool:
+        """Was this model trained with ChatML (sft on ChatML data, or from a chat model)? Then its exports stop at
+        <|im_end|> (checkpoint/chat_export.py)."""
+        from qwenlink.checkpoint.chat_export import run_is_chat
+
+        return run_is_chat(self.cfg.job.mode, self.cfg.data.path, self.cfg.model.init_from, tokenizer)
 
     def export_adapter(self, directory: str) -> Path:
         """The trained adapter (+ modules_to_save) in PEFT format, loadable by peft and `qwenlink ... --lora`."""
@@ -543,4 +552,13 @@ class Trainer:
         if not self._params_finite():
             raise QwenlinkError(f"weights are not finite at step {self.state.step}; adapter export refused")
         assert self.lora is not None
-        return export_adapter(self.chunks, self.layout, directory, self.lora, base_model=self.cfg.model.init_from)
+        return export_adapter(self.chunks, self.layout, directory, self.lora, base_model=self.cfg.model.init_from,
+                              generation=self._merged_generation_config)
+
+    def _merged_generation_config(self) -> dict:
+        """The generation config of base + this adapter, kept in the adapter's directory for `--merge-lora`."""
+        from qwenlink.checkpoint.chat_export import generation_config
+        from qwenlink.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        return generation_config(tokenizer, self._trained_chat(tokenizer))
