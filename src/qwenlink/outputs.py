@@ -32,8 +32,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_clobbering(output: PathLike, inputs: Mapping[str, Optional[PathLike]], *, option: str = "--output") -> None:
-    """Refuse an output that is, contains, or lies inside one of `inputs` ({description: path or None})."""
+def refuse_clobbering(output: PathLike, inputs: Mapping[str, Optional[PathLike]], *, option: str = "--output",
+                      replaced: bool = True) -> None:
+    """Refuse an output that is, contains, or lies inside one of `inputs` ({description: path or None}).
+
+    `replaced=False`: a directory that is written into but never replaced as a whole (train's output_dir and
+    checkpoint.dir) may contain an input (`output_dir = .` next to `data/`); it still may not be or lie inside one."""
     out = _resolved(output)
     for label, value in inputs.items():
         if value is None or not Path(value).expanduser().exists():
@@ -42,7 +46,7 @@ def refuse_clobbering(output: PathLike, inputs: Mapping[str, Optional[PathLike]]
         if out == source or _same_file(out, source):
             raise QwenlinkError(f"{output}: {option} is the {label} ({value}); writing it would replace the input "
                                 f"(choose another {option})")
-        if out in source.parents:
+        if replaced and out in source.parents:
             raise QwenlinkError(f"{output}: {option} contains the {label} ({value}); replacing it would delete the "
                                 f"input (choose another {option})")
         if source.is_dir() and source in out.parents:
@@ -80,3 +84,24 @@ def check_replaceable_dir(output: PathLike, *, overwrite: bool, option: str = "-
         raise QwenlinkError(f"{output}: --overwrite replaces only a directory holding a model qwenlink wrote (HF, "
                             f"Megatron, qwenlink or PEFT); this one holds other files, so it is left alone (choose "
                             f"another {option} or empty it yourself)")
+
+
+def check_creatable_dir(path: PathLike, *, option: str) -> None:
+    """A directory that is there and writable, or can be made: its nearest existing ancestor is a writable directory.
+
+    Why: a train job writes its outputs after hours of work; a file where a directory belongs, or a read-only parent,
+    must fail before the first step, in one line naming the setting."""
+    target = Path(path).expanduser()
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise QwenlinkError(f"{path}: {option} exists and is not a directory")
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise QwenlinkError(f"{path}: {option} is not writable (permission denied)")
+        return
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise QwenlinkError(f"{path}: {option} cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QwenlinkError(f"{path}: {option} cannot be created: {parent} is not writable (permission denied)")

@@ -90,6 +90,22 @@ def test_a_failed_write_keeps_the_previous_export_and_leaves_no_staging(plain, t
 
 def test_an_export_path_under_a_file_is_one_line(plain, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(QwenlinkError, match=r"cannot create the export's staging directory \(.*Not a directory"):
+    with pytest.raises(QwenlinkError, match=r"HF export to .* failed \(.*file/hf: checkpoint.export_hf cannot be "
+                                            r"created: .*file is a file, not a directory\); nothing was written"):
         plain.export_hf(str(tmp_path / "file" / "hf"))
 
+
+def test_an_export_replaces_a_previous_export_but_never_other_files(plain, tmp_path):
+    """The export renames its staging directory onto the target: only a previous export (or nothing) may be there."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
+    with pytest.raises(QwenlinkError, match=r"photos: checkpoint.export_hf holds other files .* left alone"):
+        plain.export_hf(str(photos))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no staging directory left either
+    assert (photos / "cat.jpg").read_bytes() == b"\xff\xd8 a cat"
+    target = tmp_path / "hf"
+    plain.export_hf(str(target))
+    (target / "stale.txt").write_text("from an older export")
+    plain.export_hf(str(target))  # a recognised HF directory is replaced whole
+    assert not (target / "stale.txt").exists() and (target / "config.json").is_file()

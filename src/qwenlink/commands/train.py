@@ -20,8 +20,13 @@ def run_train(args: argparse.Namespace) -> int:
     from qwenlink.train import distributed
 
     if getattr(args, "nproc", None) and not distributed.launched_by_torchrun():
-        # A bad config or layout fails here, once, before N processes start (and before any model is allocated).
-        check_layout(load_config(args.config, args.overrides), args.nproc)
+        # A bad config, layout or output path fails here, once, before N processes start (and before any model is
+        # allocated).
+        from qwenlink.train.output_paths import check_outputs
+
+        cfg = load_config(args.config, args.overrides)
+        check_layout(cfg, args.nproc)
+        check_outputs(cfg)
         argv = [a for a in sys.argv[1:] if a != "--debug"]
         i = argv.index("--nproc") if "--nproc" in argv else None
         argv = argv[:i] + argv[i + 2:] if i is not None else [a for a in argv if not a.startswith("--nproc=")]
@@ -39,6 +44,9 @@ def run_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, stream=sys.stdout, rank=info.rank, world_size=info.world_size,
                           local_rank=info.local_rank)
         return trainer.train()
+    except BaseException as exc:
+        distributed.record_failure(exc)  # under torchrun: the launcher's last line names the rank that failed first
+        raise
     finally:
         if info.distributed:
             import torch.distributed as dist

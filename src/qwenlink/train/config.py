@@ -132,6 +132,9 @@ class CheckpointSection:
     interval: int = 0               # save every N steps (0: only at the end)
     keep_last: int = 3
     resume: bool = True             # continue from dir/latest when it exists
+    # Resume even though job.seed, data.path/weights, the batch, seq_length or the model shape changed since the
+    # checkpoint (each changes what its step means; train/resume_guard.py refuses them by default).
+    allow_config_change: bool = False
     export_hf: str = ""             # write the final model as an HF directory here
     save_final: bool = True
     async_save: bool = False        # TOML `async`: write in the background while training goes on (async_save.py)

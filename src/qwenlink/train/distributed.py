@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -97,17 +97,75 @@ def launch_with_torchrun(nproc: int, argv: Sequence[str]) -> int:
 
 def run_torchrun(args: Sequence[str]) -> int:
     """torchrun's main; when a rank fails, its report (a launcher traceback and a table) becomes one line naming the
-    rank that failed first and how. The ranks' own messages are printed above it."""
+    rank that failed first and how: its own message when it recorded one (`record_failure`; exit 2 for a user error,
+    as one process would), else its exit code or signal. The ranks' own messages are printed above it."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
     try:
         main(list(args))
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = first_failure(exc)
+        record = rank_record(failure)
+        if record is not None:
+            print(f"qwenlink train: error: rank {rank} (pid {failure.pid}) failed first: {record['line']} (torchrun "
+                  f"stopped the other ranks)", file=sys.stderr, flush=True)
+            return 2 if record.get("user_error") else 1
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         print(f"qwenlink train: error: rank {rank} (pid {failure.pid}) {how} first; torchrun stopped the other "
               f"ranks (rerun the same command to resume from the latest checkpoint)", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+# ---- which rank failed first ----------------------------------------------------------------------------------------
+# Why: when one rank fails (a data error), its peers fail a moment later in their next collective ("Connection closed
+# by peer"). torchrun orders failures by whole seconds and, on a tie, by rank, so the peer's reset could be reported
+# and the real message lay buried mid-log. Each rank therefore records its error with a precise time in the error
+# file torchrun gives it (TORCHELASTIC_ERROR_FILE, torchrun's own format, so a plain `torchrun` table shows it too).
+RECORD_KEY = "qwenlink"
+
+
+def record_failure(exc: BaseException) -> None:
+    """Write this rank's error (one line, the time, whether it is a user error) where torchrun collects it; a no-op
+    outside torchrun. Called as the error leaves `qwenlink train`, before the peers can notice the rank is gone."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not isinstance(exc, Exception):
+        return
+    user_error = isinstance(exc, QwenlinkError)
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    line = first if user_error else f"internal error: {type(exc).__name__}: {first}"
+    now = time.time()
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": "", "timestamp": str(int(now))}},
+            RECORD_KEY: {"line": line, "time": now, "user_error": user_error}}
+    try:
+        with open(path, "w", encoding="utf-8") as fp:
+            json.dump(data, fp)
+    except OSError:
+        pass  # the report then falls back to the exit code; the rank's own message is still on its stderr
+
+
+def rank_record(failure) -> Optional[dict]:
+    """What `record_failure` wrote for a torchrun ProcessFailure, or None (killed, or failed outside the trainer)."""
+    data = getattr(failure, "error_file_data", None)
+    record = data.get(RECORD_KEY) if isinstance(data, dict) else None
+    return record if isinstance(record, dict) and "line" in record and "time" in record else None
+
+
+def first_failure(exc) -> tuple[int, object]:
+    """torchrun's first failure, unless that rank recorded an error: then the earliest recorded error, by its precise
+    time (torchrun's whole seconds tie a rank's error with its peers' resets a moment later, and ties go to rank 0).
+
+    A rank killed by a signal records nothing and stays torchrun's pick; so do its peers' errors, even user errors
+    (a checkpoint save cut short by the lost peer is reported as one), when torchrun saw the kill first."""
+    rank, failure = exc.get_first_failure()
+    if rank_record(failure) is None:
+        return rank, failure
+    records = {r: rec for r, f in exc.failures.items() if (rec := rank_record(f)) is not None}
+    rank = min(records, key=lambda r: records[r]["time"])
+    return rank, exc.failures[rank]
