@@ -22,7 +22,7 @@ PACKAGE = REPO / "src" / "qwenlink"
 # checkpoint code, checkpoint/ nothing from train/, parallel/ nothing from train/, inference/ nothing from commands/.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors"),
-    ("fileio", "device"),
+    ("fileio", "device", "outputs", "signals", "png_chart"),
     ("tokenizer", "models"),
     ("data",),
     ("checkpoint",),

@@ -7,7 +7,8 @@ are compared after resolving symlinks, and files also by identity (a hard link i
 paths (a preset name such as `test-tiny`) are skipped.
 
 `--overwrite` removes only a directory that holds an output qwenlink recognises (an HF, Megatron, qwenlink or PEFT
-directory): a directory of anything else is someone's data, and a wrong `--output` must not delete it.
+directory): a directory of anything else is someone's data, and a wrong `--output` must not delete it. Recognising one
+needs the checkpoint formats, so that check lives in checkpoint/replaceable.py (this module sits below data/).
 """
 
 from __future__ import annotations
@@ -52,38 +53,6 @@ def refuse_clobbering(output: PathLike, inputs: Mapping[str, Optional[PathLike]]
         if source.is_dir() and source in out.parents:
             raise QwenlinkError(f"{output}: {option} lies inside the {label} ({value}); write outside the input "
                                 f"(choose another {option})")
-
-
-def recognised_output(directory: Path) -> Optional[str]:
-    """The kind of qwenlink output `directory` holds ('hf', 'megatron', 'qwenlink', 'qwenlink-lora', 'peft'), or
-    None for an empty directory or anything else."""
-    from qwenlink.checkpoint.loader import detect_format
-
-    if (directory / "adapter_config.json").is_file():
-        return "peft"
-    try:
-        return detect_format(directory)
-    except QwenlinkError:
-        return None
-
-
-def check_replaceable_dir(output: PathLike, *, overwrite: bool, option: str = "--output") -> None:
-    """An output directory may be written when it is absent or empty, or (with --overwrite) holds a recognised
-    qwenlink output; a file there, or a directory of other things, is refused and never deleted."""
-    path = Path(output)
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_dir():
-        raise QwenlinkError(f"{output}: {option} exists and is not a directory")
-    if not any(path.iterdir()):
-        return
-    kind = recognised_output(path)
-    if not overwrite:
-        raise QwenlinkError(f"{output}: already exists and is not empty (pass --overwrite to replace it)")
-    if kind is None:
-        raise QwenlinkError(f"{output}: --overwrite replaces only a directory holding a model qwenlink wrote (HF, "
-                            f"Megatron, qwenlink or PEFT); this one holds other files, so it is left alone (choose "
-                            f"another {option} or empty it yourself)")
 
 
 def check_creatable_dir(path: PathLike, *, option: str) -> None:

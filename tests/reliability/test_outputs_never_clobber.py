@@ -16,7 +16,8 @@ import pytest
 
 from qwenlink import cli
 from qwenlink.errors import QwenlinkError
-from qwenlink.outputs import check_replaceable_dir, refuse_clobbering
+from qwenlink.checkpoint.replaceable import check_replaceable_dir
+from qwenlink.outputs import refuse_clobbering
 
 
 def _digest(root: Path) -> dict[str, str]:

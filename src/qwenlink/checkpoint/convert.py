@@ -23,7 +23,8 @@ from qwenlink.checkpoint.sources import model_from_source
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path
 from qwenlink.models.qwen2 import Qwen2Model
-from qwenlink.outputs import check_replaceable_dir, refuse_clobbering
+from qwenlink.checkpoint.replaceable import check_replaceable_dir
+from qwenlink.outputs import refuse_clobbering
 from qwenlink.tokenizer import load_tokenizer
 
 FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy", "peft")

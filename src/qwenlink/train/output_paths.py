@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.outputs import check_creatable_dir, recognised_output, refuse_clobbering
+from qwenlink.checkpoint.replaceable import recognised_output
+from qwenlink.outputs import check_creatable_dir, refuse_clobbering
 from qwenlink.train.config import JobConfig
 
 
