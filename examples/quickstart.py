@@ -3,8 +3,10 @@
 1. the bundled digit-task dataset (examples/data, made by examples/make_data.py) is preprocessed with the real
    Qwen1.5 vocabulary (`qwenlink preprocess --handler alpaca --template chatml`);
 2. a tiny Qwen-architecture model is fine-tuned on it (configs/tiny-sft-cpu.toml) while the loss is printed;
-3. the model is checkpointed (DCP) and exported as an HF directory;
-4. greedy answers to held-out prompts are scored before and after training (exact match), and the outputs listed.
+3. the model is checkpointed (DCP) and exported as a chat-ready HF directory;
+4. greedy answers to held-out prompts are scored before and after training (exact match), six of them are shown,
+   the loss curve is written as a PNG, and the commands to try next are printed (each works right after
+   `make quickstart`; tests/train/test_quickstart.py runs them).
 
     python examples/quickstart.py [--steps N] [--out runs/quickstart]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -59,6 +62,34 @@ def score(model, tokenizer, records: list[dict]) -> tuple[float, dict[str, float
     return overall, per_task, answers
 
 
+def examples(answers: list, count: int) -> list:
+    """`count` answers spread evenly over the held-out set (every task appears: the set is grouped by task)."""
+    step = max(len(answers) / count, 1)
+    return [answers[int(i * step)] for i in range(min(count, len(answers)))]
+
+
+def qwenlink_command() -> list[str]:
+    """How to run the CLI from this environment: the `qwenlink` script installed next to this Python (what
+    `make quickstart` installs into .venv/bin, on PATH or not), else `python -m qwenlink.cli`."""
+    script = Path(sys.executable).parent / "qwenlink"
+    if script.is_file():
+        try:
+            return [str(script.relative_to(Path.cwd()))]
+        except ValueError:
+            return [str(script)]
+    return [sys.executable, "-m", "qwenlink.cli"]
+
+
+def next_commands(out: Path) -> list[list[str]]:
+    """What to try next, as argument lists (printed for the user; tests/train/test_quickstart.py runs each)."""
+    cli = qwenlink_command()
+    heldout = json.loads((DATA / "tasks_heldout.jsonl").read_text().splitlines()[0])
+    prompt = f"{heldout['instruction']}\n{heldout['input']}"  # the training prompt: instruction and input
+    return [cli + ["plot", str(out / "run")],
+            cli + ["generate", "--model", str(out / "hf"), "--chat", "--max-new-tokens", "8", "--prompt", prompt],
+            cli + ["info", str(out / "hf")]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="qwenlink quickstart: fine-tune a tiny Qwen on digit tasks (CPU)")
     parser.add_argument("--out", default=str(REPO / "runs" / "quickstart"))
@@ -74,6 +105,7 @@ def main() -> int:
         shutil.rmtree(out)
 
     from qwenlink.checkpoint.hf import load_hf_model
+    from qwenlink.commands.plot import plot_run
     from qwenlink.tokenizer import Tokenizer
     from qwenlink.train.config import load_config
     from qwenlink.train.trainer import Trainer
@@ -94,6 +126,8 @@ def main() -> int:
     if args.steps:
         overrides.append(f"--train.train_iters={args.steps}")
     cfg = load_config(REPO / "configs" / "tiny-sft-cpu.toml", overrides)
+    if args.steps:  # a shortened run still logs enough points to draw a curve
+        cfg.metrics.log_interval = max(1, min(cfg.metrics.log_interval, args.steps // 8))
     trainer = Trainer(cfg)
     tokenizer = Tokenizer.default()
     before, before_tasks, _ = score(trainer.model, tokenizer, heldout)
@@ -103,9 +137,9 @@ def main() -> int:
     # 3. fine-tune (loss printed every log interval), checkpoint, export to HF
     print(f"\n== 3/4 fine-tune {cfg.model.preset} ({trainer.model_config.num_params() / 1e6:.1f}M parameters, "
           f"{cfg.train.train_iters} steps x {cfg.train.global_batch_size} samples)")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     code = trainer.train()
-    train_seconds = time.perf_counter() - t0
+    train_seconds, train_cpu = time.perf_counter() - t0, time.process_time() - c0
     if code:
         return code
 
@@ -114,24 +148,30 @@ def main() -> int:
     after, after_tasks, answers = score(model, Tokenizer.from_dir(out / "hf"), heldout)
     print(f"\n== 4/4 held-out exact match AFTER training: {100 * after:.1f}% "
           + ", ".join(f"{t} {100 * a:.0f}%" for t, a in after_tasks.items()))
-    for r, text in answers[::len(answers) // 6]:
+    for r, text in examples(answers, 6):
         mark = "ok " if text == r["output"] else "bad"
         print(f"   [{mark}] {r['instruction']} {r['input']} -> {text!r} (expected {r['output']!r})")
     losses = [h["loss"] for h in trainer.history]
+    curve = plot_run(out / "run", out / "loss.png")  # matplotlib if installed, else qwenlink's own PNG writer
+    commands = next_commands(out)
     summary = {"accuracy_before": before, "accuracy_after": after, "per_task_before": before_tasks,
                "per_task_after": after_tasks, "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "train_seconds": round(train_seconds, 1),
-               "total_seconds": round(time.perf_counter() - started, 1), "steps": len(losses),
-               "torch_threads": torch.get_num_threads()}
+               "train_cpu_seconds": round(train_cpu, 1), "total_seconds": round(time.perf_counter() - started, 1),
+               "steps": len(losses), "torch_threads": torch.get_num_threads(), "next_commands": commands}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} in {train_seconds:.0f}s of training, "
-          f"{summary['total_seconds']:.0f}s in total")
+    print(f"\nloss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} in {train_seconds:.0f}s of training "
+          f"({train_cpu:.0f} CPU-seconds on {torch.get_num_threads()} threads), {summary['total_seconds']:.0f}s in total")
     print("outputs:")
     print(f"  preprocessed data    {prefix}_packed_*_document.bin/.idx")
-    print(f"  metrics              {out / 'run' / 'metrics.jsonl'}  (qwenlink plot {out / 'run'})")
+    print(f"  loss curve           {curve}")
+    print(f"  metrics              {out / 'run' / 'metrics.jsonl'}")
     print(f"  DCP checkpoints      {cfg.checkpoint_dir}")
-    print(f"  HF model             {out / 'hf'}  (qwenlink generate --model {out / 'hf'} --chat --prompt ...)")
+    print(f"  HF model             {out / 'hf'}  (chat-ready: transformers' generate stops at <|im_end|>)")
     print(f"  summary              {out / 'summary.json'}")
+    print("next:")
+    for argv in commands:
+        print("  " + " ".join(shlex.quote(a) for a in argv))
     return 0
 
 

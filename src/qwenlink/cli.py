@@ -268,7 +268,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 def _add_plot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="plot a run's loss / lr / throughput curves to a PNG",
                        description="Read RUN_DIR/metrics.jsonl and write loss, learning rate, tokens/s per device and "
-                       "gradient norm curves to RUN_DIR/metrics.png (needs matplotlib: pip install 'qwenlink[plot]').")
+                       "gradient norm curves to RUN_DIR/metrics.png (with matplotlib when installed, else a built-in PNG writer).")
     p.add_argument("run_dir", help="a training run's output directory (job.output_dir)")
     p.add_argument("--output", "-o", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
 

@@ -27,26 +27,48 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+PANELS = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s_per_device", "tokens/s per device"),
+          ("grad_norm", "gradient norm")]
+
+
 def plot_run(run_dir: str | Path, output: Optional[str | Path] = None) -> Path:
-    """Write RUN_DIR/metrics.png (or `output`): loss (+ validation), lr, tokens/s per device, grad norm."""
+    """Write RUN_DIR/metrics.png (or `output`): loss (+ validation), lr, tokens/s per device, grad norm. With
+    matplotlib when it is installed, else with qwenlink's own PNG writer (png_chart.py), so it always works."""
+    records = read_metrics(run_dir)
+    out = Path(output) if output else Path(run_dir) / "metrics.png"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise QwenlinkError("qwenlink plot needs matplotlib: pip install 'qwenlink[plot]'") from None
-    records = read_metrics(run_dir)
-    out = Path(output) if output else Path(run_dir) / "metrics.png"
+        return _plot_builtin(records, out)
+    return _plot_matplotlib(plt, records, run_dir, out)
 
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _plot_builtin(records: list[dict], out: Path) -> Path:
+    from qwenlink.png_chart import Panel, write_png
+
+    panels = []
+    for key, title in PANELS:
+        panel = Panel(title, [(key, *_series(records, key))])
+        if key == "loss" and _series(records, "val_loss")[0]:
+            panel.series.append(("validation", *_series(records, "val_loss")))
+        panels.append(panel)
+    return write_png(out, panels)
+
+
+def _plot_matplotlib(plt, records: list[dict], run_dir: str | Path, out: Path) -> Path:
     def series(key: str) -> tuple[list[int], list[float]]:
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-        return [p[0] for p in pts], [p[1] for p in pts]
+        return _series(records, key)
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    panels = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s_per_device", "tokens/s per device"),
-              ("grad_norm", "gradient norm")]
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title) in zip(axes.flat, PANELS):
         xs, ys = series(key)
         ax.plot(xs, ys, label=key)
         if key == "loss":
