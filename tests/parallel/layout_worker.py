@@ -79,6 +79,9 @@ def main() -> None:
     load_full_state_dict(chunks, make_initial_state(spec))
     optimizer = optimizer_for(chunks.parameters())
     losses = train_steps(step, spec, optimizer)
+    for schedule in step._schedules.values():  # the last stage keeps no logits once the step is done
+        stages = getattr(schedule, "_stages", None) or [schedule._stage]
+        assert all(not stage.output_chunks for stage in stages), "pipeline stage kept its micro batches' outputs"
     state = full_state_dict(chunks)
     if list(step.layout.mesh.get_coordinate())[1:] == [0, 0, 0]:  # one rank per pipeline stage group writes
         torch.save({"losses": losses, "state": state}, out / f"pp{step.layout.pp_rank}.pt")

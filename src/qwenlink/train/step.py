@@ -18,6 +18,7 @@ tests/parallel/test_fake_cuda_step.py holds the step to that on fake CUDA tensor
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Sequence
 
 import torch
@@ -131,13 +132,17 @@ class TrainStep:
                                       n_microbatches=n, loss_fn=self._head_loss)
             self._schedules[n] = schedule
         losses: list[Tensor] = []
+        # The last stage would otherwise keep every micro batch's logits for the whole step and concatenate them
+        # (at 72B: [1, 8192, V/tp] bf16 = 311 MiB each, x the micro batches, twice); only the losses are needed.
+        keep = {"return_outputs": False} if "return_outputs" in inspect.signature(schedule.step).parameters else {}
         with loss_context(self.layout.tp_mesh):
             if self.chunks.has_first_stage:
-                schedule.step(input_ids, target=labels if self.chunks.has_last_stage else None, losses=losses)
+                schedule.step(input_ids, target=labels if self.chunks.has_last_stage else None, losses=losses,
+                              **keep)
             elif self.chunks.has_last_stage:
-                schedule.step(target=labels, losses=losses)
+                schedule.step(target=labels, losses=losses, **keep)
             else:
-                schedule.step()
+                schedule.step(**keep)
         total = torch.stack([loss.detach().float() for loss in losses]).sum() if losses else \
             torch.zeros((), dtype=torch.float32, device=self.device)
         dist.all_reduce(total, group=self.layout.pp_group)  # only the last stage had it
