@@ -98,6 +98,8 @@ def run_plan(args: argparse.Namespace) -> int:
         for dim in ranked:
             if comm[dim]:
                 print(f"  {dim:18s} {_rate(comm[dim]):>12s}  {seconds[dim]:.3g} s")
+    for note in plan.notes:
+        print(f"note: {note}")
     print(f"(planned in {plan.seconds:.0f} s; `--json` for every number)")
     return 0 if plan.fits else DOES_NOT_FIT
 

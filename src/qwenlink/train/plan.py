@@ -36,6 +36,7 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
 from qwenlink.parallel.mesh import ParallelPlan
 from qwenlink.train.config import JobConfig, accumulation_steps, parallel_plan
+from qwenlink.train import plan_layers
 from qwenlink.train.memory import CATEGORIES, MemoryReport, gib
 
 HEADROOM = 0.10  # of device memory kept free for the caching allocator's fragmentation, CUDA context, NCCL buffers
@@ -233,8 +234,10 @@ def plan_config(cfg: JobConfig) -> JobConfig:
 def plan_job(cfg: JobConfig, world_size: int, device: DeviceSpec, model_config: ModelConfig, *,
              device_memory: Optional[int] = None,
              mfu: float = DEFAULT_MFU, device_type: str = "cuda", workers: Optional[int] = None,
-             timeout: float = 900.0) -> Plan:
-    """Simulate every rank role of `cfg` at `world_size` and put together memory, FLOPs and communication."""
+             timeout: float = 900.0, extrapolate: bool = True) -> Plan:
+    """Simulate every rank role of `cfg` at `world_size` and put together memory, FLOPs and communication.
+    `extrapolate`: a model with more than 3 layers per stage is simulated at 2 and 3 layers per stage and
+    extrapolated (qwenlink.train.plan_layers); False simulates every layer."""
     import time
 
     from qwenlink.parallel.simulate import run_simulation
@@ -247,12 +250,19 @@ def plan_job(cfg: JobConfig, world_size: int, device: DeviceSpec, model_config: 
     cfg = plan_config(cfg)
     layout = parallel_plan(cfg, world_size, model_config)
     total = accumulation_steps(cfg, layout.dp)
-    toml = cfg.to_toml()
     ranks = [p * layout.dp * layout.tp for p in range(layout.pp)]  # dp 0, tp 0 of each pipeline rank
-    workers = workers or max(1, min(len(ranks), os.cpu_count() or 1))
+    points = plan_layers.reduced_points(layout, model_config) if extrapolate else None
+    tomls = [plan_layers.reduced_config(cfg, layout, k).to_toml() for k in points] if points else [cfg.to_toml()]
+    runs = [(toml, r) for r in ranks for toml in tomls]
+    workers = workers or max(1, min(len(runs), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(lambda r: run_simulation("qwenlink.train.plan_sim:simulate_role", toml, world_size, r,
-                                                         device_type, timeout=timeout), ranks))
+        done = list(pool.map(lambda run: run_simulation("qwenlink.train.plan_sim:simulate_role", run[0], world_size,
+                                                        run[1], device_type, timeout=timeout), runs))
+    if points:  # two reduced simulations per rank -> the rank at its real layer count (qwenlink.train.plan_layers)
+        layers = plan_layers.layers_per_rank(layout, model_config)
+        results = [plan_layers.extrapolate(done[2 * i], done[2 * i + 1], layers[i]) for i in range(len(ranks))]
+    else:
+        results = done
     roles = [RolePlan(pp_rank=r["pp_rank"], rank=r["rank"], stages=r["stages"],
                       report=MemoryReport(**{k: r["report"][k] for k in ("peak_bytes", "by_category", "top",
                                                                          "comm_bytes", "comm_calls",
@@ -265,6 +275,10 @@ def plan_job(cfg: JobConfig, world_size: int, device: DeviceSpec, model_config: 
                 device_memory_bytes=device_memory if device_memory is not None else device.memory_bytes,
                 micro_batches=total, roles=roles, tokens_per_step=tokens, flops_per_step=flops, mfu=mfu,
                 dtype=cfg.train.dtype)
+    if points:
+        plan.notes.append(f"simulated with {' and '.join(map(str, points))} decoder layers per stage and extrapolated "
+                          f"to the job's {', '.join(map(str, sorted(set(layers))))} (the layers are identical; "
+                          f"embedding, head and loss at their real size)")
     plan.seconds = time.perf_counter() - start
     return plan
 
