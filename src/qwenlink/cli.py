@@ -297,6 +297,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    "latest_checkpointed_iteration.txt names)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Megatron vocab padding: to a multiple of this x TP (default: 128; ModelLink used 1)")
+    p.add_argument("--format", default="torch", choices=["torch", "torch_dist"],
+                   help="Megatron output storage (Megatron's --ckpt-format): torch (mp_rank_* files, default) or "
+                   "torch_dist (megatron-core's distributed checkpoint); Megatron input is detected")
     p.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
                    help="megatron-core norm naming: local spec (default) or Transformer Engine fused norms")
     p.add_argument("--config-from", default=None, help="HF dir whose config.json (and tokenizer) describe a Megatron "

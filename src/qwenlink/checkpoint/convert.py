@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from qwenlink.checkpoint import chat_export, dcp, hf, lora_run, megatron
+from qwenlink.checkpoint import chat_export, dcp, hf, lora_run, megatron, megatron_dist
 from qwenlink.checkpoint.loader import detect_format, open_source
 from qwenlink.checkpoint.megatron_layout import make_layout
 from qwenlink.checkpoint.peft import MergedLoraSource, save_model_adapter
@@ -28,6 +28,7 @@ from qwenlink.outputs import refuse_clobbering
 from qwenlink.tokenizer import load_tokenizer
 
 FORMATS = ("hf", "qwenlink", "megatron", "megatron-legacy", "peft")
+STORAGES = ("torch", "torch_dist")  # Megatron's --ckpt-format
 HF_SHARD_BYTES = 1 << 30
 
 
@@ -49,6 +50,7 @@ class ConvertOptions:
     overwrite: bool = False
     merge_lora: Optional[str] = None  # a PEFT adapter directory folded into the weights (base + adapter -> merged)
     chat: str = "auto"  # HF output: yes / no = trained with ChatML or not; auto = what the input records
+    storage: str = "torch"  # Megatron output: torch (mp_rank_* files) or torch_dist (megatron-core's DCP format)
 
 
 def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: ConvertOptions,
@@ -67,9 +69,18 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     source = open_source(input_path, fmt=fmt, iteration=opts.input_iteration, reference=reference, notice=notice)
     if opts.merge_lora:
         source = MergedLoraSource(source, opts.merge_lora)  # validated against the base before anything is written
+    if opts.storage not in STORAGES:
+        raise QwenlinkError(f"--format {opts.storage!r}: expected one of {', '.join(STORAGES)}")
+    if opts.storage != "torch" and opts.to not in ("megatron", "megatron-legacy"):
+        raise QwenlinkError(f"--format applies to Megatron output only, not --to {opts.to}")
     if opts.to in ("megatron", "megatron-legacy"):
         layout = make_layout(source.config, opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage,
                              opts.num_layer_list)
+        if opts.storage == "torch_dist":
+            megatron_dist.refuse_legacy("core" if opts.to == "megatron" else "legacy")
+            return megatron_dist.save_torch_dist(source, output, layout, iteration=opts.iteration,
+                                                 divisible_by=opts.divisible_by, dtype=opts.dtype,
+                                                 impl=opts.transformer_impl)
         return megatron.save_megatron(source, output, layout, naming="core" if opts.to == "megatron" else "legacy",
                                       impl=opts.transformer_impl, iteration=opts.iteration,
                                       divisible_by=opts.divisible_by, dtype=opts.dtype)

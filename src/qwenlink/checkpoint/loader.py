@@ -3,9 +3,10 @@
 Every place that takes a model (the trainer's `model.init_from`, `--model` of generate / chat / serve / eval / info,
 `qwenlink convert`, a LoRA run's base) asks this module, so a directory's format is detected once, by one set of
 rules, with one set of error messages, and every format reaches every caller: an HF directory, a qwenlink checkpoint
-(also a LoRA run's, which brings its base), a Megatron checkpoint (legacy or core naming, any TP/PP/VPP), or a preset
-name (random weights). The per-format readers stay in their own modules (hf.py, dcp.py, megatron_read.py,
-lora_run.py); names, shapes and dtypes are checked there, where the tensors are read.
+(also a LoRA run's, which brings its base), a Megatron checkpoint (legacy or core naming, any TP/PP/VPP, torch or
+torch_dist storage), or a preset name (random weights). The per-format readers stay in their own modules (hf.py,
+dcp.py, megatron_read.py, megatron_dist_read.py, lora_run.py); names, shapes and dtypes are checked there, where the
+tensors are read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from qwenlink.checkpoint import dcp, hf, lora_run, megatron
 from qwenlink.checkpoint.megatron import Iteration, TensorSource, notice_to_stderr
-from qwenlink.checkpoint.megatron_read import MegatronSource
+from qwenlink.checkpoint.megatron_dist_read import open_megatron
 from qwenlink.checkpoint.sources import HFSource, ModelSource, load_from_source, model_from_source
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
@@ -80,7 +81,7 @@ def read_config(path: str | os.PathLike, *, fmt: Optional[str] = None, iteration
     if fmt in ("qwenlink", "qwenlink-lora"):
         return dcp.read_model_config(dcp.resolve_step_dir(path))
     if fmt == "megatron":
-        return MegatronSource(path, iteration=iteration, reference=reference, notice=_quiet).config
+        return open_megatron(path, iteration=iteration, reference=reference, notice=_quiet).config
     raise QwenlinkError(f"unknown input format {fmt!r} (expected one of {', '.join(FORMATS)})")
 
 
@@ -104,7 +105,7 @@ def open_source(path: str | os.PathLike, *, fmt: Optional[str] = None, iteration
     if fmt == "hf":
         return HFSource(path)
     if fmt == "megatron":
-        return MegatronSource(path, iteration=iteration, reference=reference, notice=notice)
+        return open_megatron(path, iteration=iteration, reference=reference, notice=notice)
     if fmt in ("qwenlink", "qwenlink-lora"):
         return ModelSource(_load_directory(path, fmt, device="cpu", dtype=torch.float32, shard=None))
     raise QwenlinkError(f"unknown input format {fmt!r} (expected one of {', '.join(FORMATS)})")
@@ -143,7 +144,7 @@ def _load_directory(path: str | os.PathLike, fmt: str, *, device: torch.device |
         model = merge_lora(lora_run.load_lora_checkpoint(step_dir, base=base))
         model = model.to(device=device, dtype=dtype or torch.float32)
     elif fmt == "megatron":
-        model = model_from_source(MegatronSource(path), device=device, dtype=dtype)
+        model = model_from_source(open_megatron(path), device=device, dtype=dtype)
     else:
         raise QwenlinkError(f"unknown input format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if shard is not None:
@@ -166,7 +167,7 @@ def load_into(model: torch.nn.Module, path: str | os.PathLike, *, fmt: Optional[
     elif fmt == "qwenlink":
         dcp.load_checkpoint(dcp.resolve_step_dir(path), model, None)
     elif fmt == "megatron":
-        load_from_source(model, MegatronSource(path, notice=notice), str(path))
+        load_from_source(model, open_megatron(path, notice=notice), str(path))
     elif fmt == "qwenlink-lora":
         raise QwenlinkError(f"{path}: is a LoRA run's checkpoint (adapters only, base "
                             f"{lora_run.read_reference(path).get('base_model')}); merge it into its base first with "

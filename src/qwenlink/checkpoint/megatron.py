@@ -74,13 +74,15 @@ def is_megatron_dir(path: str | os.PathLike) -> bool:
         return False
     if (path / TRACKER).is_file():
         return True
+    if (path / "metadata.json").is_file() and (path / "common.pt").is_file():
+        return True  # an iteration directory of a torch_dist checkpoint (megatron_dist.is_torch_dist_dir decides)
     return any(_RANK_DIR.match(p.name) or p.name == "release" or p.name.startswith("iter_") for p in path.iterdir())
 
 
 def find_iteration_dir(root: str | os.PathLike, iteration: Optional[Iteration] = None) -> tuple[Path, Iteration]:
     """The iteration directory to read: `iteration` if given, else what the tracker file names."""
     root = Path(root)
-    if any(_RANK_DIR.match(p.name) for p in root.iterdir()):
+    if any(_RANK_DIR.match(p.name) for p in root.iterdir()) or (root / "metadata.json").is_file():
         name = root.name
         it: Iteration = "release" if name == "release" else (int(name[5:]) if name[5:].isdigit() else 0)
         return root, it
@@ -112,8 +114,9 @@ def find_rank_files(iteration_dir: Path) -> dict[tuple[int, int], Path]:
         ranks[(int(match.group(1)), int(match.group(2) or 0))] = entry / MODEL_FILE
     if not ranks:
         if any(p.suffix == ".distcp" or p.name == ".metadata" for p in iteration_dir.iterdir()):
-            raise QwenlinkError(f"{iteration_dir}: a torch_dist (distributed) Megatron checkpoint; qwenlink reads the "
-                                f"torch format (convert with Megatron's --ckpt-convert-format torch)")
+            raise QwenlinkError(f"{iteration_dir}: a torch_dist (distributed) Megatron checkpoint without a "
+                                f"metadata.json naming its backend (megatron-core writes it last: an interrupted "
+                                f"save?)")
         raise QwenlinkError(f"{iteration_dir}: no mp_rank_* directories")
     if len(kinds) > 1:
         raise QwenlinkError(f"{iteration_dir}: mixes mp_rank_TT and mp_rank_TT_PPP directories")

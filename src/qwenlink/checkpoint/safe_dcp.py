@@ -29,6 +29,10 @@ ALLOWED_METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     [(_DCP_METADATA, n) for n in ("Metadata", "BytesStorageMetadata", "ChunkStorageMetadata", "MetadataIndex",
                                   "StorageMeta", "TensorProperties", "TensorStorageMetadata",
                                   "_MEM_FORMAT_ENCODING")]
+    # megatron-core's torch_dist saves also keep every rank's save plan in `.metadata` (`all_local_plans`, a cache
+    # for its next save): more dataclass records and one enum.
+    + [("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType",
+                                                               "TensorWriteData")]
     + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
        ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")]
     + [("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")]

@@ -28,7 +28,8 @@ def run_convert(args: argparse.Namespace) -> int:
         input_iteration=parse_iteration(args.input_iteration, "--input-iteration") if args.input_iteration else None,
         divisible_by=args.make_vocab_size_divisible_by, transformer_impl=args.transformer_impl,
         config_from=args.config_from, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
-        merge_lora=getattr(args, "merge_lora", None), chat=getattr(args, "chat", "auto"))
+        merge_lora=getattr(args, "merge_lora", None), chat=getattr(args, "chat", "auto"),
+        storage=getattr(args, "format", "torch"))
     start = time.perf_counter()
     out = convert(args.input, args.output, opts)
     print(f"wrote {args.to} checkpoint to {out} in {time.perf_counter() - start:.1f}s")
