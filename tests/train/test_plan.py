@@ -153,3 +153,14 @@ def test_72b_lora_plans_in_3_minutes_and_4_gb(fake_cuda) -> None:
     rank = plan.to_dict()["ranks"][0]
     # 72B over tp8 x pp2: about 72e9 / 16 base parameters per rank, held in bf16
     assert 0.9 * 72e9 / 16 * 2 < rank["params_bytes"] < 1.1 * 72.3e9 / 16 * 2
+
+
+def test_attention_is_planned_as_the_flash_kernel(fake_cuda) -> None:
+    """bf16 causal attention allocates no [B, H, T, T] scores in the plan (the math path a CPU build would take
+    saves probabilities of that size for every layer; the flash kernel an accelerator uses does not)."""
+    cfg = tiny("data.seq_length=512", "train.dtype=bf16", "train.global_batch_size=2")
+    config = resolve_model_config(cfg)
+    rank = plan_job(cfg, 1, DEVICES["h100"], config).to_dict()["ranks"][0]
+    scores = 2 * config.num_attention_heads * 512 * 512 * 2  # one layer's [B, H, T, T] in bf16
+    assert rank["activations_bytes"] < scores * config.num_hidden_layers
+    assert not [t for t in rank["top"] if "softmax" in t["what"] or "bmm" in t["what"]]

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 from qwenlink.parallel.mesh import ParallelPlan
 from qwenlink.train.config import accumulation_steps, load_config, parallel_plan
 from qwenlink.train.memory import MemoryTracker
+from qwenlink.train.plan_attention import FlashAttention
 
 
 def _group_names(layout: Any) -> dict[str, str]:
@@ -123,7 +124,7 @@ def simulate_role(job_toml: str, world_size: int, rank: int, device_type: str) -
         gc.collect()
         tracker = MemoryTracker(sim.device.type, _group_names(parts.layout))
         tracker.mark(parts.chunks.modules, parts.optimizer)
-        with handshake, tracker:
+        with handshake, FlashAttention(sim.device.type), tracker:
             run_step(parts, batches[:counts[0]], 1, clip_grad=cfg.optim.clip_grad)
             first_comm = dict(tracker.comm_bytes)
             before = tracker.current
