@@ -1,10 +1,10 @@
-"""SIGTERM / SIGHUP during preprocess (1 and 2 workers) and generate --output (issue 22, deliverable 5).
+"""SIGTERM / SIGHUP during preprocess (1 and 2 workers), generate --output and convert (issue 22, deliverable 5).
 
 Each run is the real `qwenlink` command in its own session, signalled while it works (preprocess: once its temporary
 `.bin` has data; generate: once it is decoding). After it ends: exit code 128 + the signal, one line on stderr, no
 traceback, no leaked-semaphore warning, nothing left in the output directory (temporaries included), and no process of
-its session still alive (the worker pool was terminated and joined). convert shares the same CLI path (cli.main unwinds
-every command but train on these signals) and its atomic directory write.
+its session still alive (the worker pool was terminated and joined). convert is signalled while its atomic
+directory write has data (cli.main unwinds every command but train on these signals).
 """
 
 from __future__ import annotations
@@ -99,3 +99,23 @@ def test_generate_output_stops_cleanly_on_sigterm(tmp_path):
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_convert_stops_cleanly_on_sigterm(tmp_path):
+    """convert HF -> Megatron tp2 of a 0.4 GB model, signalled once its temporary output directory holds data."""
+    from qwenlink.checkpoint.hf import save_hf_model
+    from qwenlink.models.presets import get_preset
+    from qwenlink.models.qwen2 import build_model
+
+    source = save_hf_model(build_model(get_preset("qwen-bench"), seed=0), tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    process = _start(["convert", "--input", str(source), "--output", str(out / "mg"), "--to", "megatron",
+                      "--tp", "2", "--dtype", "fp32"])
+
+    def writing() -> bool:
+        return any(p.name.startswith(".mg.tmp-") and any(f.is_file() and f.stat().st_size > 0 for f in p.rglob("*"))
+                   for p in out.iterdir())
+
+    _wait_until(process, writing)
+    _check_stopped(process, signal.SIGTERM, "convert", out)
