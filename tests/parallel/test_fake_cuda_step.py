@@ -56,6 +56,18 @@ def test_one_process_step_on_fake_cuda(dtype: str) -> None:
     assert summary["collectives"] == {}  # the plan whose sizes are all 1 switches every dimension off
 
 
+def test_lora_steps_on_fake_cuda() -> None:
+    """LoRA (frozen base in bf16, fp32 adapters) in one process and under dp2: FSDP2 must not leave an unshard of a
+    frozen unit pending at the end of backward (it waits for it on the device's stream there)."""
+    lora = ("train.dtype=bf16", "lora.enabled=true", "lora.base_dtype=bf16", "model.init_from=unused-base")
+    [alone] = simulate_training(job(*lora), world_size=1, ranks=[0])
+    [sharded] = simulate_training(job(*lora, "parallel.dp_shard=2"), world_size=2, ranks=[1])
+    for summary in (alone, sharded):
+        assert summary["loss"] == ["cuda:0", "torch.float32", []]
+        assert summary["parameter_devices"] == ["cuda:0"]
+        assert summary["parameter_dtypes"] == ["torch.bfloat16", "torch.float32"]  # frozen base, adapters
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_tp2_dp2_pp2_step_on_fake_cuda(dtype: str) -> None:

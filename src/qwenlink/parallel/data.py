@@ -22,9 +22,12 @@ def apply_fsdp(model: Qwen2Model, dp_mesh, *, param_dtype: Optional[torch.dtype]
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    if model.embed_tokens is not None and not model.config.tie_word_embeddings:
+    embedding = model.embed_tokens
+    if embedding is not None and not model.config.tie_word_embeddings and embedding.weight.requires_grad:
         # Its own unit: gathered for the first op of the forward and freed right after, instead of held with the
         # head for the whole step (151936 x hidden: 1.2 GB in bf16 at 7B). Backward gathers it again at the end.
+        # A frozen one (LoRA's base) stays in the root: it has no backward, but FSDP2 would prefetch it there for
+        # nothing (an unshard no one waits for until the end of backward).
         fully_shard(model.embed_tokens, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     for layer in model.layers.values():
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
