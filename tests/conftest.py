@@ -18,3 +18,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def tiny_fixture_hf() -> Path:
     """The real HF Qwen2 directory (with its own BPE tokenizer) written by transformers."""
     return fixture_dir("megatron-core-tiny-qwen2", "hf")
+
+
+@pytest.fixture(autouse=True)
+def no_process_group_left_behind():
+    """A bf16 job in this process opens a one-rank process group (FSDP2's precision policy needs a mesh) and keeps
+    it, as a real run keeps torchrun's. Tests end it, so later tests start as a fresh process does: a test that forks
+    (the kill tests) must not hand its child an initialised group whose transport threads did not survive the fork."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

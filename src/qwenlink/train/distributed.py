@@ -71,8 +71,8 @@ def all_reduce_max(flag: int, device: torch.device) -> int:
     outside the step."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag  # alone (a one-rank group too): nothing to agree on
     t = torch.tensor([flag], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
@@ -81,7 +81,7 @@ def all_reduce_max(flag: int, device: torch.device) -> int:
 def barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
