@@ -311,7 +311,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> None:
     """Store frozen (base) parameters in `dtype` (e.g. bf16) while trainable ones keep theirs (fp32 master weights).
 
-    Halves the base's memory; the forward then runs the base in `dtype` (use autocast for the mixed matmuls).
+    Halves the base's memory; the forward then runs the base in `dtype` (a bf16 compute policy - the trainer's, or
+    autocast - runs the mixed matmuls).
     """
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):

@@ -42,8 +42,8 @@ def validate_section(cfg) -> None:
     if not cfg.model.init_from:
         raise QwenlinkError("config: lora.enabled needs model.init_from (the base model the adapters train on)")
     if cfg.lora.base_dtype == "bf16" and cfg.train.dtype != "bf16":
-        raise QwenlinkError("config: lora.base_dtype = \"bf16\" needs train.dtype = \"bf16\" (autocast runs the bf16 "
-                            "base and the fp32 adapters together)")
+        raise QwenlinkError("config: lora.base_dtype = \"bf16\" needs train.dtype = \"bf16\" (the bf16 precision "
+                            "policy computes the bf16 base and the fp32 adapters together)")
 
 
 def adapter_hook(lora: Optional[LoraConfig], base_dtype: str = "fp32") -> Optional[Callable[[nn.Module], object]]:
