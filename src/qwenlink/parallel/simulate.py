@@ -510,6 +510,6 @@ def _child_main(payload: dict) -> int:
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         error = next((cls.__name__ for cls in type(exc).__mro__ if cls.__name__ in _ERRORS), type(exc).__name__)
         result = {"ok": False, "error": error, "message": str(exc).split("\n--- in the simulated process:")[0],
-                  "traceback": "".join(traceback.format_exception(exc)[-12:])}
+                  "traceback": "".join(traceback.format_exception(exc)[-60:])}
     Path(payload["result"]).write_text(json.dumps(result))
     return 0
