@@ -145,8 +145,9 @@ def _add_preprocess(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="default", help="HF tokenizer directory or `default` (embedded Qwen1.5)")
     p.add_argument("--tokenizer-name-or-path", dest="tokenizer", help="ModelLink's name for --tokenizer")
     p.add_argument("--output-prefix", help="output path prefix")
-    p.add_argument("--handler", default="pretrain", choices=["pretrain", "alpaca", "sharegpt", "chat"],
-                   help="pretrain: raw text; alpaca: instruction/input/output; sharegpt/chat: multi-turn messages")
+    p.add_argument("--handler", default="pretrain", choices=["pretrain", "alpaca", "sharegpt", "chat", "pairwise"],
+                   help="pretrain: raw text; alpaca: instruction/input/output; sharegpt/chat: multi-turn messages; "
+                   "pairwise: a prompt with chosen / rejected replies (DPO, docs/dpo.md)")
     p.add_argument("--handler-name", dest="handler_alias", default=None,
                    help="ModelLink handler names (GeneralPretrainHandler, AlpacaStyleInstructionHandler, "
                    "SharegptStyleInstructionHandler) are accepted too")

@@ -11,7 +11,8 @@ from qwenlink.errors import QwenlinkError
 
 # ModelLink's names, so existing launch scripts keep working.
 MODELLINK_HANDLERS = {"GeneralPretrainHandler": "pretrain", "GeneralInstructionHandler": "alpaca",
-                      "AlpacaStyleInstructionHandler": "alpaca", "SharegptStyleInstructionHandler": "sharegpt"}
+                      "AlpacaStyleInstructionHandler": "alpaca", "SharegptStyleInstructionHandler": "sharegpt",
+                      "AlpacaStylePairwiseHandler": "pairwise", "SharegptStylePairwiseHandler": "pairwise"}
 MODELLINK_PROMPT_TYPES = {"qwen": "chatml", "chatml": "chatml", "alpaca": "alpaca"}
 
 

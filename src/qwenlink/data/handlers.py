@@ -277,8 +277,13 @@ HANDLERS: dict[str, type[Handler]] = {
 
 
 def make_handler(options: HandlerOptions, tokenizer: Tokenizer) -> Handler:
+    if options.handler == "pairwise":  # preference pairs for DPO (data/pairwise.py builds on this module)
+        from qwenlink.data.pairwise import PairwiseHandler
+
+        return PairwiseHandler(options, tokenizer)
     try:
         cls = HANDLERS[options.handler]
     except KeyError:
-        raise QwenlinkError(f"unknown --handler {options.handler!r} (expected one of {', '.join(HANDLERS)})") from None
+        raise QwenlinkError(f"unknown --handler {options.handler!r} (expected one of {', '.join(HANDLERS)}, "
+                            f"pairwise)") from None
     return cls(options, tokenizer)

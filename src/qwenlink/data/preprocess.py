@@ -48,6 +48,7 @@ class PreprocessSummary(DocumentCounts):
     files: int = 0
     seconds: float = 0.0
     outputs: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "FILE: row N: why" per skipped record (pairwise)
 
     def lines(self, options: HandlerOptions) -> list[str]:
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
@@ -59,6 +60,9 @@ class PreprocessSummary(DocumentCounts):
             out.append(f"dropped {self.dropped_overlong:,} samples longer than --seq-length {options.seq_length}")
         if self.truncated:
             out.append(f"truncated {self.truncated:,} samples to --seq-length {options.seq_length}")
+        out += [f"skipped {line}" for line in self.skipped[:20]]
+        if len(self.skipped) > 20:
+            out.append(f"... and {len(self.skipped) - 20:,} more skipped records")
         out += [f"wrote {p}.bin / .idx" for p in self.outputs]
         return out
 
@@ -143,7 +147,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer: Tokenizer | None = None,
         writers = {}
         for name, prefix in prefixes.items():
             # Labels hold -100, which an unsigned token dtype cannot: they stay int32 then.
-            wdtype = np.dtype(np.int32) if name.startswith("packed_labels") and dtype.kind == "u" else dtype
+            wdtype = np.dtype(np.int32) if name.endswith("labels_document") and dtype.kind == "u" else dtype
             writers[name] = stack.enter_context(IndexedDatasetWriter(prefix, wdtype))
         batches = _batches(files, handler, cfg.batch_size)
         results = map(handler.process, batches) if cfg.workers == 1 else _ordered_parallel(batches, cfg, opts)
@@ -151,6 +155,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer: Tokenizer | None = None,
             for name, (tokens, lengths) in res.outputs.items():
                 writers[name].add_documents(tokens, lengths)
             summary.add(res)
+            summary.skipped += getattr(res, "skipped", [])  # pairwise: each skipped pair's file, row and reason
             progress.update(res.records, res.documents, res.tokens)
         progress.close()
         if summary.documents == 0:
