@@ -6,29 +6,45 @@ takes the math path, which materialises [B, H, T, T] scores and probabilities (s
 model's causal, unmasked attention to `aten._scaled_dot_product_flash_attention` instead, whose fake (meta) kernel
 allocates what flash does: the output and a [B, H, T] fp32 log-sum-exp saved for backward, and in backward the
 three input gradients (fp32 without grouped kv heads: the memory-efficient kernel, which CUDA picks for fp32). Attention with an explicit mask (a dense mask; document masks use their own kernels) is left
-as it is. Only the plan's simulation enters this mode; training never does.
+as it is. Only the plan's simulation enters this context; training never does.
+
+It replaces `torch.nn.functional.scaled_dot_product_attention` process-wide rather than being a TorchFunctionMode:
+modes are thread-local, and backward on a (fake) CUDA device runs on autograd's device thread, where activation
+checkpointing recomputes each layer. Under a mode the recomputation took the math path while the forward had taken
+flash, so checkpointing saw a different number of saved tensors and the plan of any bf16 job with activation
+checkpointing failed. The simulation runs in a process of its own, so the process-wide swap touches nothing else.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 
-class FlashAttention(TorchFunctionMode):
-    """Route causal SDPA on `device_type` tensors to the flash kernel (see the module docstring)."""
+class FlashAttention:
+    """Route causal SDPA on `device_type` tensors to the flash kernel while entered (see the module docstring)."""
 
     def __init__(self, device_type: str) -> None:
-        super().__init__()
         self.device_type = device_type
         self.routed = 0
+        self._original: Optional[Callable[..., torch.Tensor]] = None
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and self._routable(args, kwargs):
+    def __enter__(self) -> "FlashAttention":
+        if self._original is not None:
+            raise RuntimeError("FlashAttention is not re-entrant")
+        self._original = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = self._attention
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        F.scaled_dot_product_attention = self._original
+        self._original = None
+
+    def _attention(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert self._original is not None
+        if self._routable(args, kwargs):
             q, k, v = args[:3]
             self.routed += 1
             if q.dtype == torch.float32:  # flash has no fp32: the memory-efficient kernel, as CUDA picks then
@@ -36,7 +52,7 @@ class FlashAttention(TorchFunctionMode):
                     q, k, v, None, True, 0.0, True, scale=kwargs.get("scale"))[0]
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False,
                                                                      scale=kwargs.get("scale"))[0]
-        return func(*args, **kwargs)
+        return self._original(*args, **kwargs)
 
     def _routable(self, args: tuple, kwargs: dict) -> bool:
         q = args[0] if args else None
