@@ -164,6 +164,8 @@ class Attention(nn.Module):
         gqa = q.shape[1] != k.shape[1]
         if isinstance(mask, DocumentMask):
             out = document_attention(q, k, v, mask)  # [B, Hq, T, D], causal within each document, no [T, T] mask
+        elif hasattr(mask, "attend"):  # a kernel installed from outside (context parallelism: parallel/context.py)
+            out = mask.attend(q, k, v)  # [B, Hq, T, D]
         elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:

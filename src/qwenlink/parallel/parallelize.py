@@ -215,7 +215,11 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
         for layer in model.layers.values():
             layer.compile()  # in place: parameter names stay those of the checkpoint
     if layout.dp_mesh is not None:
-        apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=plan.pp == 1)
+        # Under a pipeline each layer runs once per micro batch: keeping its gathered copy between them saves an
+        # all-gather per micro batch over the data-parallel ranks. Over the size-1 mesh of the precision policy
+        # re-gathering is a local cast, so the bf16 copies are freed (they would double a bf16 LoRA base).
+        keep_gathered = plan.pp > 1 and plan.dp > 1
+        apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=not keep_gathered)
     return model
 
 
