@@ -25,6 +25,7 @@ from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_path, read_json_object
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model, build_model
+from qwenlink.models.qwen2_moe import expert_keys, is_stacked_expert
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -38,6 +39,14 @@ def hf_name(name: str) -> str:
 
 def qwenlink_name(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
+
+
+def hf_entries(name: str, num_experts: int) -> list[tuple[str, Optional[int]]]:
+    """The HF tensors of one qwenlink parameter: (hf name, None) for most; for a mixture of experts' stacked
+    [E, ...] weight one (`model....experts.{e}.gate_proj.weight`, e) per expert, slice e of the parameter."""
+    if is_stacked_expert(name):
+        return [(hf_name(key), e) for e, key in enumerate(expert_keys(name, num_experts))]
+    return [(hf_name(name), None)]
 
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
@@ -114,9 +123,11 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
     # Wrappers added from outside (activation checkpointing, torch.compile) do not change the checkpoint's names.
     params = {unwrapped_name(n): p for n, p in model.named_parameters(remove_duplicate=False)}
     tied = model.config.tie_word_embeddings
-    targets = {hf_name(n): p for n, p in params.items() if not (tied and n == "lm_head.weight")}  # file key -> param
+    # file key -> (param, expert row of a stacked parameter or None)
+    targets = {key: (p, row) for n, p in params.items() if not (tied and n == "lm_head.weight")
+               for key, row in hf_entries(n, model.config.num_experts)}
     if tied and "lm_head.weight" in params and "embed_tokens.weight" not in params:
-        targets[hf_name("embed_tokens.weight")] = params["lm_head.weight"]
+        targets[hf_name("embed_tokens.weight")] = (params["lm_head.weight"], None)
     expected = set(targets)
     full_model_names = _full_model_hf_names(model.config)
     seen: set[str] = set()
@@ -130,20 +141,21 @@ def load_hf_weights(model: Qwen2Model, directory: str | os.PathLike) -> None:
                                 f"with this config.json)")
         if key not in expected:
             continue  # belongs to another pipeline stage
-        param = targets[key]
+        param, row = targets[key]
         try:
             stored = f.get_slice(key)
             shape, code = tuple(stored.get_shape()), stored.get_dtype()
         except Exception as exc:
             raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
-        if shape != tuple(param.shape):
-            raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(param.shape)} "
+        expected_shape = tuple(param.shape) if row is None else tuple(param.shape[1:])
+        if shape != expected_shape:
+            raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(shape)}, expected {list(expected_shape)} "
                                 f"from config.json")
         check_float(str(file), key, safetensors_dtype(code, str(file), key))
         try:
             # A tensor-parallel (DTensor) parameter reads only its own shard: `get_slice` copies just those
             # rows/columns out of the memory-mapped file, so a rank never holds more than its shards.
-            copy_into(param, lambda index: f.get_tensor(key) if index is None else f.get_slice(key)[index])
+            copy_into(param, lambda index: f.get_tensor(key) if index is None else f.get_slice(key)[index], row)
         except Exception as exc:
             raise QwenlinkError(f"{file}: tensor {key!r} unreadable ({str(exc).strip().splitlines()[0]})") from None
         seen.add(key)
@@ -160,7 +172,8 @@ def unwrapped_name(name: str) -> str:
 
 def _full_model_hf_names(config: ModelConfig) -> set[str]:
     with torch.device("meta"):
-        names = {hf_name(n) for n, _ in Qwen2Model(config).named_parameters(remove_duplicate=False)}
+        names = {key for n, _ in Qwen2Model(config).named_parameters(remove_duplicate=False)
+                 for key, _ in hf_entries(n, config.num_experts)}
     return names
 
 
@@ -254,11 +267,23 @@ def save_hf_from_source(source, directory: str | os.PathLike, *, dtype: str | to
     torch_dtype = parse_dtype(dtype) or source.get("embed_tokens.weight").dtype
     with torch.device("meta"):
         shapes = [(n, p.shape) for n, p in Qwen2Model(config).named_parameters()]  # a tied head is listed once
-    sizes = [(hf_name(n), int(torch.Size(shape).numel()) * torch.tensor([], dtype=torch_dtype).element_size())
-             for n, shape in shapes]
+    itemsize = torch.tensor([], dtype=torch_dtype).element_size()
+    sizes, parts = [], {}  # parts: hf name -> (qwenlink name, expert row or None)
+    for n, shape in shapes:
+        for key, row in hf_entries(n, config.num_experts):
+            sizes.append((key, int(torch.Size(shape if row is None else shape[1:]).numel()) * itemsize))
+            parts[key] = (n, row)
+    stacked: dict[str, torch.Tensor] = {}  # the one stacked expert weight being split into its experts
 
     def fetch(name: str) -> torch.Tensor:
-        tensor = source.get(qwenlink_name(name)).detach()
+        own, row = parts[name]
+        if row is None:
+            tensor = source.get(own).detach()
+        else:
+            if own not in stacked:
+                stacked.clear()
+                stacked[own] = source.get(own).detach()
+            tensor = stacked[own][row]
         if tensor.is_floating_point():
             tensor = tensor.to(torch_dtype)
         return tensor.to("cpu").contiguous()
@@ -289,7 +314,8 @@ def save_hf_model(model: Qwen2Model, directory: str | os.PathLike, *, dtype: str
         tensor = param.detach()
         if torch_dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(torch_dtype)
-        state[hf_name(name)] = tensor.to("cpu").contiguous()
+        for key, row in hf_entries(name, config.num_experts):
+            state[key] = (tensor if row is None else tensor[row]).to("cpu").contiguous()
     out_dtype = next(iter(state.values())).dtype
     sizes = [(n, t.numel() * t.element_size()) for n, t in state.items()]
     with atomic_path(directory, is_dir=True) as tmp:

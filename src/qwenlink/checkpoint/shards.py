@@ -29,10 +29,19 @@ def local_index(param: torch.Tensor) -> Optional[tuple[slice, ...]]:
     return tuple(slice(start, start + size) for start, size in zip(offset, shape))
 
 
-def copy_into(param: torch.Tensor, read: Callable[[Optional[tuple[slice, ...]]], torch.Tensor]) -> None:
-    """Copy into `param` (its local shard, for a DTensor) what `read(index)` returns for that slice (None: all)."""
+def copy_into(param: torch.Tensor, read: Callable[[Optional[tuple[slice, ...]]], torch.Tensor],
+              row: Optional[int] = None) -> None:
+    """Copy into `param` (its local shard, for a DTensor) what `read(index)` returns for that slice (None: all).
+
+    `row`: the checkpoint tensor is `param[row]` (one expert of a stacked [E, ...] parameter); a shard whose rows
+    do not include it copies nothing, and `read` gets the slice of the remaining dimensions."""
     index = local_index(param)
-    if index is None:
+    if row is not None:
+        if index is None:
+            param[row].copy_(read(None))
+        elif index[0].start <= row < index[0].stop:
+            param.to_local()[row - index[0].start].copy_(read(index[1:]))
+    elif index is None:
         param.copy_(read(None))
     else:
         param.to_local().copy_(read(index))

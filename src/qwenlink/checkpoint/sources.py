@@ -22,6 +22,7 @@ from qwenlink.checkpoint.megatron import TensorSource
 from qwenlink.checkpoint.shards import copy_into
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.qwen2 import Qwen2Model, build_model
+from qwenlink.models.qwen2_moe import is_stacked_expert
 
 
 class HFSource:
@@ -38,18 +39,25 @@ class HFSource:
                             Qwen2Model(self.config).named_parameters(remove_duplicate=False)}
 
     def get(self, name: str) -> torch.Tensor:
+        if is_stacked_expert(name) and name in self._shapes:
+            # A mixture of experts' stacked weight: the experts' tensors, each checked, stacked on a new dim 0.
+            return torch.stack([self._read(key, name, self._shapes[name][1:])
+                                for key, _ in hf.hf_entries(name, self.config.num_experts)])
         key = hf.hf_name(name)
         if name == "lm_head.weight" and self.config.tie_word_embeddings:
             key = "model.embed_tokens.weight"
+        return self._read(key, name, self._shapes[name])
+
+    def _read(self, key: str, name: str, shape: tuple) -> torch.Tensor:
         file = self._where.get(key)
         if file is None:
             raise QwenlinkError(f"{self.directory}: tensor {key!r} missing from the checkpoint")
         # Opened per tensor: closing unmaps the file, so pages already copied out do not stay resident.
         with safe_open(str(file), framework="pt", device="cpu") as f:
             tensor = f.get_tensor(key)
-        if tuple(tensor.shape) != self._shapes[name]:
+        if tuple(tensor.shape) != tuple(shape):
             raise QwenlinkError(f"{file}: tensor {key!r} has shape {list(tensor.shape)}, expected "
-                                f"{list(self._shapes[name])} from config.json")
+                                f"{list(shape)} from config.json")
         check_float(str(file), key, tensor.dtype)
         return tensor
 

@@ -12,8 +12,13 @@ from typing import Any
 
 from qwenlink.errors import QwenlinkError
 
-# HF architectures qwenlink can load: Qwen2 (Qwen1.5's HF class) and Llama (same blocks, no q/k/v bias by default).
-SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# HF architectures qwenlink can load: Qwen2 (Qwen1.5's HF class), Llama (same blocks, no q/k/v bias by default) and
+# Qwen2-MoE (Qwen1.5-MoE: the same attention, routed + shared experts in place of the dense MLP).
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen2_moe")
+HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+# Qwen2-MoE fields (HF Qwen2MoeConfig names); num_experts = 0 is a dense model.
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+              "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef")
 
 
 @dataclass
@@ -33,6 +38,15 @@ class ModelConfig:
     qkv_bias: bool = True
     initializer_range: float = 0.02
     model_type: str = "qwen2"
+    # Mixture of experts (model_type qwen2_moe); num_experts = 0 means every layer has the dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.001
     # Unmodelled config.json entries (e.g. transformers_version) kept so a round trip does not lose them.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -59,24 +73,60 @@ class ModelConfig:
                                 f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise QwenlinkError(f"model config: head dim {self.head_dim} must be even for rotary embeddings")
+        if self.num_experts:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+                     "decoder_sparse_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise QwenlinkError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise QwenlinkError(f"model config: num_experts_per_tok {self.num_experts_per_tok} is above num_experts "
+                                f"{self.num_experts} (top-k must pick among the experts)")
+        bad = [i for i in self.mlp_only_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise QwenlinkError(f"model config: mlp_only_layers entry {bad[0]!r} is not a layer index "
+                                f"(0..{self.num_hidden_layers - 1})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, index: int) -> bool:
+        """HF's rule: a layer is sparse unless listed in mlp_only_layers or skipped by decoder_sparse_step."""
+        return self.num_experts > 0 and index not in self.mlp_only_layers and \
+            (index + 1) % self.decoder_sparse_step == 0
 
     # ---- sizes ------------------------------------------------------------------------------------------------------
-    def num_params(self) -> int:
-        """Total parameters (a tied lm_head shares the embedding and is counted once)."""
-        h, f, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
+    def _mlp_params(self, index: int, active: bool) -> int:
+        """One layer's feed-forward parameters; `active`: only the experts one token runs through (top-k)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(index):
+            return 3 * h * self.intermediate_size
+        experts = self.num_experts_per_tok if active else self.num_experts
+        shared = 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
+        return h * self.num_experts + experts * 3 * h * self.moe_intermediate_size + shared
+
+    def num_params(self, active: bool = False) -> int:
+        """Total parameters (a tied lm_head shares the embedding and is counted once); `active`: those one token
+        uses (for a mixture of experts, the router, the top-k routed experts and the shared expert)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         attention = h * h + 2 * h * kv + h * h + (h + 2 * kv if self.qkv_bias else 0)
-        per_layer = attention + 3 * h * f + 2 * h
+        layers = sum(attention + self._mlp_params(i, active) + 2 * h for i in range(self.num_hidden_layers))
         embedding = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return embedding + self.num_hidden_layers * per_layer + h + head
+        return embedding + layers + h + head
 
     def flops_per_token(self, seq_length: int) -> float:
         """Training FLOPs per token: 6 x matmul parameters + 12 x layers x hidden x seq_length (attention scores).
 
         The input embedding is a lookup, not a matmul, so it is excluded; the output projection is a matmul and is
-        counted even when it shares weights with the embedding (torchtitan's convention, corrected for tying).
+        counted even when it shares weights with the embedding (torchtitan's convention, corrected for tying). For a
+        mixture of experts only the parameters a token is routed through count (`num_params(active=True)`).
         """
-        matmul_params = self.num_params() - self.vocab_size * self.hidden_size
+        matmul_params = self.num_params(active=True) - self.vocab_size * self.hidden_size
         if self.tie_word_embeddings:
             matmul_params += self.vocab_size * self.hidden_size
         return 6.0 * matmul_params + 12.0 * self.num_hidden_layers * self.hidden_size * seq_length
@@ -105,6 +155,7 @@ class ModelConfig:
         rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
         known = {f.name for f in dataclasses.fields(cls)} | {"architectures", "rope_parameters", "torch_dtype",
                                                              "dtype", "attention_bias"}
+        moe = _moe_fields(hf, source) if model_type == "qwen2_moe" else {}
         try:
             return cls(
                 vocab_size=hf["vocab_size"],
@@ -117,10 +168,11 @@ class ModelConfig:
                 rope_theta=float(rope_theta),
                 rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                qkv_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+                qkv_bias=_qkv_bias(hf, model_type),
                 initializer_range=float(hf.get("initializer_range", 0.02)),
                 model_type=model_type,
                 extra={k: v for k, v in hf.items() if k not in known},
+                **moe,
             )
         except QwenlinkError as exc:
             raise QwenlinkError(f"{source}: {exc}") from None
@@ -129,7 +181,7 @@ class ModelConfig:
         """The config.json transformers expects for this architecture."""
         out: dict[str, Any] = dict(self.extra)
         out.update({
-            "architectures": ["Qwen2ForCausalLM" if self.model_type == "qwen2" else "LlamaForCausalLM"],
+            "architectures": [HF_ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -147,7 +199,11 @@ class ModelConfig:
             "use_cache": True,
             "torch_dtype": dtype,
         })
-        if self.model_type == "qwen2":
+        if self.model_type == "qwen2_moe":
+            out.update({name: getattr(self, name) for name in MOE_FIELDS})
+            out["qkv_bias"] = self.qkv_bias
+            out.setdefault("output_router_logits", False)
+        if self.model_type in ("qwen2", "qwen2_moe"):
             out.setdefault("use_sliding_window", False)
             out.setdefault("sliding_window", None)
             out.setdefault("max_window_layers", self.num_hidden_layers)
@@ -157,3 +213,35 @@ class ModelConfig:
         out.pop("rope_scaling", None)
         out["rope_scaling"] = None
         return out
+
+
+def _qkv_bias(hf: dict[str, Any], model_type: str) -> bool:
+    """Qwen2 always has q/k/v biases; Qwen2-MoE says so in `qkv_bias` (default true); Llama in `attention_bias`."""
+    if model_type == "qwen2":
+        return True
+    if model_type == "qwen2_moe":
+        return bool(hf.get("qkv_bias", True))
+    return bool(hf.get("attention_bias", False))
+
+
+def _moe_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """The Qwen2-MoE fields of a config.json (HF's defaults where absent), refusing what qwenlink does not run."""
+    if "num_experts" not in hf:
+        raise QwenlinkError(f"{source}: missing field 'num_experts' (model_type qwen2_moe)")
+    num_experts = hf["num_experts"]
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts <= 0:
+        raise QwenlinkError(f"{source}: num_experts must be a positive integer, got {num_experts!r}")
+    top_k = hf.get("num_experts_per_tok", 4)
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > num_experts:
+        raise QwenlinkError(f"{source}: num_experts_per_tok {top_k} is above num_experts {num_experts} "
+                            f"(top-k must pick among the experts)")
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": hf.get("moe_intermediate_size", 1408),
+        "shared_expert_intermediate_size": hf.get("shared_expert_intermediate_size", 5632),
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "decoder_sparse_step": hf.get("decoder_sparse_step", 1),
+        "mlp_only_layers": list(hf.get("mlp_only_layers") or []),
+        "router_aux_loss_coef": float(hf.get("router_aux_loss_coef", 0.001)),
+    }

@@ -39,6 +39,22 @@ PRESETS: dict[str, ModelConfig] = {
     # The training benchmark's model (hidden 512, 8 layers, 8 heads, 2 kv heads, ffn 1408).
     "qwen-bench": ModelConfig(vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096),
+    # Qwen1.5-MoE-A2.7B (HF Qwen2MoeForCausalLM): 24 layers, each with 60 routed experts (top-4, ffn 1408, not
+    # renormalised) and a gated shared expert (ffn 5632); 14.3B parameters, 2.7B active per token. Public copies of
+    # its config.json disagree on max_position_embeddings (8192 for the base model, 32768 for -Chat): this preset
+    # uses the base model's 8192; a checkpoint's own config.json always wins.
+    "qwen1.5-moe-a2.7b": ModelConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, model_type="qwen2_moe", num_experts=60, num_experts_per_tok=4,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, norm_topk_prob=False,
+        decoder_sparse_step=1, router_aux_loss_coef=0.001,
+        extra={"bos_token_id": 151643, "eos_token_id": 151643, "max_window_layers": 21, "sliding_window": 32768}),
+    # A small mixture of experts with the real vocabulary, for CPU experiments and the MoE benchmark.
+    "qwen-moe-tiny": ModelConfig(
+        vocab_size=151936, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=4096, model_type="qwen2_moe", num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=256),
     # A toy vocabulary for unit tests (fast to build and run).
     "test-tiny": ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -174,27 +174,35 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). `intermediate_size`: another width than the config's (a
+    mixture of experts' shared expert)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: Optional[int] = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        ffn = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, ffn, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). The feed-forward is the dense MLP, or a
+    mixture of experts (models/qwen2_moe.py) where the config makes layer `index` sparse."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        if config.is_moe_layer(index):
+            from qwenlink.models.qwen2_moe import SparseMoeBlock  # imports this module's MLP: imported on use
+
+            self.mlp: nn.Module = SparseMoeBlock(config)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor | DocumentMask], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
@@ -267,7 +275,7 @@ class Qwen2Model(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens: Optional[nn.Embedding] = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in range(config.num_hidden_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config, i) for i in range(config.num_hidden_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head: Optional[nn.Linear] = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -1,0 +1,220 @@
+"""Qwen1.5-MoE (HF `Qwen2MoeForCausalLM`, model_type `qwen2_moe`): the sparse feed-forward block of its layers.
+
+Everything else of the model - embedding, attention with q/k/v bias, RMSNorm, rotary embeddings, KV cache, head - is
+Qwen1.5's and lives in models/qwen2.py; `DecoderLayer` puts a `SparseMoeBlock` where the config makes a layer sparse
+(`ModelConfig.is_moe_layer`). One layer computes, as transformers does:
+
+    probs = softmax(gate(x)) in fp32                           [N, E]
+    w, i  = top-k(probs) (renormalised only with norm_topk_prob), cast to x's dtype
+    y     = sum_j w_j * expert_{i_j}(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+
+with no capacity limit (no token is dropped), so a token's output does not depend on the rest of its batch.
+
+Why the experts are stacked [E, ...] parameters rather than E `nn.Linear` modules: expert parallelism shards that
+leading dimension (a rank holds a contiguous range of experts), a grouped GEMM reads one tensor, and FSDP2 shards one
+parameter per projection instead of 3 x E small ones. Slice e of each stacked weight is exactly HF's
+`experts.{e}.{gate,up,down}_proj.weight`, so the checkpoint mapping is a split along dim 0 (checkpoint/hf.py).
+
+The load-balancing loss needs each sparse layer's router probabilities and choices; a block keeps those of its last
+forward when `record_routing` is set (the trainer sets it; inference does not), and `load_balancing_loss` combines
+them as transformers' `load_balancing_loss_func` does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qwenlink.models.config import ModelConfig
+from qwenlink.models.qwen2 import MLP, InitRule
+
+Tensor = torch.Tensor
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+# How routed tokens reach their experts: "auto" (a grouped GEMM on CUDA where torch has one, else a loop over the
+# experts that were routed to), or forced "loop" / "grouped" (tests compare the two on CPU).
+_IMPL = {"experts": "auto"}
+
+
+def set_expert_impl(impl: str) -> None:
+    if impl not in ("auto", "loop", "grouped"):
+        raise ValueError(f"expert implementation must be auto, loop or grouped, got {impl!r}")
+    _IMPL["experts"] = impl
+
+
+def grouped_mm_available() -> bool:
+    """torch._grouped_mm exists (torch >= 2.8; absent from older builds, which then loop)."""
+    return hasattr(torch, "_grouped_mm")
+
+
+def _use_grouped(x: Tensor) -> bool:
+    impl = _IMPL["experts"]
+    if impl == "auto":
+        return grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16
+    return impl == "grouped"
+
+
+# ---- checkpoint names -----------------------------------------------------------------------------------------------
+def is_stacked_expert(name: str) -> bool:
+    """`layers.L.mlp.experts.gate_proj` (a stacked [E, ...] parameter), under any prefix."""
+    parts = name.rsplit(".", 2)
+    return len(parts) == 3 and parts[1] == "experts" and parts[2] in EXPERT_PROJECTIONS
+
+
+def expert_keys(name: str, num_experts: int) -> list[str]:
+    """The per-expert checkpoint names of a stacked parameter: `...experts.{e}.gate_proj.weight` for each e."""
+    prefix, proj = name.rsplit(".", 1)
+    return [f"{prefix}.{e}.{proj}.weight" for e in range(num_experts)]
+
+
+def split_expert_key(key: str) -> Optional[tuple[str, int]]:
+    """`...experts.{e}.gate_proj.weight` -> (`...experts.gate_proj`, e); None for any other name."""
+    match = _EXPERT_KEY.match(key)
+    if match is None:
+        return None
+    return f"{match['prefix']}.{match['proj']}", int(match["index"])
+
+
+# ---- the experts ----------------------------------------------------------------------------------------------------
+def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
+    """x [M, in] (rows sorted by expert, counts[e] rows for expert e) times each expert's weight [E, out, in]^T.
+
+    `host_counts` given: a loop over the experts that have rows (an expert no token was routed to costs nothing);
+    None: one grouped GEMM over device offsets (no host synchronisation; empty groups cost nothing either).
+    Returns [M, out].
+    """
+    if host_counts is None:
+        offsets = counts.cumsum(0).to(torch.int32)  # [E] end of each expert's rows
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    outs, start = [], 0
+    for e, n in enumerate(host_counts):
+        if n:
+            outs.append(F.linear(x[start:start + n], weight[e]))  # [n, out]
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights: gate_proj / up_proj [E, I, H], down_proj [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def init_rule(self, name: str, std: float) -> Optional[InitRule]:
+        """HF's init for the experts: Normal(0, initializer_range), like every other matrix."""
+        return InitRule("normal", std) if name in EXPERT_PROJECTIONS else None
+
+    def project(self, name: str, x: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
+        """One projection of every routed row (LoRA's expert adapters override this to add their update)."""
+        return grouped_linear(x, getattr(self, name), counts, host_counts)
+
+    def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
+        """x [N, H]; expert_ids, weights [N, k] (each token's experts and their weights) -> [N, H]."""
+        num_tokens, k = expert_ids.shape
+        flat = expert_ids.reshape(-1)  # [N*k] token-slot -> expert
+        order = flat.argsort(stable=True)  # [N*k] slots grouped by expert, tokens in order within each
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        token = order // k  # [N*k] the token of each sorted slot
+        # The loop needs the counts on the host; the grouped GEMM keeps them on the device.
+        host_counts = None if _use_grouped(x) else counts.tolist()
+        rows = x.index_select(0, token)  # [N*k, H]
+        hidden = F.silu(self.project("gate_proj", rows, counts, host_counts)) * \
+            self.project("up_proj", rows, counts, host_counts)  # [N*k, I]
+        out = self.project("down_proj", hidden, counts, host_counts)  # [N*k, H]
+        out = out * weights.reshape(-1).index_select(0, order)[:, None]
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # [N, H] summed over each token's k
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts + gated shared expert; HF's names: gate, experts, shared_expert, shared_expert_gate."""
+
+    record_routing: bool = False  # keep (probs, expert ids) of the last forward for the load-balancing loss
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        self.routing: Optional[tuple[Tensor, Tensor]] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape  # [B, T, H]
+        x = x.reshape(-1, shape[-1])  # [N, H]
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [N, E]
+        weights, expert_ids = probs.topk(self.top_k, dim=-1)  # [N, k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.record_routing:
+            self.routing = (probs, expert_ids)
+        routed = self.experts(x, expert_ids, weights.to(x.dtype))  # [N, H]
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)  # [N, H]
+        return (routed + shared).view(shape)
+
+
+# ---- the load-balancing loss ----------------------------------------------------------------------------------------
+def moe_blocks(model: nn.Module) -> Iterator[SparseMoeBlock]:
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            yield module
+
+
+def record_routing(model: nn.Module, enabled: bool = True) -> None:
+    """Make every sparse block keep its last routing (for `load_balancing_loss`), or stop and drop it."""
+    for block in moe_blocks(model):
+        block.record_routing = enabled
+        if not enabled:
+            block.routing = None
+
+
+def routing_totals(model: nn.Module, token_mask: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """Summed over the sparse layers of the last forward: tokens routed to each expert [E], router probability per
+    expert [E] and the rows counted (a 0-dim tensor). `token_mask` [B, T] (1 = real token) leaves padding out.
+    None when the model has no sparse layer that recorded its routing."""
+    counts = probs_sum = rows = None
+    for block in moe_blocks(model):
+        if block.routing is None:
+            continue
+        probs, expert_ids = block.routing  # [N, E], [N, k]
+        ones = torch.ones(expert_ids.numel(), dtype=torch.float32, device=probs.device)
+        if token_mask is not None:
+            mask = token_mask.reshape(-1).to(device=probs.device, dtype=torch.float32)  # [N]
+            ones = mask.repeat_interleave(expert_ids.shape[1])
+            probs = probs * mask[:, None]
+            n = mask.sum()
+        else:
+            n = torch.tensor(float(probs.shape[0]), device=probs.device)
+        layer_counts = torch.zeros(block.num_experts, dtype=torch.float32, device=probs.device) \
+            .scatter_add_(0, expert_ids.reshape(-1), ones)
+        counts = layer_counts if counts is None else counts + layer_counts
+        probs_sum = probs.sum(0) if probs_sum is None else probs_sum + probs.sum(0)
+        rows = n if rows is None else rows + n
+    if counts is None:
+        return None
+    return counts, probs_sum, rows
+
+
+def load_balancing_loss(model: nn.Module, token_mask: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Switch Transformer's auxiliary loss over all sparse layers, as transformers computes it for Qwen2-MoE:
+    E x sum_e (fraction of top-k assignments to e) x (mean router probability of e), both taken over every layer's
+    (unmasked) tokens together. Differentiable through the router probabilities; None without recorded routing."""
+    totals = routing_totals(model, token_mask)
+    if totals is None:
+        return None
+    counts, probs_sum, rows = totals
+    rows = rows.clamp(min=1.0)
+    num_experts = counts.shape[0]
+    return num_experts * torch.sum((counts / rows) * (probs_sum / rows))
