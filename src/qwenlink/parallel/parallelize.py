@@ -22,6 +22,7 @@ from torch import nn
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.parallel.context import apply_context_parallel
 from qwenlink.parallel.data import apply_fsdp
 from qwenlink.parallel.mesh import ParallelPlan
 from qwenlink.parallel.pipeline import split_stages, tied_embedding_group
@@ -37,14 +38,15 @@ class Layout:
 
     plan: ParallelPlan
     device: torch.device
-    mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard, tp), size-1 dims included
+    mesh: Optional[object] = None  # DeviceMesh (pp, dp_replicate, dp_shard[, cp], tp), size-1 dims included
     tp_mesh: Optional[object] = None
+    cp_mesh: Optional[object] = None  # with cp > 1 (the mesh then has a cp dim)
     dp_mesh: Optional[object] = None
     pp_group: Optional[object] = None
     tied_group: Optional[object] = None  # first + last pipeline rank, when the head is tied to the embedding
 
     def _coordinate(self, dim: str) -> int:
-        if self.mesh is None:
+        if self.mesh is None or dim not in self.mesh.mesh_dim_names:
             return 0
         return self.mesh.get_coordinate()[list(self.mesh.mesh_dim_names).index(dim)]
 
@@ -61,6 +63,10 @@ class Layout:
     def tp_rank(self) -> int:
         return self._coordinate("tp")
 
+    @property
+    def cp_rank(self) -> int:
+        return self._coordinate("cp")
+
 
 def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, *,
                  mixed_precision: bool = False) -> Layout:
@@ -75,10 +81,13 @@ def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, 
 
     if plan.world_size == 1:
         ensure_local_process_group(device)
-    mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard, plan.tp),
-                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", "tp"))
+    # A cp dim only when there is context parallelism: every other layout keeps its 4-D mesh.
+    cp = (plan.cp,) if plan.cp > 1 else ()
+    mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard, *cp, plan.tp),
+                            mesh_dim_names=("pp", "dp_replicate", "dp_shard", *(("cp",) if cp else ()), "tp"))
     return Layout(plan, device, mesh=mesh,
                   tp_mesh=mesh["tp"] if plan.tp > 1 else None,
+                  cp_mesh=mesh["cp"] if cp else None,
                   dp_mesh=_data_parallel_mesh(mesh, plan, mixed_precision),
                   pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
                   tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
@@ -87,7 +96,12 @@ def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, 
 def _data_parallel_mesh(mesh, plan: ParallelPlan, mixed_precision: bool = False):
     """What FSDP2 shards over: the dp_shard dim alone (ZeRO-3), or replicate x shard (HSDP; replicate only is DDP-like).
     A size-1 replicate dim is left out: FSDP2 would otherwise run a no-op all-reduce over it for every unit. Without
-    data parallelism, the size-1 dp_shard dim when FSDP2 carries the mixed-precision policy, else none."""
+    data parallelism, the size-1 dp_shard dim when FSDP2 carries the mixed-precision policy, else none.
+    With context parallelism the shard dim is (dp_shard, cp) flattened (torchtitan's dp_shard_cp): cp ranks hold the
+    same parameters and disjoint tokens, so their gradients are reduced together with data parallelism's."""
+    if plan.cp > 1:
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        return mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1 else mesh["dp_shard_cp"]
     if plan.dp == 1:
         return mesh["dp_shard"] if mixed_precision else None
     return mesh["dp_replicate", "dp_shard"] if plan.dp_replicate > 1 else mesh["dp_shard"]
@@ -204,11 +218,13 @@ def apply_activation_checkpointing(model: Qwen2Model, mode: str, every: int, *,
 
 
 def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) -> Qwen2Model:
-    """Apply tensor/sequence parallelism -> activation checkpointing -> compile -> FSDP2 to a (meta) model or
-    pipeline stage, in place. Every step is skipped when its size is 1 or it is switched off."""
+    """Apply tensor/sequence parallelism -> context parallelism -> activation checkpointing -> compile -> FSDP2 to a
+    (meta) model or pipeline stage, in place. Every step is skipped when its size is 1 or it is switched off."""
     plan = layout.plan
     if layout.tp_mesh is not None:
         apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=plan.sequence_parallel)
+    if layout.cp_mesh is not None:  # after TP: its hook sees the attention input sequence parallelism gathered
+        apply_context_parallel(model, layout.cp_mesh)
     apply_activation_checkpointing(model, options.activation_checkpoint, options.activation_checkpoint_every,
                                    preserve_rng_state=options.preserve_rng_state)
     if options.compile:
@@ -218,7 +234,7 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
         # Under a pipeline each layer runs once per micro batch: keeping its gathered copy between them saves an
         # all-gather per micro batch over the data-parallel ranks. Over the size-1 mesh of the precision policy
         # re-gathering is a local cast, so the bf16 copies are freed (they would double a bf16 LoRA base).
-        keep_gathered = plan.pp > 1 and plan.dp > 1
+        keep_gathered = plan.pp > 1 and plan.dp_cp > 1
         apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=not keep_gathered)
     return model
 
