@@ -174,8 +174,13 @@ class LoraLinear(nn.Linear):
         for name in ("lora_A", "lora_B"):
             self.init_rule(name, 0.0).apply_(getattr(self, name))
 
+    # True while a DPO reference pass runs (train/dpo.py `adapters_off`): the base alone, no second copy of it.
+    adapter_disabled = False
+
     def forward(self, x: Tensor) -> Tensor:
         out = F.linear(x, self.weight, self.bias)  # [..., out]
+        if self.adapter_disabled:
+            return out
         h = x if x.dtype == self.lora_A.dtype or torch.is_autocast_enabled() else x.to(self.lora_A.dtype)
         if self.dropout > 0.0 and self.training:
             h = F.dropout(h, self.dropout)

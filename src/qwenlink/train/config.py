@@ -32,7 +32,8 @@ class JobSection:
     """What the run is and where it writes."""
 
     name: str = "run"
-    mode: str = "pretrain"          # "pretrain" (indexed text) or "sft" (instruction data, loss where labels != -100)
+    mode: str = "pretrain"          # "pretrain" (indexed text), "sft" (instruction data, loss where labels != -100)
+    #                                 or "dpo" (preference pairs from `preprocess --handler pairwise`, see [dpo])
     output_dir: str = "runs/run"    # metrics.jsonl, tensorboard/, checkpoints/ (unless checkpoint.dir is set)
     seed: int = 1234
 
@@ -172,6 +173,19 @@ class LoraSection:
 
 
 @dataclass
+class DpoSection:
+    """Preference tuning, job.mode = "dpo" (train/dpo.py, docs/dpo.md)."""
+
+    beta: float = 0.1               # strength of the pull towards the reference (the DPO paper's beta)
+    loss_type: str = "sigmoid"      # "sigmoid" (DPO), "ipo", "hinge" (SLiC), "simpo" (reference-free)
+    label_smoothing: float = 0.0    # sigmoid / simpo: assumed probability that a pair's preference is flipped (cDPO)
+    gamma: float = 0.5              # simpo: the target reward margin (the SimPO paper's gamma)
+    # Reference log-probabilities computed once, in a pass over the data before the first step, and stored next to
+    # the data; false: computed every step by a frozen copy (full fine-tuning) or the base with adapters off (LoRA).
+    precompute_reference: bool = False
+
+
+@dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -182,6 +196,7 @@ class JobConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
 
     # ---- derived values -------------------------------------------------------------------------------------------
     @property
@@ -204,7 +219,8 @@ KEY_ALIASES: dict[tuple[str, str], str] = {("checkpoint", "async"): "async_save"
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(JobConfig)[f.name] for f in dataclasses.fields(JobConfig)}
 
 VALID_CHOICES: dict[str, tuple[str, ...]] = {
-    "job.mode": ("pretrain", "sft"),
+    "job.mode": ("pretrain", "sft", "dpo"),
+    "dpo.loss_type": ("sigmoid", "ipo", "hinge", "simpo"),
     "train.dtype": ("fp32", "bf16"),
     "train.activation_checkpoint": ("none", "full", "every_n"),
     "optim.decay_style": ("cosine", "linear", "constant"),
@@ -349,6 +365,9 @@ def validate(cfg: JobConfig) -> None:
     from qwenlink.train.lora import validate_section
 
     validate_section(cfg)
+    from qwenlink.train import dpo
+
+    dpo.validate_section(cfg)
 
 
 def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["ModelConfig"] = None):

@@ -7,6 +7,7 @@ step number; `dp_rank` / `dp_size` are parameters so the parallel trainer can ha
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import queue
 import threading
@@ -39,12 +40,13 @@ class MicroBatch:
     def pinned(self) -> "MicroBatch":
         """The same batch in page-locked host memory (copies to an accelerator can then overlap compute)."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
-        return MicroBatch(pin(self.input_ids), pin(self.labels), pin(self.position_ids), pin(self.attention_mask))
+        return dataclasses.replace(self, input_ids=pin(self.input_ids), labels=pin(self.labels),
+                                   position_ids=pin(self.position_ids), attention_mask=pin(self.attention_mask))
 
     def to(self, device: torch.device) -> "MicroBatch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MicroBatch(move(self.input_ids), move(self.labels), move(self.position_ids),
-                          move(self.attention_mask))
+        return dataclasses.replace(self, input_ids=move(self.input_ids), labels=move(self.labels),
+                                   position_ids=move(self.position_ids), attention_mask=move(self.attention_mask))
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +89,12 @@ def build_dataset(cfg: JobConfig, paths: list, num_samples: int) -> torch.utils.
             weights = cfg.data.weights or [1.0] * len(paths)
             items = [str(x) for pair in zip(weights, paths) for x in pair]
         return build_pretrain_dataset(items, cfg.data.seq_length, num_samples, seed=cfg.job.seed)
+    if cfg.job.mode == "dpo":
+        from qwenlink.data.preference import PreferenceDataset, preference_prefix
+
+        if len(paths) > 1:
+            raise QwenlinkError(f"data.path: dpo takes one pairwise dataset prefix, got {len(paths)}")
+        return PreferenceDataset(preference_prefix(paths[0]))
     from qwenlink.data.instruction import InstructionDataset, PackedInstructionDataset
 
     if len(paths) > 1:
@@ -102,6 +110,10 @@ def build_dataset(cfg: JobConfig, paths: list, num_samples: int) -> torch.utils.
 
 def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
     """Stack fixed-length samples (pretrain, packed sft) or pad variable-length ones (sft) into a MicroBatch."""
+    if cfg.job.mode == "dpo":  # B pairs -> [2B, L], chosen rows first (train/dpo.py)
+        from qwenlink.train.dpo import collate_pairs
+
+        return collate_pairs(samples, cfg)
     if cfg.job.mode == "sft" and not cfg.data.pack:
         from qwenlink.data.instruction import pad_collate
 

@@ -61,8 +61,10 @@ class TrainStep:
     """Forward and backward of one optimizer step's micro batches, gradient clipping and the validation loss."""
 
     def __init__(self, chunks: ModelChunks, layout: Layout, *, chunk_size: int, seq_length: int,
-                 pad_id: int) -> None:
+                 pad_id: int, objective: object = None) -> None:
         self.chunks, self.layout, self.plan = chunks, layout, layout.plan
+        # None: token cross entropy; job.mode = "dpo": train/dpo.py's PreferenceObjective (pairs, not tokens)
+        self.objective = objective
         self.device = layout.device
         self.chunk_size, self.seq_length, self.pad_id = chunk_size, seq_length, pad_id
         self._schedules: dict[int, object] = {}
@@ -71,7 +73,8 @@ class TrainStep:
     # ---- the loss ---------------------------------------------------------------------------------------------------
     def count_valid(self, batches: Sequence[MicroBatch]) -> Tensor:
         """Tokens with a label in the whole global batch (every tp/pp rank of a replica sees the same batches)."""
-        mine = sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # the loader's host labels: no sync
+        mine = self.objective.units(batches) if self.objective is not None else \
+            sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches)  # the loader's host labels: no sync
         # torch.full writes the value with a kernel; torch.tensor(value, device=...) would be a blocking copy.
         # Counted in int64 (exact, and reducible on every backend), used as fp32.
         total = all_reduce_sum(torch.full((), mine, dtype=torch.int64, device=self.device))
@@ -79,6 +82,8 @@ class TrainStep:
 
     def _head_loss(self, output: Tensor, labels: Tensor) -> Tensor:
         """Scaled summed CE of the last stage's logits: vocabulary-parallel with tp, full logits otherwise."""
+        if self.objective is not None:
+            return self.objective.head_loss(self, output, labels)
         if self.layout.tp_mesh is not None:
             return vocab_parallel_loss(output, labels, self.layout.tp_mesh, scale=self._scale)
         return F.cross_entropy(output.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -88,6 +93,8 @@ class TrainStep:
         """`batch` on the device; `host_labels` the same labels where the loader made them (the chunked loss finds
         the valid positions there, without waiting for the device)."""
         module = self.chunks.modules[0]
+        if self.objective is not None:
+            return self.objective.micro_loss(self, module, batch, host_labels)
         if self.layout.tp_mesh is not None:
             logits = module(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
             return self._head_loss(logits, batch.labels)  # logits: this rank's vocabulary slice [B, T, V/tp]
@@ -100,6 +107,8 @@ class TrainStep:
         """Accumulate the gradients of the global-batch mean loss over this rank's micro batches; returns that loss
         (the same on every rank, a device tensor: reading it is the caller's one host synchronisation)."""
         self._scale = self.plan.dp / total_valid.clamp(min=1).to(torch.float32)
+        if self.objective is not None:
+            batches = self.objective.prepare(self, batches)  # e.g. the reference model's log-probabilities
         if self.plan.pp > 1:
             share = self._pipeline(batches)
         else:
@@ -123,14 +132,9 @@ class TrainStep:
         looks ahead at the pads). Returns the summed scaled loss (on every pipeline rank)."""
         batches = pad_to_length(batches, self.seq_length, self.pad_id)
         input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
-        labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True)
-        n = len(batches)
-        schedule = self._schedules.get(n)
-        if schedule is None:
-            stages = list(zip(self.chunks.stage_ids, self.chunks.modules))
-            schedule = build_schedule(self.plan, stages, device=self.device, pp_group=self.layout.pp_group,
-                                      n_microbatches=n, loss_fn=self._head_loss)
-            self._schedules[n] = schedule
+        labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True) \
+            if self.objective is None else self.objective.pipeline_target(batches, self.device)
+        schedule = self.schedule_for(len(batches))
         losses: list[Tensor] = []
         # The last stage would otherwise keep every micro batch's logits for the whole step and concatenate them
         # (at 72B: [1, 8192, V/tp] bf16 = 311 MiB each, x the micro batches, twice); only the losses are needed.
@@ -147,6 +151,16 @@ class TrainStep:
             torch.zeros((), dtype=torch.float32, device=self.device)
         dist.all_reduce(total, group=self.layout.pp_group)  # only the last stage had it
         return total
+
+    def schedule_for(self, n: int):
+        """The pipeline schedule of this rank's chunks for `n` micro batches (built once per count)."""
+        schedule = self._schedules.get(n)
+        if schedule is None:
+            stages = list(zip(self.chunks.stage_ids, self.chunks.modules))
+            schedule = build_schedule(self.plan, stages, device=self.device, pp_group=self.layout.pp_group,
+                                      n_microbatches=n, loss_fn=self._head_loss)
+            self._schedules[n] = schedule
+        return schedule
 
     def _sync_tied_gradients(self) -> None:
         """Sum the gradients of the first stage's embedding and the last stage's (tied) lm_head."""

@@ -87,7 +87,7 @@ def resolve_pad_id(cfg: JobConfig, config: ModelConfig) -> JobConfig:
     before training when it is not an id of the model's vocabulary (an embedding lookup would fail mid-step)."""
     pad_id = cfg.data.pad_id
     if pad_id < 0:
-        if cfg.job.mode != "sft":
+        if cfg.job.mode not in ("sft", "dpo"):
             return cfg  # pretraining samples are full sequences: nothing is padded
         from qwenlink.tokenizer import load_tokenizer
 
@@ -138,14 +138,18 @@ class StepResult:
     grad_norm: torch.Tensor
     lr: float
     finite: torch.Tensor  # False: the update was skipped (loss or gradient norm not finite)
+    metrics: Optional[torch.Tensor] = None  # job.mode = "dpo": train/dpo.py's METRIC_NAMES, [6]
 
 
-def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool]]:
-    """(loss, gradient norm, finite) of each step, read from the device in one copy (one host synchronisation)."""
+def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool, list[float]]]:
+    """(loss, gradient norm, finite, objective metrics) of each step, read from the device in one copy (one host
+    synchronisation)."""
     if not results:
         return []
-    values = torch.stack([torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]) for r in results])
-    return [(loss, norm, flag == 1.0) for loss, norm, flag in values.tolist()]
+    values = torch.stack([torch.cat([torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]),
+                                     r.metrics.float() if r.metrics is not None else r.loss.new_zeros(0)])
+                          for r in results])
+    return [(row[0], row[1], row[2] == 1.0, row[3:]) for row in values.tolist()]
 
 
 # ---- one rank's model and step, from the job alone -----------------------------------------------------------------
@@ -218,8 +222,14 @@ def build_step_parts(cfg: JobConfig, model_config: ModelConfig, plan: ParallelPl
     """This rank's mesh (collective), model chunks, TrainStep, optimizer and schedule, as the Trainer trains them."""
     layout = build_layout(plan, device, model_config, mixed_precision=compute_dtype(cfg) is not None)
     chunks = build_chunks(cfg, model_config, layout, device, lora, load_weights=load_weights)
+    objective = None
+    if cfg.job.mode == "dpo":  # the preference loss strategy, and its frozen reference copy when it needs one
+        from qwenlink.train.dpo import build_objective
+
+        objective = build_objective(cfg, lora, lambda: build_chunks(cfg, model_config, layout, device, None,
+                                                                    load_weights=load_weights))
     step_fn = TrainStep(chunks, layout, chunk_size=cfg.train.loss_chunk_size, seq_length=cfg.data.seq_length,
-                        pad_id=cfg.data.pad_id)
+                        pad_id=cfg.data.pad_id, objective=objective)
     optimizer = build_optimizer(chunks.state_module, cfg.optim)
     return StepParts(layout, chunks, step_fn, optimizer, Scheduler(optimizer, cfg))
 
@@ -234,7 +244,8 @@ def run_step(parts: StepParts, batches: Sequence[MicroBatch], step: int, *, clip
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     step_if_finite(parts.optimizer, finite)
     parts.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step, loss, grad_norm, lr, finite)
+    metrics = step_fn.objective.step_metrics(step_fn) if step_fn.objective is not None else None
+    return StepResult(step, loss, grad_norm, lr, finite, metrics)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -286,10 +297,16 @@ class Trainer:
                 detect_format(cfg.model.init_from) == "qwenlink":
             # Megatron's --load without --finetune: continue that run's optimizer, step and data position.
             self._resume(ckpt.resolve_step_dir(cfg.model.init_from))
+        if cfg.job.mode == "dpo" and self.step_fn.objective.kind == "precomputed":
+            from qwenlink.train.dpo_reference import precomputed_reference
+
+            self.dataset.attach_reference(precomputed_reference(
+                cfg, self.model_config, self.step_fn, self.step_fn.objective, self.dataset, micro_batches=self.accum,
+                resumed=self.resumed_from is not None, lora=self.lora, rank=self.rank, log=self.log))
         self.data = MicroBatchStream(self.dataset, cfg, micro_batch_size=cfg.train.micro_batch_size,
                                      dp_rank=self.dp_rank, dp_size=self.dp_size,
                                      consumed_samples=self.state.consumed_samples,
-                                     shuffle=cfg.data.shuffle and cfg.job.mode == "sft",
+                                     shuffle=cfg.data.shuffle and cfg.job.mode != "pretrain",
                                      prefetch=2 * self.accum, pin_memory=self.device.type in ("cuda", "npu"))
         self.history: list[dict[str, Any]] = []  # every step's record (tests and the quickstart read it)
         self._signal: Optional[int] = None
@@ -329,8 +346,12 @@ class Trainer:
         (every rank reads the same values, so all take the same decision)."""
         done = list(pending)
         pending.clear()
-        for (record, result), (loss, grad_norm, finite) in zip(done, read_results([r for _, r in done])):
+        for (record, result), (loss, grad_norm, finite, extra) in zip(done, read_results([r for _, r in done])):
             record.update(loss=loss, grad_norm=grad_norm)
+            if extra:  # dpo: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/...
+                from qwenlink.train.dpo import METRIC_NAMES
+
+                record.update(zip(METRIC_NAMES, extra))
             if finite:
                 self.state.nonfinite_in_row = 0
             else:

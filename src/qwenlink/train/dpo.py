@@ -1,0 +1,335 @@
+"""Preference tuning (`job.mode = "dpo"`): the DPO family of objectives as a loss strategy of the one TrainStep.
+
+A micro batch of B pairs is one [2B, T] batch: rows 0..B-1 the chosen replies, rows B..2B-1 the rejected ones, so
+the two halves of a pair always share a micro batch and a data-parallel rank (the sampler hands out pairs, not
+sequences). Each row's summed log-probability of its reply tokens (train/logprobs.py) is compared with the reference
+model's:
+
+    sigmoid (DPO)  -(1 - ls) log s(beta d) - ls log s(-beta d),   d = (c - c_ref) - (r - r_ref)   (ls: cDPO smoothing)
+    hinge (SLiC)   relu(1 - beta d)
+    ipo            (d / n - 1 / (2 beta))^2, each log-ratio divided by its reply's token count (as TRL computes it)
+    simpo          -(1 - ls) log s(m) - ls log s(-m),  m = beta (c / n_c - r / n_r) - gamma   (no reference)
+
+and the step's loss is the mean over the global batch's pairs (scaled per micro batch by dp / pairs, as the token
+loss is by dp / tokens). Rewards are beta x the log-ratio (SimPO: beta x the length-normalised log-probability).
+
+Where the reference log-probabilities come from (`reference_kind`):
+- "precomputed" (dpo.precompute_reference): one forward pass over the data before the first step, stored next to
+  the data (train/dpo_reference.py) and carried by the micro batches; no second model in memory;
+- "adapters-off" (LoRA): the policy itself with its adapters switched off - the base - under no_grad;
+- "copy" (full fine-tuning): a frozen copy of the initial model, built and sharded exactly like the policy;
+- "none" (simpo).
+The reference pass runs through the same code as the policy (chunked head; vocabulary-parallel logits under tp; a
+forward-only pass of a pipeline schedule under pp), before the policy's forward and backward of the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.parallel.tensor import loss_context
+from qwenlink.train.data import MicroBatch
+from qwenlink.train.logprobs import row_logps_from_hidden, row_logps_from_logits
+from qwenlink.train.loss import IGNORE_INDEX, head_detached
+
+Tensor = torch.Tensor
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
+# What every log step records (means over the global batch's pairs), in the order step_metrics returns them.
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+                "logps/rejected")
+
+
+@dataclass(frozen=True)
+class DpoOptions:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+
+
+def preference_losses(opts: DpoOptions, chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor],
+                      ref_rejected: Optional[Tensor], chosen_tokens: Tensor, rejected_tokens: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair losses [B] and the chosen / rejected rewards [B] from summed log-probabilities [B] (fp32) and reply
+    token counts [B]."""
+    beta, ls = opts.beta, opts.label_smoothing
+    if opts.loss_type == "simpo":
+        chosen_avg, rejected_avg = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        margin = beta * (chosen_avg - rejected_avg) - opts.gamma
+        losses = -(1 - ls) * F.logsigmoid(margin) - ls * F.logsigmoid(-margin)
+        return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    d = chosen_ratio - rejected_ratio
+    if opts.loss_type == "sigmoid":
+        losses = -(1 - ls) * F.logsigmoid(beta * d) - ls * F.logsigmoid(-beta * d)
+    elif opts.loss_type == "hinge":
+        losses = torch.relu(1 - beta * d)
+    elif opts.loss_type == "ipo":
+        d = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (d - 1 / (2 * beta)) ** 2
+    else:  # pragma: no cover - validated with the config
+        raise QwenlinkError(f"dpo.loss_type {opts.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# ---- micro batches of pairs ---------------------------------------------------------------------------------------
+@dataclass
+class PairMicroBatch(MicroBatch):
+    """B pairs as one [2B, T] batch (chosen rows first); `reference` [2B] fp32: the reference log-probabilities of
+    the rows when they are known (precomputed, or computed at the start of the step)."""
+
+    reference: Optional[Tensor] = None
+
+    def pinned(self) -> "PairMicroBatch":
+        out = super().pinned()
+        return dataclasses.replace(out, reference=None if self.reference is None else self.reference.pin_memory())
+
+    def to(self, device: torch.device) -> "PairMicroBatch":
+        out = super().to(device)
+        ref = None if self.reference is None else self.reference.to(device, non_blocking=True)
+        return dataclasses.replace(out, reference=ref)
+
+    @property
+    def pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+
+def collate_pairs(samples: Sequence[dict], cfg) -> PairMicroBatch:
+    """B pair samples (data/preference.py) -> one right-padded [2B, L] batch, chosen rows then rejected rows."""
+    from qwenlink.data.instruction import pad_collate
+
+    n = cfg.data.seq_length
+    rows = [{"input_ids": s[f"{side}_input_ids"][:n], "labels": s[f"{side}_labels"][:n]}
+            for side in ("chosen", "rejected") for s in samples]
+    b = pad_collate(rows, cfg.data.pad_id, cfg.data.pad_to_multiple_of)
+    reference = None
+    if "reference" in samples[0]:  # [B, 2] (chosen, rejected) -> [2B] in row order
+        reference = torch.as_tensor([s["reference"][0] for s in samples] + [s["reference"][1] for s in samples],
+                                    dtype=torch.float32)
+    return PairMicroBatch(b["input_ids"], b["labels"], reference=reference)
+
+
+# ---- where the reference log-probabilities come from --------------------------------------------------------------
+@contextlib.contextmanager
+def adapters_off(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Every LoRA projection of `modules` computes its base output only (the reference of a LoRA run)."""
+    from qwenlink.models.lora import LoraLinear
+
+    lora = [m for module in modules for m in module.modules() if isinstance(m, LoraLinear)]
+    for m in lora:
+        m.adapter_disabled = True
+    try:
+        yield
+    finally:
+        for m in lora:
+            m.adapter_disabled = False
+
+
+def reference_kind(cfg, lora: Optional[object]) -> str:
+    if cfg.dpo.loss_type == "simpo":
+        return "none"
+    if cfg.dpo.precompute_reference:
+        return "precomputed"
+    return "adapters-off" if lora is not None else "copy"
+
+
+# ---- the objective -------------------------------------------------------------------------------------------------
+class PreferenceObjective:
+    """The loss strategy TrainStep delegates to for job.mode = "dpo" (see train/step.py): units are pairs, a micro
+    batch's loss is its pairs' summed loss x the step's scale, and reward / log-probability sums accumulate on the
+    device for `step_metrics`."""
+
+    def __init__(self, opts: DpoOptions, kind: str, *, reference_chunks: Optional[object] = None) -> None:
+        self.opts, self.kind = opts, kind
+        self.reference_chunks = reference_chunks  # "copy": the frozen model; else None
+        self._sums: Optional[Tensor] = None
+        self._reference_pass = False
+        self._ref_schedules: dict[int, object] = {}
+
+    # ---- units and metrics ----------------------------------------------------------------------------------------
+    def units(self, batches: Sequence[MicroBatch]) -> int:
+        return sum(b.input_ids.shape[0] // 2 for b in batches)
+
+    def _accumulate(self, chosen: Tensor, rejected: Tensor, chosen_reward: Tensor, rejected_reward: Tensor) -> None:
+        values = torch.stack([chosen_reward.sum(), rejected_reward.sum(), (chosen_reward - rejected_reward).sum(),
+                              (chosen_reward > rejected_reward).float().sum(), chosen.detach().sum(),
+                              rejected.detach().sum(), torch.full((), chosen.numel(), dtype=torch.float32,
+                                                                  device=chosen.device)])
+        self._sums = values if self._sums is None else self._sums + values
+
+    def step_metrics(self, step) -> Tensor:
+        """Means over the global batch's pairs of METRIC_NAMES, [6] on the device (every rank the same)."""
+        from qwenlink.train.step import all_reduce_sum
+
+        sums = self._sums if self._sums is not None else torch.zeros(7, dtype=torch.float32, device=step.device)
+        self._sums = None
+        # Every tp rank of a replica holds the same sums; under pp only the last stage has them.
+        total = all_reduce_sum(sums) / step.plan.tp
+        return total[:6] / total[6].clamp(min=1)
+
+    # ---- the loss of one micro batch ------------------------------------------------------------------------------
+    def _pair_loss(self, step, logps: Tensor, labels: Tensor, reference: Optional[Tensor]) -> Tensor:
+        """logps [2B] fp32, labels [2B, T] (host or device), reference [2B] or None -> the scaled summed loss."""
+        b = logps.shape[0] // 2
+        tokens = (labels != IGNORE_INDEX).sum(-1).to(logps.device, non_blocking=True).float()   # [2B]
+        ref = (None, None) if reference is None else (reference[:b].to(logps.device), reference[b:].to(logps.device))
+        losses, chosen_reward, rejected_reward = preference_losses(
+            self.opts, logps[:b], logps[b:], ref[0], ref[1], tokens[:b], tokens[b:])
+        self._accumulate(logps[:b], logps[b:], chosen_reward, rejected_reward)
+        return losses.sum() * step._scale
+
+    def _row_logps(self, step, module, batch: MicroBatch, host_labels: Tensor) -> Tensor:
+        """[2B] summed reply log-probabilities of one micro batch through `module` (pp = 1)."""
+        if step.layout.tp_mesh is not None:
+            logits = module(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+            return row_logps_from_logits(logits, batch.labels, step.layout.tp_mesh)   # logits: [2B, T, V/tp]
+        with head_detached(module) as head:
+            hidden = module(batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+        return row_logps_from_hidden(hidden, head.weight, host_labels, chunk_size=step.chunk_size)
+
+    def micro_loss(self, step, module, batch: MicroBatch, host_labels: Tensor) -> Tensor:
+        logps = self._row_logps(step, module, batch, host_labels)
+        return self._pair_loss(step, logps, host_labels, getattr(batch, "reference", None))
+
+    def head_loss(self, step, output: Tensor, target: Tensor) -> Tensor:
+        """A pipeline's last-stage loss: `target` [2B, T + 1] float64 = the labels and, last, each row's reference
+        log-probability (the schedule splits one target tensor per micro batch). In the reference pass: [2B]."""
+        labels = target[:, :-1].long()
+        logps = row_logps_from_logits(output, labels, step.layout.tp_mesh)
+        if self._reference_pass:
+            return logps.detach()
+        reference = None if self.kind == "none" else target[:, -1].float()
+        return self._pair_loss(step, logps, labels, reference)
+
+    def pipeline_target(self, batches: Sequence[MicroBatch], device: torch.device) -> Tensor:
+        """Labels + reference column of every micro batch, [n x 2B, T + 1] float64 (ids < 2^53 are exact)."""
+        parts = []
+        for b in batches:
+            ref = b.reference if getattr(b, "reference", None) is not None else \
+                torch.zeros(b.labels.shape[0], dtype=torch.float32)
+            parts.append(torch.cat([b.labels.double(), ref.double().cpu()[:, None]], dim=1))
+        return torch.cat(parts).to(device, non_blocking=True)
+
+    # ---- the reference pass ---------------------------------------------------------------------------------------
+    def prepare(self, step, batches: Sequence[MicroBatch]) -> list[MicroBatch]:
+        """The step's micro batches with their reference log-probabilities attached (computed now unless they were
+        precomputed or the objective needs none)."""
+        if self.kind in ("none", "precomputed"):
+            if self.kind == "precomputed" and any(getattr(b, "reference", None) is None for b in batches):
+                raise QwenlinkError("dpo.precompute_reference: a micro batch came without its reference "
+                                    "log-probabilities (the precomputed file was not attached)")
+            return list(batches)
+        refs = self.reference_logps(step, batches)
+        return [dataclasses.replace(b, reference=r) for b, r in zip(batches, refs)]
+
+    @torch.no_grad()
+    def reference_logps(self, step, batches: Sequence[MicroBatch], *, policy: bool = False) -> list[Tensor]:
+        """[2B] fp32 reference log-probabilities of each micro batch, on every rank, without gradients. `policy`:
+        use the policy model as it is now (the precompute pass, before the first update)."""
+        if self.kind == "copy" and not policy:
+            chunks, context = self.reference_chunks, contextlib.nullcontext()
+        else:
+            chunks = step.chunks
+            context = adapters_off(chunks.modules) if self.kind in ("adapters-off", "precomputed") else \
+                contextlib.nullcontext()
+        was_training = [m.training for m in chunks.modules]
+        for m in chunks.modules:
+            m.eval()  # no LoRA dropout in the reference
+        try:
+            with context:
+                if step.plan.pp > 1:
+                    return self._pipeline_reference(step, chunks, batches)
+                out = []
+                for host in batches:
+                    batch = host.to(step.device)
+                    with loss_context(step.layout.tp_mesh):
+                        out.append(self._row_logps(step, chunks.modules[0], batch, host.labels).float())
+                return out
+        finally:
+            for m, training in zip(chunks.modules, was_training):
+                m.train(training)
+
+    def _pipeline_reference(self, step, chunks, batches: Sequence[MicroBatch]) -> list[Tensor]:
+        """A forward-only pass of a pipeline schedule over `chunks`; the last stage's [2B] vectors are summed into
+        every pipeline rank (zeros elsewhere)."""
+        from qwenlink.parallel.pipeline import build_schedule
+        from qwenlink.train.step import pad_to_length
+
+        padded = pad_to_length(batches, step.seq_length, step.pad_id)
+        input_ids = torch.cat([b.input_ids for b in padded]).to(step.device, non_blocking=True)
+        target = self.pipeline_target(padded, step.device)
+        n = len(padded)
+        if chunks is step.chunks:
+            schedule = step.schedule_for(n)
+        else:
+            key = (id(chunks), n)
+            schedule = self._ref_schedules.get(key)
+            if schedule is None:
+                stages = list(zip(chunks.stage_ids, chunks.modules))
+                schedule = build_schedule(step.plan, stages, device=step.device, pp_group=step.layout.pp_group,
+                                          n_microbatches=n, loss_fn=step._head_loss)
+                self._ref_schedules[key] = schedule
+        losses: list[Tensor] = []
+        saved, self._reference_pass = self._reference_pass, True
+        has_backward = schedule._has_backward
+        schedule._has_backward = False  # forward only (Schedule.eval does this too, on torch versions that have it)
+        try:
+            with loss_context(step.layout.tp_mesh):
+                if chunks.has_first_stage:
+                    schedule.step(input_ids, target=target if chunks.has_last_stage else None, losses=losses)
+                elif chunks.has_last_stage:
+                    schedule.step(target=target, losses=losses)
+                else:
+                    schedule.step()
+        finally:
+            schedule._has_backward = has_backward
+            self._reference_pass = saved
+        rows = sum(b.input_ids.shape[0] for b in padded)
+        flat = torch.cat([x.float() for x in losses]) if losses else \
+            torch.zeros(rows, dtype=torch.float32, device=step.device)
+        dist.all_reduce(flat, group=step.layout.pp_group)  # only the last stage had them
+        return list(flat.split([b.input_ids.shape[0] for b in padded]))
+
+
+def options_of(cfg) -> DpoOptions:
+    return DpoOptions(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
+                      gamma=cfg.dpo.gamma)
+
+
+def build_objective(cfg, lora: Optional[object], make_reference: Callable[[], object]) -> PreferenceObjective:
+    """The job's preference objective; `make_reference` builds the frozen full copy (only called for "copy")."""
+    kind = reference_kind(cfg, lora)
+    reference_chunks = None
+    if kind == "copy":
+        reference_chunks = make_reference()
+        for param in reference_chunks.state_module.parameters():
+            param.requires_grad_(False)
+    return PreferenceObjective(options_of(cfg), kind, reference_chunks=reference_chunks)
+
+
+def validate_section(cfg) -> None:
+    """[dpo] checks that need no files (train/config.py calls this)."""
+    d = cfg.dpo
+    if cfg.job.mode != "dpo":
+        return
+    if d.beta <= 0:
+        raise QwenlinkError(f"config: dpo.beta must be positive, got {d.beta}")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise QwenlinkError(f"config: dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    if d.label_smoothing and d.loss_type not in ("sigmoid", "simpo"):
+        raise QwenlinkError(f"config: dpo.label_smoothing applies to loss_type sigmoid or simpo, not "
+                            f"{d.loss_type!r}")
+    if d.precompute_reference and d.loss_type == "simpo":
+        raise QwenlinkError("config: dpo.precompute_reference: simpo uses no reference model")
+    if cfg.data.pack:
+        raise QwenlinkError("config: data.pack is not supported for job.mode = \"dpo\" (each pair is padded)")
+    if cfg.data.valid_path:
+        raise QwenlinkError("config: data.valid_path is not supported for job.mode = \"dpo\" yet")
