@@ -10,10 +10,12 @@ Qwen1.5's and lives in models/qwen2.py; `DecoderLayer` puts a `SparseMoeBlock` w
 
 with no capacity limit (no token is dropped), so a token's output does not depend on the rest of its batch.
 
-Why the experts are stacked [E, ...] parameters rather than E `nn.Linear` modules: expert parallelism shards that
+Why the experts are stacked [E, ...] weights (`StackedLinear`) rather than E `nn.Linear` modules: expert parallelism shards that
 leading dimension (a rank holds a contiguous range of experts), a grouped GEMM reads one tensor, and FSDP2 shards one
 parameter per projection instead of 3 x E small ones. Slice e of each stacked weight is exactly HF's
-`experts.{e}.{gate,up,down}_proj.weight`, so the checkpoint mapping is a split along dim 0 (checkpoint/hf.py).
+`experts.{e}.{gate,up,down}_proj.weight` (qwenlink's name: `experts.gate_proj.weight`), so the checkpoint mapping
+is a split along dim 0 (checkpoint/hf.py), and LoRA adapts a `StackedLinear` as it adapts an `nn.Linear`
+(models/lora.py: per-expert A [E, r, in] and B [E, out, r]).
 
 The load-balancing loss needs each sparse layer's router probabilities and choices; a block keeps those of its last
 forward when `record_routing` is set (the trainer sets it; inference does not), and `load_balancing_loss` combines
@@ -22,7 +24,6 @@ them as transformers' `load_balancing_loss_func` does.
 
 from __future__ import annotations
 
-import re
 from typing import Iterator, Optional
 
 import torch
@@ -35,7 +36,6 @@ from qwenlink.models.qwen2 import MLP, InitRule
 Tensor = torch.Tensor
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 # How routed tokens reach their experts: "auto" (a grouped GEMM on CUDA where torch has one, else a loop over the
 # experts that were routed to), or forced "loop" / "grouped" (tests compare the two on CPU).
@@ -62,23 +62,15 @@ def _use_grouped(x: Tensor) -> bool:
 
 # ---- checkpoint names -----------------------------------------------------------------------------------------------
 def is_stacked_expert(name: str) -> bool:
-    """`layers.L.mlp.experts.gate_proj` (a stacked [E, ...] parameter), under any prefix."""
-    parts = name.rsplit(".", 2)
-    return len(parts) == 3 and parts[1] == "experts" and parts[2] in EXPERT_PROJECTIONS
+    """`layers.L.mlp.experts.gate_proj.weight` (a stacked [E, ...] weight), under any prefix."""
+    parts = name.rsplit(".", 3)
+    return len(parts) == 4 and parts[1] == "experts" and parts[2] in EXPERT_PROJECTIONS and parts[3] == "weight"
 
 
 def expert_keys(name: str, num_experts: int) -> list[str]:
-    """The per-expert checkpoint names of a stacked parameter: `...experts.{e}.gate_proj.weight` for each e."""
-    prefix, proj = name.rsplit(".", 1)
-    return [f"{prefix}.{e}.{proj}.weight" for e in range(num_experts)]
-
-
-def split_expert_key(key: str) -> Optional[tuple[str, int]]:
-    """`...experts.{e}.gate_proj.weight` -> (`...experts.gate_proj`, e); None for any other name."""
-    match = _EXPERT_KEY.match(key)
-    if match is None:
-        return None
-    return f"{match['prefix']}.{match['proj']}", int(match["index"])
+    """The per-expert checkpoint names of a stacked weight: `...experts.{e}.gate_proj.weight` for each e."""
+    prefix, proj, leaf = name.rsplit(".", 2)
+    return [f"{prefix}.{e}.{proj}.{leaf}" for e in range(num_experts)]
 
 
 # ---- the experts ----------------------------------------------------------------------------------------------------
@@ -100,23 +92,35 @@ def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, host_counts: Optio
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
+class StackedLinear(nn.Module):
+    """The same projection of every expert: weight [E, out, in], slice e being expert e's `nn.Linear` weight."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+    def init_rule(self, name: str, std: float) -> Optional[InitRule]:
+        """HF's init for the experts: Normal(0, initializer_range), like every other matrix."""
+        return InitRule("normal", std) if name == "weight" else None
+
+    def forward(self, x: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
+        """x [M, in], rows sorted by expert (counts [E]) -> [M, out]."""
+        return grouped_linear(x, self.weight, counts, host_counts)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights: gate_proj / up_proj [E, I, H], down_proj [E, H, I]."""
+    """E SwiGLU experts as stacked projections: gate_proj / up_proj [E, I, H], down_proj [E, H, I]."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-
-    def init_rule(self, name: str, std: float) -> Optional[InitRule]:
-        """HF's init for the experts: Normal(0, initializer_range), like every other matrix."""
-        return InitRule("normal", std) if name in EXPERT_PROJECTIONS else None
-
-    def project(self, name: str, x: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
-        """One projection of every routed row (LoRA's expert adapters override this to add their update)."""
-        return grouped_linear(x, getattr(self, name), counts, host_counts)
+        self.gate_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
+        self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
 
     def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """x [N, H]; expert_ids, weights [N, k] (each token's experts and their weights) -> [N, H]."""
@@ -128,9 +132,8 @@ class GroupedExperts(nn.Module):
         # The loop needs the counts on the host; the grouped GEMM keeps them on the device.
         host_counts = None if _use_grouped(x) else counts.tolist()
         rows = x.index_select(0, token)  # [N*k, H]
-        hidden = F.silu(self.project("gate_proj", rows, counts, host_counts)) * \
-            self.project("up_proj", rows, counts, host_counts)  # [N*k, I]
-        out = self.project("down_proj", hidden, counts, host_counts)  # [N*k, H]
+        hidden = F.silu(self.gate_proj(rows, counts, host_counts)) * self.up_proj(rows, counts, host_counts)  # [N*k, I]
+        out = self.down_proj(hidden, counts, host_counts)  # [N*k, H]
         out = out * weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # [N, H] summed over each token's k
 
