@@ -17,7 +17,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble")
 
 @dataclass
 class ParallelPlan:
-    """Sizes of each parallel dimension. world = pp x dp_replicate x dp_shard x tp."""
+    """Sizes of each parallel dimension. world = pp x dp_replicate x dp_shard x cp x tp."""
 
     tp: int = 1
     pp: int = 1
@@ -27,14 +27,21 @@ class ParallelPlan:
     sequence_parallel: bool = True  # with tp > 1: shard norms / residual activations over the sequence
     schedule: str = "1f1b"  # pipeline schedule (interleaved ones need vpp > 1)
     num_layer_list: Optional[list[int]] = None  # explicit layers per pipeline rank (ModelLink's --num-layer-list)
+    cp: int = 1  # context parallel: each sequence split over cp ranks (parallel/context.py)
 
     @property
     def dp(self) -> int:
         return self.dp_shard * self.dp_replicate
 
     @property
+    def dp_cp(self) -> int:
+        """Ranks a global batch's tokens are divided over (data-parallel replicas x context-parallel shards): each
+        holds a disjoint part of the loss, and FSDP2 averages gradients over all of them."""
+        return self.dp * self.cp
+
+    @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def num_stages(self) -> int:
@@ -42,13 +49,13 @@ class ParallelPlan:
 
 
 def plan_from_sizes(*, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1,
-                    layers_per_virtual_stage: int = 0, dp_shard: int = -1, dp_replicate: int = 1,
+                    layers_per_virtual_stage: int = 0, dp_shard: int = -1, dp_replicate: int = 1, cp: int = 1,
                     num_layers: Optional[int] = None, **kwargs) -> ParallelPlan:
     """Derive the data-parallel size from the world size (dp_shard = -1: what is left) and build a plan.
 
     `layers_per_virtual_stage` (ModelLink's --num-layers-per-virtual-pipeline-stage) is turned into vpp.
     """
-    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp), ("dp_replicate", dp_replicate)):
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp), ("dp_replicate", dp_replicate), ("cp", cp)):
         if value < 1:
             raise QwenlinkError(f"parallel.{name} must be >= 1, got {value}")
     if layers_per_virtual_stage:
@@ -58,16 +65,16 @@ def plan_from_sizes(*, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1,
             raise QwenlinkError(f"parallel: {num_layers} layers cannot be split into pipeline size {pp} x "
                                 f"{layers_per_virtual_stage} layers per virtual stage")
         vpp = num_layers // (pp * layers_per_virtual_stage)
-    model_parallel = tp * pp * dp_replicate
+    model_parallel = tp * pp * dp_replicate * cp
     if dp_shard == -1:
         if world_size % model_parallel:
-            raise QwenlinkError(f"parallel: tp ({tp}) x pp ({pp}) x dp_replicate ({dp_replicate}) = {model_parallel} "
-                                f"does not divide the world size {world_size}")
+            raise QwenlinkError(f"parallel: tp ({tp}) x pp ({pp}) x dp_replicate ({dp_replicate}) x cp ({cp}) = "
+                                f"{model_parallel} does not divide the world size {world_size}")
         dp_shard = world_size // model_parallel
-    plan = ParallelPlan(tp=tp, pp=pp, vpp=vpp, dp_shard=dp_shard, dp_replicate=dp_replicate, **kwargs)
+    plan = ParallelPlan(tp=tp, pp=pp, vpp=vpp, dp_shard=dp_shard, dp_replicate=dp_replicate, cp=cp, **kwargs)
     if plan.world_size != world_size:
-        raise QwenlinkError(f"parallel: pp ({pp}) x dp_replicate ({dp_replicate}) x dp_shard ({dp_shard}) x tp ({tp}) "
-                            f"= {plan.world_size}, but {world_size} process(es) are running")
+        raise QwenlinkError(f"parallel: pp ({pp}) x dp_replicate ({dp_replicate}) x dp_shard ({dp_shard}) x cp ({cp}) "
+                            f"x tp ({tp}) = {plan.world_size}, but {world_size} process(es) are running")
     return plan
 
 
@@ -94,6 +101,8 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Opt
     stage_layers(plan, config.num_hidden_layers)  # raises on a bad split
     if plan.sequence_parallel and plan.tp > 1 and seq_length is not None and seq_length % plan.tp:
         raise QwenlinkError(f"parallel: sequence parallelism needs seq_length {seq_length} divisible by tp {plan.tp}")
+    if seq_length is not None:
+        validate_context(plan, config, seq_length)
     if micro_batches is not None:  # per optimizer step on each data-parallel rank
         if plan.pp > 1 and micro_batches < plan.pp and plan.schedule != "gpipe":
             raise QwenlinkError(f"parallel: {micro_batches} micro batches per step cannot fill {plan.pp} pipeline "
@@ -101,6 +110,29 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Opt
         if plan.vpp > 1 and micro_batches % plan.pp:
             raise QwenlinkError(f"parallel: interleaved schedules need the micro batches per step ({micro_batches}) "
                                 f"to be a multiple of pp ({plan.pp})")
+
+
+def validate_context(plan: ParallelPlan, config: ModelConfig, seq_length: int) -> None:
+    """Context parallelism's arithmetic: 2 x cp equal chunks per sequence (a head and a tail per rank), each rank's
+    share divisible over tp under sequence parallelism, and no position past the model's (cp splits the work of a
+    sequence, it does not lengthen the model's rotary range)."""
+    if plan.cp > 1 and seq_length > config.max_position_embeddings:
+        raise QwenlinkError(f"parallel: cp {plan.cp} with data.seq_length {seq_length} > the model's "
+                            f"max_position_embeddings {config.max_position_embeddings}: context parallelism splits a "
+                            f"sequence over ranks but cannot extend the model's positions (lower seq_length to "
+                            f"<= {config.max_position_embeddings})")
+    if plan.cp == 1:
+        return
+    chunks = 2 * plan.cp
+    if seq_length % chunks:
+        raise QwenlinkError(f"parallel: cp {plan.cp} splits each sequence into 2 x cp = {chunks} chunks (a head and a "
+                            f"tail per rank), but data.seq_length {seq_length} = {seq_length // chunks} x {chunks} + "
+                            f"{seq_length % chunks} (use a multiple of {chunks}, e.g. "
+                            f"{(seq_length // chunks + 1) * chunks})")
+    local = seq_length // plan.cp
+    if plan.sequence_parallel and plan.tp > 1 and local % plan.tp:
+        raise QwenlinkError(f"parallel: each cp rank holds data.seq_length {seq_length} / cp {plan.cp} = {local} "
+                            f"tokens, which sequence parallelism cannot split over tp {plan.tp}")
 
 
 def stage_layers(plan: ParallelPlan, num_layers: int) -> list[list[int]]:

@@ -111,7 +111,7 @@ class OptimSection:
 
 @dataclass
 class ParallelSection:
-    """Parallel layout (applied by qwenlink.parallel): world size = pp x dp_replicate x dp_shard x tp."""
+    """Parallel layout (applied by qwenlink.parallel): world size = pp x dp_replicate x dp_shard x cp x tp."""
 
     tp: int = 1                     # tensor parallel (Megatron's --tensor-model-parallel-size)
     pp: int = 1                     # pipeline stages (--pipeline-model-parallel-size)
@@ -120,6 +120,7 @@ class ParallelSection:
     num_layer_list: list = field(default_factory=list)  # ModelLink's --num-layer-list: layers per pipeline rank
     dp_shard: int = -1              # FSDP2 sharding degree (ZeRO-3 like); -1: whatever is left of the world size
     dp_replicate: int = 1           # plain replicas (with dp_shard > 1: HSDP)
+    cp: int = 1                     # context parallel: each sequence split over cp ranks (--context-parallel-size)
     sequence_parallel: bool = True  # with tp > 1, shard norms / residual activations over the sequence
     schedule: str = "1f1b"          # gpipe | 1f1b | interleaved-1f1b | interleaved-zero-bubble
     compile: Optional[bool] = None  # torch.compile each decoder block; unset: on for CUDA, off elsewhere
@@ -359,7 +360,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.path):
         raise QwenlinkError(f"config: data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.path)} "
                             f"data.path entries")
-    for size in ("tp", "pp", "vpp", "dp_replicate"):
+    for size in ("tp", "pp", "vpp", "dp_replicate", "cp"):
         if getattr(cfg.parallel, size) < 1:
             raise QwenlinkError(f"config: parallel.{size} must be at least 1")
     from qwenlink.train.lora import validate_section
@@ -377,14 +378,16 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
     from qwenlink.parallel.mesh import plan_from_sizes, validate_plan
 
     p = cfg.parallel
-    if world_size < p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1):
-        raise QwenlinkError(f"config: the layout needs {p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1)} "
+    needed = p.tp * p.pp * p.dp_replicate * max(p.dp_shard, 1) * max(p.cp, 1)
+    if world_size < needed:
+        cp = f" x cp {p.cp}" if p.cp > 1 else ""
+        raise QwenlinkError(f"config: the layout needs {needed} "
                             f"processes (tp {p.tp} x pp {p.pp} x dp_replicate {p.dp_replicate} x dp_shard "
-                            f"{max(p.dp_shard, 1)}) but {world_size} process(es) are running (launch with "
+                            f"{max(p.dp_shard, 1)}{cp}) but {world_size} process(es) are running (launch with "
                             f"`qwenlink train --nproc N` or torchrun --nproc-per-node N)")
     plan = plan_from_sizes(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp,
                            layers_per_virtual_stage=p.layers_per_virtual_stage, dp_shard=p.dp_shard,
-                           dp_replicate=p.dp_replicate,
+                           dp_replicate=p.dp_replicate, cp=p.cp,
                            num_layers=model_config.num_hidden_layers if model_config is not None else None,
                            sequence_parallel=p.sequence_parallel, schedule=p.schedule,
                            num_layer_list=list(p.num_layer_list) or None)

@@ -61,8 +61,9 @@ class Item:
 
 # ---- who writes what ------------------------------------------------------------------------------------------------
 def is_stage_writer(layout: Layout) -> bool:
-    """The one rank of each pipeline rank that keeps and writes its stages' tensors: tp rank 0 of dp rank 0."""
-    return layout.tp_rank == 0 and layout.dp_rank == 0
+    """The one rank of each pipeline rank that keeps and writes its stages' tensors: tp rank 0 of dp rank 0 (and cp
+    rank 0: cp ranks hold the same parameters)."""
+    return layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
 
 
 def _is_rank0() -> bool:

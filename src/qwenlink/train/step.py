@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from qwenlink.parallel.context import pad_multiple, shard_sequence
 from qwenlink.parallel.data import set_gradient_sync
 from qwenlink.parallel.parallelize import Layout, ModelChunks
 from qwenlink.parallel.pipeline import build_schedule
@@ -78,7 +79,26 @@ class TrainStep:
         # torch.full writes the value with a kernel; torch.tensor(value, device=...) would be a blocking copy.
         # Counted in int64 (exact, and reducible on every backend), used as fp32.
         total = all_reduce_sum(torch.full((), mine, dtype=torch.int64, device=self.device))
-        return total.to(torch.float32) / (self.plan.tp * self.plan.pp)
+        return total.to(torch.float32) / (self.plan.tp * self.plan.pp * self.plan.cp)  # cp ranks count whole batches
+
+    def context_shard(self, batch: MicroBatch) -> MicroBatch:
+        """This context-parallel rank's tokens of a host micro batch (a head and a tail chunk, parallel/context.py);
+        the batch itself without cp. Unpacked SFT widths are right-padded to a multiple of 2 x cp (x tp under
+        sequence parallelism) first: pads carry no label and causal attention never looks ahead at them."""
+        cp = self.plan.cp
+        if cp == 1:
+            return batch
+        extra = -batch.input_ids.shape[1] % pad_multiple(cp, self.plan.tp, self.plan.sequence_parallel)
+        if extra:
+            if batch.attention_mask is not None or batch.position_ids is not None:
+                raise ValueError(f"context parallelism: a {batch.input_ids.shape[1]}-token batch with documents or "
+                                 f"positions cannot be padded (data.seq_length is validated to split evenly)")
+            batch = dataclasses.replace(batch, input_ids=F.pad(batch.input_ids, (0, extra), value=self.pad_id),
+                                        labels=F.pad(batch.labels, (0, extra), value=IGNORE_INDEX))
+        rank = self.layout.cp_rank
+        return dataclasses.replace(batch, input_ids=shard_sequence(batch.input_ids, cp, rank),
+                                   labels=shard_sequence(batch.labels, cp, rank),
+                                   position_ids=shard_sequence(batch.position_ids, cp, rank))
 
     def _head_loss(self, output: Tensor, labels: Tensor) -> Tensor:
         """Scaled summed CE of the last stage's logits: vocabulary-parallel with tp, full logits otherwise."""
@@ -106,7 +126,7 @@ class TrainStep:
     def forward_backward(self, batches: Sequence[MicroBatch], total_valid: Tensor) -> Tensor:
         """Accumulate the gradients of the global-batch mean loss over this rank's micro batches; returns that loss
         (the same on every rank, a device tensor: reading it is the caller's one host synchronisation)."""
-        self._scale = self.plan.dp / total_valid.clamp(min=1).to(torch.float32)
+        self._scale = self.plan.dp_cp / total_valid.clamp(min=1).to(torch.float32)
         if self.objective is not None:
             batches = self.objective.prepare(self, batches)  # e.g. the reference model's log-probabilities
         if self.plan.pp > 1:
@@ -115,6 +135,7 @@ class TrainStep:
             share = torch.zeros((), dtype=torch.float32, device=self.device)
             modules = self.chunks.modules
             for i, host in enumerate(batches):
+                host = self.context_shard(host)
                 batch = host.to(self.device)  # non_blocking
                 set_gradient_sync(modules, i == len(batches) - 1)  # FSDP2: reduce-scatter after the last only
                 with loss_context(self.layout.tp_mesh):
@@ -123,14 +144,15 @@ class TrainStep:
                     loss.backward()
                 share += loss.detach().float()
         self._sync_tied_gradients()
-        # Each replica's share is dp x its part of the mean; every tp and pp rank of a replica holds the same value.
-        return all_reduce_sum(share / self.plan.dp) / (self.plan.tp * self.plan.pp)
+        # Each replica's (and cp shard's) share is dp x cp x its part of the mean; every tp and pp rank of a replica
+        # holds the same value.
+        return all_reduce_sum(share / self.plan.dp_cp) / (self.plan.tp * self.plan.pp)
 
     def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
         """All micro batches through the schedule at once. Per-sample positions / masks cannot cross stage
         boundaries (packed samples are refused at config time); right padding needs no mask (causal attention never
         looks ahead at the pads). Returns the summed scaled loss (on every pipeline rank)."""
-        batches = pad_to_length(batches, self.seq_length, self.pad_id)
+        batches = [self.context_shard(b) for b in pad_to_length(batches, self.seq_length, self.pad_id)]
         input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
         labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True) \
             if self.objective is None else self.objective.pipeline_target(batches, self.device)
@@ -226,7 +248,8 @@ class TrainStep:
     @torch.no_grad()
     def eval_loss(self, batch: MicroBatch) -> tuple[Tensor, Tensor]:
         """Summed validation loss and valid-token count of one micro batch, this rank's share (pp must be 1)."""
-        host, batch = batch, batch.to(self.device)
+        host = self.context_shard(batch)
+        batch = host.to(self.device)
         saved, self._scale = self._scale, 1.0
         try:
             with loss_context(self.layout.tp_mesh):

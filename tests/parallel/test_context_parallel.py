@@ -1,0 +1,173 @@
+"""Context parallelism (parallel/context.py): the sequence split over cp ranks trains exactly like one process.
+
+- the CPU lower-right causal kernel (a strided mask, never materialised) equals a dense mask, values and gradients;
+- cp2 x dp2, cp2 x tp2 (sequence parallel), cp2 x pp2, with and without documents (positions and attention
+  restarting inside rows), activation checkpointing: losses and final weights equal one process (1e-5), in one
+  4-process launch;
+- `qwenlink train` at cp2 with documents equals one process, and its checkpoint resumes at cp1 and at tp2;
+- bad layouts are refused before any process starts, with the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import write_counting_corpus
+from context_reference import reference_run
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.models.presets import get_preset
+from qwenlink.parallel.context import local_indices, lower_right_attention, shard_sequence
+from qwenlink.train.config import load_config, parallel_plan
+
+WORKER = Path(__file__).resolve().parent / "context_layout_worker.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n, m, heads", [(5, 12, (4, 2)), (8, 8, (2, 2)), (3, 40, (4, 4))])
+def test_lower_right_kernel_equals_dense_mask(n, m, heads) -> None:
+    gen = torch.Generator().manual_seed(n * m)
+    q = torch.randn(2, heads[0], n, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, heads[1], m, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, heads[1], m, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, heads[0], n, 8, generator=gen, dtype=torch.float64)
+    out = lower_right_attention(q, k, v)
+    grads = torch.autograd.grad((out * upstream).sum(), (q, k, v))
+    dense = torch.ones(n, m, dtype=torch.bool).tril(m - n)  # query t sees keys 0 .. m - n + t
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=heads[0] != heads[1])
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), (q, k, v))
+    assert (out - ref).abs().max() < 1e-12
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-12
+
+
+def test_load_balanced_split_gives_each_rank_a_head_and_a_tail() -> None:
+    held = [local_indices(16, 2, r).tolist() for r in range(2)]
+    assert held == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 8, 9, 10, 11]]
+    x = torch.arange(24).view(1, 24)
+    parts = [shard_sequence(x, 3, r) for r in range(3)]
+    assert sorted(torch.cat(parts, 1)[0].tolist()) == list(range(24))
+    for r, part in enumerate(parts):
+        assert part[0].tolist() == local_indices(24, 3, r).tolist()
+
+
+@pytest.mark.parametrize("overrides, world, reason", [
+    (["--parallel.cp=2", "--data.seq_length=30"], 2,
+     "cp 2 splits each sequence into 2 x cp = 4 chunks (a head and a tail per rank), but data.seq_length 30 = 7 x 4 + 2"),
+    (["--parallel.cp=2", "--parallel.tp=4", "--data.seq_length=36"], 8,
+     "each cp rank holds data.seq_length 36 / cp 2 = 18 tokens, which sequence parallelism cannot split over tp 4"),
+    (["--parallel.cp=2", "--data.seq_length=256"], 2,
+     "cp 2 with data.seq_length 256 > the model's max_position_embeddings 128"),
+    (["--parallel.cp=2", "--parallel.tp=2"], 2, "the layout needs 4 processes (tp 2 x pp 1 x dp_replicate 1 x "
+                                                "dp_shard 1 x cp 2)"),
+])
+def test_bad_context_layouts_are_refused_with_the_arithmetic(overrides, world, reason) -> None:
+    import dataclasses
+
+    config = dataclasses.replace(get_preset("test-tiny"), max_position_embeddings=128, num_key_value_heads=4,
+                                 num_attention_heads=4)
+    cfg = load_config(None, ["--train.global_batch_size=8", *overrides])
+    with pytest.raises(QwenlinkError) as err:
+        parallel_plan(cfg, world, config)
+    assert reason in str(err.value)
+
+
+# ---- layouts against one process ----------------------------------------------------------------------------------
+RUNS = {
+    "cp2-dp2": dict(layout=dict(cp=2, dp_shard=2)),
+    "cp2-dp2-documents": dict(layout=dict(cp=2, dp_shard=2), documents=True),
+    "cp2-tp2": dict(layout=dict(cp=2, tp=2)),
+    "cp2-tp2-documents-checkpointing": dict(layout=dict(cp=2, tp=2), documents=True, ac=True),
+    "cp2-pp2": dict(layout=dict(cp=2, pp=2)),
+}
+
+
+def _spec(run: dict) -> dict:
+    return {"seed": 3, "tied": False, "global_batch": 4, "micro_batch": 1, "seq": 32, "layers": 2, **run}
+
+
+@pytest.fixture(scope="module")
+def four_process_runs(tmp_path_factory) -> Path:
+    """Every run of RUNS in one 4-process launch (each builds its own mesh in the same process group)."""
+    out = tmp_path_factory.mktemp("cp_layouts")
+    runs = {name: _spec(run) for name, run in RUNS.items()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(WORKER), str(out),
+           json.dumps(runs)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_context_parallel_layout_equals_one_process(four_process_runs, name) -> None:
+    parts = [torch.load(p, weights_only=True) for p in sorted((four_process_runs / name).glob("pp*.pt"))]
+    state = {k: v for part in parts for k, v in part["state"].items()}
+    ref_losses, ref_state = reference_run(_spec(RUNS[name]))
+    for step, (a, b) in enumerate(zip(parts[0]["losses"], ref_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} vs one process {b}"
+    assert state.keys() == ref_state.keys()
+    for key, tensor in state.items():
+        assert (tensor - ref_state[key]).abs().max().item() <= 1e-5, key
+
+
+# ---- the train command ----------------------------------------------------------------------------------------------
+def _train(corpus: str, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    args = ["train", "--model.preset=test-tiny", "--model.arch.num_hidden_layers=2", f"--data.path={corpus}",
+            "--data.seq_length=48", "--data.reset_attention_mask=true", "--data.reset_position_ids=true",
+            "--data.eod_id=10", "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.train_iters=4",
+            "--train.device=cpu", "--optim.lr=1e-3", "--optim.implementation=foreach", "--job.seed=3",
+            f"--job.output_dir={out}", "--metrics.tensorboard=false", "--metrics.progress=lines",
+            "--metrics.log_interval=1", "--checkpoint.interval=2", *extra]
+    cmd = [sys.executable, "-m", "qwenlink.cli", *args] + ([f"--nproc={nproc}"] if nproc else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _close(got: dict[int, float], ref: dict[int, float], steps) -> None:
+    for step in steps:
+        assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), f"step {step}: {got[step]} vs {ref[step]}"
+
+
+def test_train_command_at_cp2_with_documents_equals_one_process_and_resumes_at_cp1_and_tp2(tmp_path) -> None:
+    """One process and cp2 (documents, restarting positions) give the same losses for 4 steps; the cp2 checkpoint
+    of step 2 resumes in one process and at tp2 with the uninterrupted run's losses for steps 3 and 4."""
+    corpus = write_counting_corpus(tmp_path / "corpus", 80)
+    single = tmp_path / "single"
+    result = _train(corpus, single)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = tmp_path / "cp2"
+    result = _train(corpus, first, "--parallel.cp=2", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(_losses(first), _losses(single), [1, 2, 3, 4])
+    for name, layout, nproc in (("cp1", [], None), ("tp2", ["--parallel.tp=2"], 2)):
+        out = tmp_path / name
+        shutil.copytree(first / "checkpoints", out / "checkpoints")
+        shutil.rmtree(out / "checkpoints" / "step_00000004")
+        (out / "checkpoints" / "latest").write_text("step_00000002\n")
+        result = _train(corpus, out, *layout, nproc=nproc)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "resumed from" in result.stdout and "step 2" in result.stdout
+        _close(_losses(out), _losses(single), [3, 4])
+
+
+def test_bad_context_layout_is_refused_before_launch(tmp_path) -> None:
+    corpus = write_counting_corpus(tmp_path / "corpus", 10)
+    result = _train(corpus, tmp_path / "run", "--parallel.cp=2", "--data.seq_length=50", nproc=2)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "data.seq_length 50 = 12 x 4 + 2" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
