@@ -1,4 +1,5 @@
-"""`qwenlink plot RUN_DIR`: loss / learning rate / throughput curves of a run's metrics.jsonl as one PNG."""
+"""`qwenlink plot RUN_DIR`: loss / learning rate / throughput curves (and a DPO run's rewards, reward accuracy and
+log-probabilities) of a run's metrics.jsonl as one PNG."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 PANELS = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s_per_device", "tokens/s per device"),
           ("grad_norm", "gradient norm")]
+# job.mode = "dpo" runs also log these (train/dpo.py): one panel per title, its series drawn together.
+DPO_PANELS = [("rewards", ("rewards/chosen", "rewards/rejected", "rewards/margin")),
+              ("reward accuracy", ("rewards/accuracy",)), ("log-probabilities", ("logps/chosen", "logps/rejected"))]
+
+
+def panels_for(records: list[dict]) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, metric keys) of every panel the run's records have data for."""
+    panels = [(title, (key,)) for key, title in PANELS]
+    if any("rewards/margin" in r for r in records):
+        panels += DPO_PANELS
+    return panels
 
 
 def plot_run(run_dir: str | Path, output: Optional[str | Path] = None) -> Path:
@@ -55,8 +67,9 @@ def _plot_builtin(records: list[dict], out: Path) -> Path:
     from qwenlink.png_chart import Panel, write_png
 
     panels = []
-    for key, title in PANELS:
-        panel = Panel(title, [(key, *_series(records, key))])
+    for title, keys in panels_for(records):
+        key = keys[0]
+        panel = Panel(title, [(k, *_series(records, k)) for k in keys])
         if key == "loss" and _series(records, "val_loss")[0]:
             panel.series.append(("validation", *_series(records, "val_loss")))
         panels.append(panel)
@@ -67,10 +80,18 @@ def _plot_matplotlib(plt, records: list[dict], run_dir: str | Path, out: Path) -
     def series(key: str) -> tuple[list[int], list[float]]:
         return _series(records, key)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        xs, ys = series(key)
-        ax.plot(xs, ys, label=key)
+    panels = panels_for(records)
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 3.5 * rows))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        key = keys[0]
+        for k in keys:
+            xs, ys = series(k)
+            ax.plot(xs, ys, label=k)
+        if len(keys) > 1:
+            ax.legend()
         if key == "loss":
             vx, vy = series("val_loss")
             if vx:

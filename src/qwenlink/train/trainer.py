@@ -41,6 +41,7 @@ from qwenlink.train import lora as lora_train
 from qwenlink.train.config import JobConfig, accumulation_steps, parallel_plan
 from qwenlink.train.data import MicroBatch, MicroBatchStream, build_dataset
 from qwenlink.train.loss import IGNORE_INDEX
+from qwenlink.train.moe import RouterAuxLoss, check_moe_job
 from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, peak_tflops, throughput
 from qwenlink.train.optim import Scheduler, build_optimizer
 from qwenlink.train.plan import check_fits
@@ -139,17 +140,20 @@ class StepResult:
     lr: float
     finite: torch.Tensor  # False: the update was skipped (loss or gradient norm not finite)
     metrics: Optional[torch.Tensor] = None  # job.mode = "dpo": train/dpo.py's METRIC_NAMES, [6]
+    aux_loss: Optional[torch.Tensor] = None  # a mixture of experts' load-balancing loss (train/moe.py), not in `loss`
 
 
-def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool, list[float]]]:
-    """(loss, gradient norm, finite, objective metrics) of each step, read from the device in one copy (one host
-    synchronisation)."""
+def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool, list[float], Optional[float]]]:
+    """(loss, gradient norm, finite, objective metrics, MoE aux loss or None) of each step, read from the device in
+    one copy (one host synchronisation)."""
     if not results:
         return []
     values = torch.stack([torch.cat([torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]),
-                                     r.metrics.float() if r.metrics is not None else r.loss.new_zeros(0)])
+                                     r.metrics.float() if r.metrics is not None else r.loss.new_zeros(0),
+                                     r.aux_loss.float().reshape(1) if r.aux_loss is not None else r.loss.new_zeros(0)])
                           for r in results])
-    return [(row[0], row[1], row[2] == 1.0, row[3:]) for row in values.tolist()]
+    return [(row[0], row[1], row[2] == 1.0, row[3:-1] if r.aux_loss is not None else row[3:],
+             row[-1] if r.aux_loss is not None else None) for r, row in zip(results, values.tolist())]
 
 
 # ---- one rank's model and step, from the job alone -----------------------------------------------------------------
@@ -230,6 +234,7 @@ def build_step_parts(cfg: JobConfig, model_config: ModelConfig, plan: ParallelPl
                                                                     load_weights=load_weights))
     step_fn = TrainStep(chunks, layout, chunk_size=cfg.train.loss_chunk_size, seq_length=cfg.data.seq_length,
                         pad_id=cfg.data.pad_id, objective=objective)
+    step_fn.router_aux = RouterAuxLoss.for_model(chunks.state_module, model_config)  # None for a dense model
     optimizer = build_optimizer(chunks.state_module, cfg.optim)
     return StepParts(layout, chunks, step_fn, optimizer, Scheduler(optimizer, cfg))
 
@@ -239,13 +244,15 @@ def run_step(parts: StepParts, batches: Sequence[MicroBatch], step: int, *, clip
     -> clipping -> the update, skipped on the device when the loss or the gradient norm is not finite."""
     lr = parts.scheduler.apply(step)
     step_fn = parts.step_fn
-    loss = step_fn.forward_backward(batches, step_fn.count_valid(batches))
+    total_valid = step_fn.count_valid(batches)
+    loss = step_fn.forward_backward(batches, total_valid)
+    aux = step_fn.router_aux.step_mean(total_valid) if step_fn.router_aux is not None else None
     grad_norm = step_fn.clip_grad_norm_(clip_grad if clip_grad > 0 else math.inf)
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     step_if_finite(parts.optimizer, finite)
     parts.optimizer.zero_grad(set_to_none=True)
     metrics = step_fn.objective.step_metrics(step_fn) if step_fn.objective is not None else None
-    return StepResult(step, loss, grad_norm, lr, finite, metrics)
+    return StepResult(step, loss, grad_norm, lr, finite, metrics, aux)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -283,6 +290,7 @@ class Trainer:
         if self.distributed and self.rank == 0:
             distrib.barrier()
         self.lora = lora_train.lora_of(cfg)
+        check_moe_job(self.model_config, self.plan, self.lora.targets() if self.lora else (), cfg.lora.export_adapter)
         self.parts = build_step_parts(cfg, self.model_config, self.plan, self.device, lora=self.lora)
         self.layout, self.chunks, self.step_fn = self.parts.layout, self.parts.chunks, self.parts.step_fn
         self.optimizer, self.scheduler = self.parts.optimizer, self.parts.scheduler
@@ -346,8 +354,10 @@ class Trainer:
         (every rank reads the same values, so all take the same decision)."""
         done = list(pending)
         pending.clear()
-        for (record, result), (loss, grad_norm, finite, extra) in zip(done, read_results([r for _, r in done])):
+        for (record, result), (loss, grad_norm, finite, extra, aux) in zip(done, read_results([r for _, r in done])):
             record.update(loss=loss, grad_norm=grad_norm)
+            if aux is not None:  # a mixture of experts' load-balancing loss (its coefficient not applied)
+                record["aux_loss"] = aux
             if extra:  # dpo: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/...
                 from qwenlink.train.dpo import METRIC_NAMES
 
@@ -504,6 +514,9 @@ class Trainer:
                             step % cfg.metrics.eval_interval == 0:
                         record.update(self.evaluate())
                     line = format_line(record, total)
+                    if "rewards/accuracy" in record:  # dpo
+                        line += (f" | reward acc {record['rewards/accuracy']:.2f} margin "
+                                 f"{record['rewards/margin']:.3g}")
                     if "val_loss" in record:
                         line += f" | val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
                     metrics.log(record, line)
