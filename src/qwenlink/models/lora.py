@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.models.lora_experts import LoraStackedLinear
 from qwenlink.models.qwen2 import InitRule
+from qwenlink.models.qwen2_moe import StackedLinear
 
 Tensor = torch.Tensor
 
@@ -200,14 +202,35 @@ def _layer_body(layer: nn.Module) -> nn.Module:
     return getattr(layer, "_checkpoint_wrapped_module", layer)
 
 
-def iter_lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+def _slots(body: nn.Module, proj: str) -> Iterator[tuple[str, nn.Module, str]]:
+    """(path inside the layer, parent module, attribute) of each matrix a projection name means in one layer: one
+    for attention and a dense MLP; in a mixture of experts' layer, the routed experts' stacked projection and the
+    shared expert's (both are "gate_proj" / "up_proj" / "down_proj" in HF's names)."""
+    parent_name = PROJECTIONS[proj]
+    parent = getattr(body, parent_name)
+    if parent_name == "mlp" and not hasattr(parent, proj):  # models/qwen2_moe.py's SparseMoeBlock
+        yield f"mlp.experts.{proj}", parent.experts, proj
+        yield f"mlp.shared_expert.{proj}", parent.shared_expert, proj
+    else:
+        yield f"{parent_name}.{proj}", parent, proj
+
+
+def _adapted(module: nn.Module, cfg: LoraConfig, adapter_dtype: Optional[torch.dtype]) -> nn.Module:
+    if isinstance(module, StackedLinear):
+        return LoraStackedLinear(module, r=cfg.r, scaling=cfg.scaling, dropout=float(cfg.dropout),
+                                 adapter_dtype=adapter_dtype)
+    return LoraLinear.from_linear(module, cfg, adapter_dtype)
+
+
+def iter_lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLinear | LoraStackedLinear]]:
     """(qwenlink module name, module) of every adapted projection, e.g. ('layers.3.mlp.up_proj', ...)."""
     for layer_id, layer in model.layers.items():
         body = _layer_body(layer)
-        for proj, parent in PROJECTIONS.items():
-            module = getattr(getattr(body, parent), proj)
-            if isinstance(module, LoraLinear):
-                yield f"layers.{layer_id}.{parent}.{proj}", module
+        for proj in PROJECTIONS:
+            for path, parent, attr in _slots(body, proj):
+                module = getattr(parent, attr)
+                if isinstance(module, (LoraLinear, LoraStackedLinear)):
+                    yield f"layers.{layer_id}.{path}", module
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, *, adapter_dtype: Optional[torch.dtype] = None,
@@ -225,10 +248,9 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, *, adapter_dtype: Optional[tor
     for layer_id, layer in model.layers.items():
         body = _layer_body(layer)
         for proj in targets:
-            if modules is not None and f"layers.{layer_id}.{PROJECTIONS[proj]}.{proj}" not in modules:
-                continue
-            parent = getattr(body, PROJECTIONS[proj])
-            setattr(parent, proj, LoraLinear.from_linear(getattr(parent, proj), cfg, adapter_dtype))
+            for path, parent, attr in list(_slots(body, proj)):
+                if modules is None or f"layers.{layer_id}.{path}" in modules:
+                    setattr(parent, attr, _adapted(getattr(parent, attr), cfg, adapter_dtype))
     for param in model.parameters():
         param.requires_grad_(False)
     for _, module in iter_lora_modules(model):
@@ -289,7 +311,8 @@ def init_adapters(model: nn.Module, seed: Optional[int] = None) -> None:
 
 
 def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """weight + scaling x B @ A in fp32, returned in weight's dtype. weight: [out, in], A: [r, in], B: [out, r]."""
+    """weight + scaling x B @ A in fp32, returned in weight's dtype. weight: [out, in], A: [r, in], B: [out, r]
+    (or stacked experts: [E, out, in], [E, r, in], [E, out, r], one product per expert)."""
     return (weight.float() + scaling * (lora_B.float() @ lora_A.float())).to(weight.dtype)
 
 
@@ -300,13 +323,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
     The result has exactly the base model's parameter names and is trainable again as a whole.
     """
     for name, module in list(iter_lora_modules(model)):
-        _, layer_id, parent_name, proj = name.split(".")
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
-                          dtype=module.weight.dtype)
+        _, layer_id, path = name.split(".", 2)
+        parent_path, attr = path.rsplit(".", 1)
+        if isinstance(module, LoraStackedLinear):
+            with torch.device("meta"):
+                plain = StackedLinear(module.num_experts, module.in_features, module.out_features)
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                              dtype=module.weight.dtype)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.detach().clone())
         plain.weight = nn.Parameter(merged_weight(module.weight, module.lora_A, module.lora_B, module.scaling))
-        if module.bias is not None:
-            plain.bias = nn.Parameter(module.bias.detach().clone())
-        setattr(getattr(_layer_body(model.layers[layer_id]), parent_name), proj, plain)
+        setattr(_layer_body(model.layers[layer_id]).get_submodule(parent_path), attr, plain)
     for param in model.parameters():
         param.requires_grad_(True)
     return model

@@ -14,6 +14,7 @@ What each parameter is drawn from (normal, zeros, ones, uniform) is the model's 
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Iterator, Optional
 
 import torch
@@ -65,13 +66,19 @@ def init_parameter(param: torch.Tensor, name: str, rule: InitRule, seed: int) ->
     if rule.kind in ("zeros", "ones"):
         local.fill_(0.0 if rule.kind == "zeros" else 1.0)
         return
-    if param.dim() not in (1, 2):
-        raise ValueError(f"{name}: layout-independent init handles 1-D and 2-D parameters, got {list(param.shape)}")
     full = tuple(param.shape)
-    width = full[1] if param.dim() == 2 else 1
+    if param.dim() > 2:
+        # Stacked weights (a mixture of experts' [E, out, in]) are drawn as the 2-D [E x out, in] they flatten to;
+        # a shard may split the leading (expert) and the last dimension only, which keeps its rows contiguous.
+        inner = math.prod(full[1:-1])
+        if any(offsets[d] != 0 or sizes[d] != full[d] for d in range(1, param.dim() - 1)):
+            raise ValueError(f"{name}: layout-independent init of {list(full)} sharded inside its middle dimensions")
+        full, local = (full[0] * inner, full[-1]), local.view(sizes[0] * inner, sizes[-1])
+        offsets, sizes = (offsets[0] * inner, offsets[-1]), (sizes[0] * inner, sizes[-1])
+    width = full[1] if len(full) == 2 else 1
     rows_per_block = max(1, BLOCK_ELEMENTS // width)
     row_start, row_stop = offsets[0], offsets[0] + sizes[0]
-    columns = slice(offsets[1], offsets[1] + sizes[1]) if param.dim() == 2 else None
+    columns = slice(offsets[1], offsets[1] + sizes[1]) if len(full) == 2 else None
     generator = torch.Generator(device=local.device)
     for block in range(row_start // rows_per_block, (row_stop - 1) // rows_per_block + 1):
         first = block * rows_per_block

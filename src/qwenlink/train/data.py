@@ -36,6 +36,9 @@ class MicroBatch:
     labels: torch.Tensor
     position_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor | DocumentMask] = None  # 2-D padding [B, T] or documents
+    # [B, T] 1 = a real token, 0 = padding, on the host (right-padded SFT rows, which need no attention mask): what
+    # a mixture of experts' load-balancing loss counts (train/moe.py). None: every token is real.
+    token_mask: Optional[torch.Tensor] = None
 
     def pinned(self) -> "MicroBatch":
         """The same batch in page-locked host memory (copies to an accelerator can then overlap compute)."""
@@ -122,7 +125,7 @@ def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
         # Right padding needs neither the padding mask nor positions: under causal attention a real token never sees
         # the pads after it, and its position is its index. Plain causal attention (is_causal, no [B, 1, T, T]
         # mask) keeps flash / memory-efficient kernels; the pads' own outputs carry no label.
-        return MicroBatch(b["input_ids"], b["labels"])
+        return MicroBatch(b["input_ids"], b["labels"], token_mask=b["attention_mask"])
     input_ids = torch.stack([torch.as_tensor(s["input_ids"]) for s in samples]).long()  # [B, T]
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()        # [B, T]
     if "segment_ids" in samples[0]:

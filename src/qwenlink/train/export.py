@@ -34,8 +34,9 @@ import torch
 
 from qwenlink.checkpoint.chat_export import GENERATION_CONFIG
 from qwenlink.checkpoint.dtypes import safetensors_dtype
-from qwenlink.checkpoint.hf import (hf_name, shard_file_name, shard_plan, unwrapped_name, write_index, write_metadata,
-                                    write_shard)
+from qwenlink.checkpoint.hf import (hf_entries, shard_file_name, shard_plan, unwrapped_name, write_index,
+                                    write_metadata, write_shard)
+from qwenlink.models.qwen2_moe import is_stacked_expert
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text, publish
 from qwenlink.models.config import ModelConfig
@@ -155,8 +156,9 @@ def write_stage_shards(items: list[Item], staging: Path, stage: int, *, keep: bo
         tensors: dict[str, torch.Tensor] = {}
         for name in names:
             tensor = assemble(by_name[name], keep=keep and error is None)
-            if tensor is not None:
-                tensors[hf_name(name)] = tensor
+            if tensor is not None:  # a mixture of experts' stacked weight is written as one tensor per expert
+                for key, row in hf_entries(name, tensor.shape[0] if is_stacked_expert(name) else 0):
+                    tensors[key] = tensor if row is None else tensor[row]
         if tensors:
             try:
                 write_shard(staging / f"stage-{stage:05d}-{number:05d}.safetensors", tensors)
@@ -251,7 +253,8 @@ def _model_order(config: ModelConfig) -> list[str]:
     """HF names of a full model in its own order (a tied head omitted), what save_hf_model's index lists."""
     with torch.device("meta"):
         names = [n for n, _ in Qwen2Model(config).named_parameters()]
-    return [hf_name(n) for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    return [key for n in names if not (config.tie_word_embeddings and n == "lm_head.weight")
+            for key, _ in hf_entries(n, config.num_experts)]
 
 
 def publish_hf(staging: Path, target: Path, config: ModelConfig, tokenizer: Any, chat: bool = False) -> None:

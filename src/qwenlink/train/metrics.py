@@ -218,9 +218,11 @@ class MetricsLogger:
 
 def format_line(r: dict[str, Any], total_steps: int) -> str:
     """The human-readable summary of one log record."""
-    parts = [f"step {r['step']}/{total_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3g}",
-             f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s", f"{r['tokens_per_s_per_device']:.0f} tok/s/p",
-             f"{r['tflops']:.3g} TFLOP/s"]
+    parts = [f"step {r['step']}/{total_steps}", f"loss {r['loss']:.4f}"]
+    if "aux_loss" in r:  # a mixture of experts' load-balancing loss, apart from the LM loss
+        parts.append(f"aux {r['aux_loss']:.4f}")
+    parts += [f"lr {r['lr']:.3g}", f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s",
+              f"{r['tokens_per_s_per_device']:.0f} tok/s/p", f"{r['tflops']:.3g} TFLOP/s"]
     if math.isfinite(r.get("mfu", math.nan)):
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     parts.append(f"mem {r['peak_memory_gb']:.2f} GB")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from qwenlink.parallel.pipeline import build_schedule
 from qwenlink.parallel.tensor import loss_context, vocab_parallel_loss
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import IGNORE_INDEX, model_loss
+from qwenlink.train.moe import RouterAuxLoss
 
 Tensor = torch.Tensor
 
@@ -70,6 +71,8 @@ class TrainStep:
         self.chunk_size, self.seq_length, self.pad_id = chunk_size, seq_length, pad_id
         self._schedules: dict[int, object] = {}
         self._scale: Tensor | float = 1.0
+        # A mixture of experts' load-balancing term (train/moe.py), set by the trainer for MoE models.
+        self.router_aux: Optional[RouterAuxLoss] = None
 
     # ---- the loss ---------------------------------------------------------------------------------------------------
     def count_valid(self, batches: Sequence[MicroBatch]) -> Tensor:
@@ -127,6 +130,8 @@ class TrainStep:
         """Accumulate the gradients of the global-batch mean loss over this rank's micro batches; returns that loss
         (the same on every rank, a device tensor: reading it is the caller's one host synchronisation)."""
         self._scale = self.plan.dp_cp / total_valid.clamp(min=1).to(torch.float32)
+        if self.router_aux is not None:
+            self.router_aux.begin_step(self.device)
         if self.objective is not None:
             batches = self.objective.prepare(self, batches)  # e.g. the reference model's log-probabilities
         if self.plan.pp > 1:
@@ -140,8 +145,12 @@ class TrainStep:
                 set_gradient_sync(modules, i == len(batches) - 1)  # FSDP2: reduce-scatter after the last only
                 with loss_context(self.layout.tp_mesh):
                     loss = self._micro_loss(batch, host.labels)
+                objective = loss
+                if self.router_aux is not None:  # reported apart: `share` stays the LM loss
+                    objective = loss + self.router_aux.term(modules[0], host.token_mask,
+                                                            int((host.labels != IGNORE_INDEX).sum()), self._scale)
                 with loss_context(self.layout.tp_mesh):
-                    loss.backward()
+                    objective.backward()
                 share += loss.detach().float()
         self._sync_tied_gradients()
         # Each replica's (and cp shard's) share is dp x cp x its part of the mean; every tp and pp rank of a replica

@@ -1,0 +1,134 @@
+"""Training Qwen1.5-MoE through the trainer (issue #18, deliverable 3): the step's gradients equal transformers'
+Qwen2MoeForCausalLM loss + router_aux_loss_coef x aux, the aux loss is reported apart, SFT leaves padding out of it,
+LoRA adapts the experts, and what a MoE job cannot combine yet is refused in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import run_cli
+from moe_helpers import VOCAB, make_hf_moe_model
+from qwenlink.errors import QwenlinkError
+from qwenlink.models.lora_experts import LoraStackedLinear
+from qwenlink.parallel.mesh import ParallelPlan
+from qwenlink.train.data import MicroBatch
+from qwenlink.train.moe import check_moe_job
+from qwenlink.train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def hf_moe(tmp_path_factory):
+    return make_hf_moe_model(tmp_path_factory.mktemp("hf_moe_train"))
+
+
+def _quiet(cfg) -> Trainer:
+    return Trainer(cfg, stream=io.StringIO())
+
+
+def test_step_gradients_equal_transformers_loss_plus_aux(make_config, hf_moe) -> None:
+    """One micro batch: LM loss, aux and every gradient (attention, router, experts, shared expert) as transformers
+    computes them for loss = CE + 0.001 x aux."""
+    hf, path = hf_moe
+    t = _quiet(make_config(f"model.init_from={path}", "model.preset=", "train.global_batch_size=2",
+                           "checkpoint.save_final=false"))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    step = t.step_fn
+    total = step.count_valid([MicroBatch(ids, labels)])
+    loss = step.forward_backward([MicroBatch(ids, labels)], total)
+    aux = step.router_aux.step_mean(total)
+    hf.zero_grad()
+    out = hf(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    assert abs(aux.item() - out.aux_loss.item()) <= 1e-6
+    assert abs(loss.item() - (out.loss.item() - 0.001 * out.aux_loss.item())) <= 1e-5
+    grads = {n: p.grad for n, p in t.model.named_parameters()}
+    ref = {n: p.grad for n, p in hf.named_parameters()}
+    ffn = hf.config.moe_intermediate_size
+    pairs = [("layers.1.self_attn.q_proj.weight", ref["model.layers.1.self_attn.q_proj.weight"]),
+             ("layers.0.mlp.gate.weight", ref["model.layers.0.mlp.gate.weight"]),
+             ("layers.0.mlp.shared_expert_gate.weight", ref["model.layers.0.mlp.shared_expert_gate.weight"]),
+             ("layers.1.mlp.shared_expert.up_proj.weight", ref["model.layers.1.mlp.shared_expert.up_proj.weight"]),
+             ("layers.0.mlp.experts.gate_proj.weight", ref["model.layers.0.mlp.experts.gate_up_proj"][:, :ffn]),
+             ("layers.0.mlp.experts.up_proj.weight", ref["model.layers.0.mlp.experts.gate_up_proj"][:, ffn:]),
+             ("layers.1.mlp.experts.down_proj.weight", ref["model.layers.1.mlp.experts.down_proj"])]
+    for name, expected in pairs:
+        assert (grads[name] - expected).abs().max().item() <= 1e-6, name
+
+
+def test_pretrain_through_the_cli_logs_aux_apart(make_config, tmp_path) -> None:
+    """`qwenlink train` on the qwen-moe-tiny preset (vocabulary cut to the test corpus'): aux in log and jsonl."""
+    cfg_file = tmp_path / "moe.toml"
+    cfg_file.write_text("[model]\npreset = 'qwen-moe-tiny'\n[model.arch]\nvocab_size = 320\n")
+    cfg = make_config()
+    result = run_cli("train", "--config", str(cfg_file), f"--data.path={cfg.data.path[0]}", "--data.seq_length=16",
+                     "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.train_iters=3",
+                     "--train.device=cpu", "--metrics.tensorboard=false", "--metrics.progress=lines",
+                     "--metrics.jsonl=true", "--checkpoint.save_final=false", f"--job.output_dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert " | aux " in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+               if '"aux_loss"' in line]
+    assert records and all(r["aux_loss"] >= 1.0 - 1e-6 and math.isfinite(r["loss"]) for r in records)
+
+
+def test_sft_leaves_padding_out_of_aux(make_config, sft_prefix: str, hf_moe) -> None:
+    """Right-padded SFT rows carry a token mask; aux over the real tokens only, as transformers with the attention
+    mask. Full fine-tuning from the HF checkpoint runs to the end."""
+    from qwenlink.models.qwen2_moe import load_balancing_loss
+
+    hf, path = hf_moe
+    t = _quiet(make_config("job.mode=sft", f"data.path={sft_prefix}", "data.seq_length=32", "data.pad_id=0",
+                           f"model.init_from={path}", "model.preset=", "train.train_iters=2",
+                           "checkpoint.save_final=false"))
+    batch = t.data.next()
+    assert batch.token_mask is not None and 0 < int(batch.token_mask.sum()) < batch.token_mask.numel()
+    with torch.no_grad():
+        ref = hf(batch.input_ids, attention_mask=batch.token_mask, output_router_logits=True).aux_loss
+        t.model(batch.input_ids)  # right padding: the real tokens' routing does not depend on the pads
+        got = load_balancing_loss(t.model, batch.token_mask)
+    assert abs(got.item() - ref.item()) <= 1e-6
+    t.train()
+    assert len(t.history) == 2 and all(math.isfinite(r["aux_loss"]) for r in t.history)
+
+
+def test_lora_on_experts_trains_adapters_only_and_exports_merged(make_config, hf_moe, tmp_path) -> None:
+    from transformers import Qwen2MoeForCausalLM
+
+    _, path = hf_moe
+    t = _quiet(make_config(f"model.init_from={path}", "model.preset=", "lora.enabled=true", "lora.r=4",
+                           "lora.target_modules=[\"q_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]",
+                           "optim.lr=5e-2", "train.train_iters=2", "checkpoint.save_final=false",
+                           f"checkpoint.export_hf={tmp_path / 'merged'}"))
+    experts = t.model.layers["0"].mlp.experts
+    assert isinstance(experts.down_proj, LoraStackedLinear) and experts.down_proj.lora_A.shape == (8, 4, 32)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.train()
+    changed = {n for n, p in t.model.named_parameters() if not torch.equal(p, before[n])}
+    assert "layers.0.mlp.experts.gate_proj.lora_B" in changed and "layers.1.mlp.shared_expert.up_proj.lora_B" in changed
+    assert all(n.endswith((".lora_A", ".lora_B")) for n in changed)
+    assert all(math.isfinite(r["aux_loss"]) for r in t.history)
+    merged = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    t.model.eval()
+    with torch.no_grad():
+        assert (merged(ids).logits - t.model(ids)).abs().max().item() <= 1e-5
+
+
+def test_unsupported_moe_layouts_and_peft_export_refused(make_config, hf_moe) -> None:
+    _, path = hf_moe
+    from qwenlink.checkpoint.loader import read_config
+
+    moe = read_config(path)
+    for field in ("tp", "pp"):
+        with pytest.raises(QwenlinkError, match=rf"^parallel.{field} = 2: a mixture-of-experts model"):
+            check_moe_job(moe, ParallelPlan(**{field: 2}), (), "")
+    with pytest.raises(QwenlinkError, match=r"^lora.export_adapter: adapters on a mixture of experts' feed-forward"):
+        _quiet(make_config(f"model.init_from={path}", "model.preset=", "lora.enabled=true",
+                           "lora.target_modules=[\"gate_proj\"]", "lora.export_adapter=/tmp/never-written"))
