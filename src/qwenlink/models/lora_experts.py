@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwenlink.models.qwen2 import InitRule
+from qwenlink.models.layers import InitRule
 from qwenlink.models.qwen2_moe import StackedLinear, grouped_linear
 
 Tensor = torch.Tensor

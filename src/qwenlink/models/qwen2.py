@@ -13,7 +13,6 @@ Module names equal HF's without the `model.` prefix, which keeps the HF checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,6 +21,8 @@ from torch import nn
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.documents import DocumentMask, document_attention
+from qwenlink.models.layers import MLP, InitRule
+from qwenlink.models.qwen2_moe import SparseMoeBlock
 
 Tensor = torch.Tensor
 
@@ -173,21 +174,6 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). `intermediate_size`: another width than the config's (a
-    mixture of experts' shared expert)."""
-
-    def __init__(self, config: ModelConfig, intermediate_size: Optional[int] = None) -> None:
-        super().__init__()
-        ffn = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, ffn, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, config.hidden_size, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). The feed-forward is the dense MLP, or a
     mixture of experts (models/qwen2_moe.py) where the config makes layer `index` sparse."""
@@ -197,12 +183,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if config.is_moe_layer(index):
-            from qwenlink.models.qwen2_moe import SparseMoeBlock  # imports this module's MLP: imported on use
-
-            self.mlp: nn.Module = SparseMoeBlock(config)
-        else:
-            self.mlp = MLP(config)
+        self.mlp: nn.Module = SparseMoeBlock(config) if config.is_moe_layer(index) else MLP(config)
 
     def forward(self, x: Tensor, rope: RotaryTables, mask: Optional[Tensor | DocumentMask], *,
                 kv_cache: Optional[KVCache] = None, layer_id: str = "", cache: Optional[tuple] = None) -> Tensor:
@@ -233,23 +214,6 @@ def build_attention_mask(attention_mask: Optional[Tensor], query_slots: Tensor, 
         allowed = allowed & attention_mask[:, None, None, :key_length].to(device=device, dtype=torch.bool)
         allowed = allowed | (k_pos == q_pos)
     return allowed
-
-
-@dataclass(frozen=True)
-class InitRule:
-    """How one parameter starts: "normal" (std = scale), "uniform" (in [-scale, scale]), "zeros" or "ones"."""
-
-    kind: str
-    scale: float = 0.0
-
-    def apply_(self, param: Tensor) -> None:
-        """Draw in place from torch's global generator."""
-        if self.kind == "normal":
-            nn.init.normal_(param, mean=0.0, std=self.scale)
-        elif self.kind == "uniform":
-            nn.init.uniform_(param, -self.scale, self.scale)
-        else:
-            nn.init.zeros_(param) if self.kind == "zeros" else nn.init.ones_(param)
 
 
 def init_rule(module: nn.Module, param_name: str, std: float) -> InitRule:

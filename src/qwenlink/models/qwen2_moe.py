@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.models.config import ModelConfig
-from qwenlink.models.qwen2 import MLP, InitRule
+from qwenlink.models.layers import MLP, InitRule
 
 Tensor = torch.Tensor
 
