@@ -65,7 +65,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"{cfg.job.name}: {world} x {device.name} ({device.note}), {gib(plan.device_memory_bytes)} each, "
           f"{gib(plan.usable_bytes)} usable after {HEADROOM:.0%} headroom for the allocator")
     print(f"layout: tp {layout.tp} x pp {layout.pp}{f' (vpp {layout.vpp})' if layout.vpp > 1 else ''} x dp "
-          f"{layout.dp_replicate} replicate x {layout.dp_shard} shard, sequence parallel "
+          f"{layout.dp_replicate} replicate x {layout.dp_shard} shard{f' x cp {layout.cp}' if layout.cp > 1 else ''}, "
+          f"sequence parallel "
           f"{'on' if layout.sequence_parallel and layout.tp > 1 else 'off'}, "
           f"{layout.schedule if layout.pp > 1 else 'no pipeline'}; {plan.micro_batches} micro batch(es) of "
           f"{cfg.train.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank; "

@@ -16,10 +16,11 @@ document.
 
 A query chunk [s, s + c) sees keys [0, s + c): a lower-right aligned causal pattern that SDPA's `is_causal` (upper
 left) cannot express when there are more keys than queries. On CUDA it is `causal_lower_right` (flash / memory-
-efficient kernels, no mask). On CPU it is an additive mask that is never materialised: with the keys in reverse order
-the mask depends only on (query + key index), so it is a [n, m] strided view of one (n + m - 1) vector, which the CPU
-flash kernel reads in place (memory linear in T; tests/parallel/test_context_parallel.py checks the values against
-a dense mask).
+efficient kernels, no mask; bf16 goes straight to the flash op that `causal_lower_right` would pick). On CPU it is
+an additive mask that is never materialised: with the keys in reverse order the mask depends only on (query + key
+index), so it is a [n, m] strided view of one (n + m - 1) vector, which the CPU flash kernel reads in place (memory
+linear in T; tests/parallel/test_context_parallel.py checks the values against a dense mask). The CUDA path has not
+run on a GPU in this project's tests; `qwenlink plan` runs it on fake CUDA tensors.
 
 Parameters are replicated over cp like over data parallelism, and each cp rank's loss covers its own tokens, so their
 gradients are summed over cp like over dp: FSDP2 shards over the flattened (dp_shard, cp) mesh (parallelize.py), and
@@ -93,12 +94,17 @@ def lower_right_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if q.device.type == "cpu":
         mask = _strided_lower_right_mask(n, m, q.dtype, q.device)
         return F.scaled_dot_product_attention(q, k.flip(2), v.flip(2), attn_mask=mask, enable_gqa=gqa)
-    from torch.nn.attention.bias import causal_lower_right
-
     if gqa:  # the lower-right flash / efficient kernels take equal head counts
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m))
+    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+        # FlashAttention 2's causal flag is lower-right aligned when there are more keys than queries: the kernel
+        # `causal_lower_right` dispatches to for these inputs, called directly so that the plan's simulation (fake
+        # tensors, which cannot hold CausalBias' tensor subclass) runs the same op.
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal=True)[0]
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m))  # fp32: memory-efficient kernel
 
 
 def gather_sequence(x: Tensor, group, cp: int) -> Tensor:

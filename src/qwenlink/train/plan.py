@@ -162,14 +162,15 @@ class Plan:
 
     def comm_seconds(self) -> dict[str, float]:
         """Each mesh dimension's bytes of the busiest role at its link's bandwidth (within a node when the dimension
-        and those inside it span at most a node's devices: the mesh is pp x dp_replicate x dp_shard x tp, tp
+        and those inside it span at most a node's devices: the mesh is pp x dp_replicate x dp_shard x cp x tp, tp
         innermost)."""
         sizes = {"pp": self.layout.pp, "dp_replicate": self.layout.dp_replicate, "dp_shard": self.layout.dp_shard,
-                 "tp": self.layout.tp}
+                 "tp": self.layout.tp, "cp": self.layout.cp}
         inner, span = 1, {}
-        for dim in ("tp", "dp_shard", "dp_replicate", "pp"):
+        for dim in ("tp", "cp", "dp_shard", "dp_replicate", "pp"):
             inner *= sizes[dim]
             span[dim] = inner
+        span["dp_shard_cp"] = span["dp_shard"]  # FSDP2's flattened group under context parallelism
         out = {}
         for dim, nbytes in self.comm_bytes.items():
             local = span.get(dim.split("-")[0], self.world_size) <= self.device.per_node
@@ -191,6 +192,7 @@ class Plan:
             "headroom": HEADROOM, "usable_bytes": self.usable_bytes, "peak_bytes": self.peak_bytes, "fits": self.fits,
             "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "vpp": self.layout.vpp,
                        "dp_shard": self.layout.dp_shard, "dp_replicate": self.layout.dp_replicate,
+                       "cp": self.layout.cp,
                        "sequence_parallel": self.layout.sequence_parallel, "schedule": self.layout.schedule},
             "micro_batches": self.micro_batches,
             "ranks": [{
