@@ -250,6 +250,14 @@ def plan_job(cfg: JobConfig, world_size: int, device: DeviceSpec, model_config: 
     if not 0 < mfu <= 1:
         raise QwenlinkError(f"--mfu must be in (0, 1], got {mfu}")
     cfg = plan_config(cfg)
+    if device_type == "cpu":
+        # A CPU job is simulated on the fake accelerator too. On fake CPU tensors the simulation cannot tell the host
+        # work it runs for real (a factory call making the loader's batches) from DTensor's sharding propagation,
+        # whose shape derivation then ran a real embedding on uninitialised ids (tp > 1 failed). Sizes do not depend
+        # on the device; what a CPU does differently is kept: no compilation unless the job asks for it.
+        if cfg.parallel.compile is None:
+            cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, compile=False))
+        device_type = "cuda"
     layout = parallel_plan(cfg, world_size, model_config)
     total = accumulation_steps(cfg, layout.dp)
     ranks = [p * layout.dp * layout.tp for p in range(layout.pp)]  # dp 0, tp 0 of each pipeline rank

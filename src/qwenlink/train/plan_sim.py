@@ -18,11 +18,12 @@ from qwenlink.train.memory import MemoryTracker
 from qwenlink.train.plan_attention import FlashAttention
 
 
-def _group_names(layout: Any) -> dict[str, str]:
+def group_names(layout: Any) -> dict[str, str]:
     """Process group name -> the mesh dimension it belongs to (the world group as `world`)."""
     import torch.distributed as dist
 
-    names = {dist.group.WORLD.group_name: "world"}
+    world = dist.group.WORLD  # None in one process: its one-rank group is not the default one
+    names = {world.group_name: "world"} if world is not None else {}
     if layout.mesh is not None:
         for dim in layout.mesh.mesh_dim_names:
             names[layout.mesh.get_group(dim).group_name] = dim
@@ -124,7 +125,7 @@ def simulate_role(job_toml: str, world_size: int, rank: int, device_type: str) -
                       for s in parts.chunks.stage_ids if s > 0}
             handshake = pipeline_handshake(lambda stage: inputs[stage])
         gc.collect()
-        tracker = MemoryTracker(sim.device.type, _group_names(parts.layout))
+        tracker = MemoryTracker(sim.device.type, group_names(parts.layout))
         tracker.mark(parts.chunks.modules, parts.optimizer)
         with handshake, FlashAttention(sim.device.type), tracker:
             run_step(parts, batches[:counts[0]], 1, clip_grad=cfg.optim.clip_grad)
