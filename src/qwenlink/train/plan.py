@@ -260,7 +260,7 @@ def plan_job(cfg: JobConfig, world_size: int, device: DeviceSpec, model_config: 
         device_type = "cuda"
     layout = parallel_plan(cfg, world_size, model_config)
     total = accumulation_steps(cfg, layout.dp)
-    ranks = [p * layout.dp * layout.tp for p in range(layout.pp)]  # dp 0, tp 0 of each pipeline rank
+    ranks = [p * layout.dp_cp * layout.tp for p in range(layout.pp)]  # dp 0, cp 0, tp 0 of each pipeline rank
     points = plan_layers.reduced_points(layout, model_config) if extrapolate else None
     tomls = [plan_layers.reduced_config(cfg, layout, k).to_toml() for k in points] if points else [cfg.to_toml()]
     runs = [(toml, r) for r in ranks for toml in tomls]
