@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from context_reference import make_batches  # noqa: E402
+from context_reference import initial_state, make_batches  # noqa: E402
 from layout_worker import load_full_state_dict  # noqa: E402
-from parallel_reference import make_config, make_initial_state, optimizer_for  # noqa: E402
+from lora_reference import lora_config  # noqa: E402
+from parallel_reference import make_config, optimizer_for  # noqa: E402
 
+from qwenlink.models.lora import apply_lora  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan  # noqa: E402
 from qwenlink.parallel.parallelize import (ParallelizeOptions, build_layout, build_model_chunks,  # noqa: E402
                                            full_state_dict)
@@ -30,11 +32,12 @@ def run(out: Path, spec: dict) -> None:
     plan = ParallelPlan(**spec["layout"])
     layout = build_layout(plan, torch.device("cpu"), config)
     options = ParallelizeOptions(activation_checkpoint="full" if spec.get("ac") else "none")
-    chunks = build_model_chunks(config, layout, options)
+    adapt = (lambda model: apply_lora(model, lora_config(spec))) if spec.get("lora") else None
+    chunks = build_model_chunks(config, layout, options, adapt=adapt)
     chunks.materialize(torch.device("cpu"))
-    load_full_state_dict(chunks, make_initial_state(spec))
+    load_full_state_dict(chunks, initial_state(spec))
     step = TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
-    optimizer = optimizer_for(chunks.parameters())
+    optimizer = optimizer_for([p for p in chunks.parameters() if p.requires_grad])
     losses = []
     for batches in make_batches(spec):
         per_dp = len(batches) // plan.dp  # the trainer's sampler: each dp replica its slice, cp ranks the same one

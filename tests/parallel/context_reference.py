@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from lora_reference import lora_config, make_lora_initial_state
 from parallel_reference import make_config, make_initial_state, optimizer_for
 
 from qwenlink.models.documents import DocumentMask
+from qwenlink.models.lora import apply_lora, trainable_parameters
 from qwenlink.models.qwen2 import build_model
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import model_loss
@@ -43,11 +45,20 @@ def make_batches(spec: dict) -> list[list[MicroBatch]]:
     return out
 
 
+def initial_state(spec: dict) -> dict[str, torch.Tensor]:
+    """The full model's starting weights, with random LoRA adapters when spec["lora"] is given."""
+    return make_lora_initial_state(spec) if spec.get("lora") else make_initial_state(spec)
+
+
 def reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses and final weights of the spec's steps in one process (global-batch mean loss, clip 1.0, AdamW)."""
+    """Losses and final weights of the spec's steps in one process (global-batch mean loss, clip 1.0, AdamW over the
+    trainable parameters)."""
     model = build_model(make_config(spec), seed=spec["seed"])
-    model.load_state_dict(make_initial_state(spec))
-    optimizer = optimizer_for(model.parameters())
+    if spec.get("lora"):
+        model = apply_lora(model, lora_config(spec))
+    model.load_state_dict(initial_state(spec))
+    params = list(trainable_parameters(model)) if spec.get("lora") else list(model.parameters())
+    optimizer = optimizer_for(params)
     losses = []
     for batches in make_batches(spec):
         valid = sum(int((b.labels != -100).sum()) for b in batches)
@@ -59,6 +70,6 @@ def reference_run(spec: dict) -> tuple[list[float], dict[str, torch.Tensor]]:
             loss.backward()
             total += float(loss.detach())
         losses.append(total)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
     return losses, {k: v.clone() for k, v in model.state_dict().items()}

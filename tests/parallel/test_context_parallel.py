@@ -2,8 +2,8 @@
 
 - the CPU lower-right causal kernel (a strided mask, never materialised) equals a dense mask, values and gradients;
 - cp2 x dp2, cp2 x tp2 (sequence parallel), cp2 x pp2, with and without documents (positions and attention
-  restarting inside rows), activation checkpointing: losses and final weights equal one process (1e-5), in one
-  4-process launch;
+  restarting inside rows), activation checkpointing, LoRA: losses and final weights equal one process (1e-5), in
+  one 4-process launch;
 - `qwenlink train` at cp2 with documents equals one process, and its checkpoint resumes at cp1 and at tp2;
 - bad layouts are refused before any process starts, with the arithmetic.
 """
@@ -89,6 +89,9 @@ RUNS = {
     "cp2-tp2": dict(layout=dict(cp=2, tp=2)),
     "cp2-tp2-documents-checkpointing": dict(layout=dict(cp=2, tp=2), documents=True, ac=True),
     "cp2-pp2": dict(layout=dict(cp=2, pp=2)),
+    "cp2-tp2-lora-documents": dict(layout=dict(cp=2, tp=2), documents=True,
+                                   lora={"r": 4, "alpha": 8, "target_modules": ["query_key_value", "dense",
+                                                                               "dense_h_to_4h", "dense_4h_to_h"]}),
 }
 
 
@@ -171,3 +174,19 @@ def test_bad_context_layout_is_refused_before_launch(tmp_path) -> None:
     assert "data.seq_length 50 = 12 x 4 + 2" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_shipped_32k_configs_are_valid_context_parallel_layouts() -> None:
+    """configs/qwen1.5-*-32k-*.toml: the models' full 32K positions, cp > 1, and a layout valid for the world size
+    of their `# plan:` header (their fit is `qwenlink plan`'s, recorded in docs/parallel.md)."""
+    from qwenlink.train.trainer import resolve_model_config
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs").glob("qwen1.5-*-32k-*.toml"))
+    assert len(configs) == 3
+    for path in configs:
+        cfg = load_config(path)
+        world = int(next(line for line in path.read_text().splitlines() if line.startswith("# plan:")).split()[3])
+        model = resolve_model_config(cfg)
+        plan = parallel_plan(cfg, world, model)
+        assert cfg.data.seq_length == model.max_position_embeddings == 32768, path.name
+        assert plan.cp > 1 and cfg.train.activation_checkpoint == "full", path.name
