@@ -151,6 +151,7 @@ class PreferenceObjective:
         self.opts, self.kind = opts, kind
         self.reference_chunks = reference_chunks  # "copy": the frozen model; else None
         self._sums: Optional[Tensor] = None
+        self._slot_sums: Optional[Tensor] = None  # under pp: [micro batches, 7], one row per micro batch
         self._reference_pass = False
         self._ref_schedules: dict[int, object] = {}
 
@@ -158,11 +159,18 @@ class PreferenceObjective:
     def units(self, batches: Sequence[MicroBatch]) -> int:
         return sum(b.input_ids.shape[0] // 2 for b in batches)
 
-    def _accumulate(self, chosen: Tensor, rejected: Tensor, chosen_reward: Tensor, rejected_reward: Tensor) -> None:
+    def _accumulate(self, chosen: Tensor, rejected: Tensor, chosen_reward: Tensor, rejected_reward: Tensor,
+                    slot: Optional[Tensor] = None) -> None:
         values = torch.stack([chosen_reward.sum(), rejected_reward.sum(), (chosen_reward - rejected_reward).sum(),
                               (chosen_reward > rejected_reward).float().sum(), chosen.detach().sum(),
                               rejected.detach().sum(), torch.full((), chosen.numel(), dtype=torch.float32,
                                                                   device=chosen.device)])
+        if slot is not None:
+            # A pipeline schedule may call the loss once more than there are micro batches (torch >= 2.12 infers
+            # backward metadata with it, on placeholder outputs, before the real ones): each micro batch owns a
+            # row that its real call writes last.
+            self._slot_sums.index_copy_(0, slot, values[None].float())
+            return
         self._sums = values if self._sums is None else self._sums + values
 
     def step_metrics(self, step) -> Tensor:
@@ -170,20 +178,23 @@ class PreferenceObjective:
         from qwenlink.train.step import all_reduce_sum
 
         sums = self._sums if self._sums is not None else torch.zeros(7, dtype=torch.float32, device=step.device)
-        self._sums = None
+        if self._slot_sums is not None:
+            sums = sums + self._slot_sums.sum(0)
+        self._sums = self._slot_sums = None
         # Every tp rank of a replica holds the same sums; under pp only the last stage has them.
         total = all_reduce_sum(sums) / step.plan.tp
         return total[:6] / total[6].clamp(min=1)
 
     # ---- the loss of one micro batch ------------------------------------------------------------------------------
-    def _pair_loss(self, step, logps: Tensor, labels: Tensor, reference: Optional[Tensor]) -> Tensor:
+    def _pair_loss(self, step, logps: Tensor, labels: Tensor, reference: Optional[Tensor],
+                   slot: Optional[Tensor] = None) -> Tensor:
         """logps [2B] fp32, labels [2B, T] (host or device), reference [2B] or None -> the scaled summed loss."""
         b = logps.shape[0] // 2
         tokens = (labels != IGNORE_INDEX).sum(-1).to(logps.device, non_blocking=True).float()   # [2B]
         ref = (None, None) if reference is None else (reference[:b].to(logps.device), reference[b:].to(logps.device))
         losses, chosen_reward, rejected_reward = preference_losses(
             self.opts, logps[:b], logps[b:], ref[0], ref[1], tokens[:b], tokens[b:])
-        self._accumulate(logps[:b], logps[b:], chosen_reward, rejected_reward)
+        self._accumulate(logps[:b], logps[b:], chosen_reward, rejected_reward, slot)
         return losses.sum() * step._scale
 
     def _row_logps(self, step, module, batch: MicroBatch, host_labels: Tensor) -> Tensor:
@@ -200,23 +211,30 @@ class PreferenceObjective:
         return self._pair_loss(step, logps, host_labels, getattr(batch, "reference", None))
 
     def head_loss(self, step, output: Tensor, target: Tensor) -> Tensor:
-        """A pipeline's last-stage loss: `target` [2B, T + 1] float64 = the labels and, last, each row's reference
-        log-probability (the schedule splits one target tensor per micro batch). In the reference pass: [2B]."""
-        labels = target[:, :-1].long()
+        """A pipeline's last-stage loss: `target` [2B, T + 2] float64 = the labels, each row's reference
+        log-probability and the micro batch's index in the step (the schedule splits one target tensor per micro
+        batch). In the reference pass: the [2B] log-probabilities."""
+        labels = target[:, :-2].long()
         logps = row_logps_from_logits(output, labels, step.layout.tp_mesh)
         if self._reference_pass:
             return logps.detach()
-        reference = None if self.kind == "none" else target[:, -1].float()
-        return self._pair_loss(step, logps, labels, reference)
+        reference = None if self.kind == "none" else target[:, -2].float()
+        return self._pair_loss(step, logps, labels, reference, slot=target[:1, -1].long())
 
     def pipeline_target(self, batches: Sequence[MicroBatch], device: torch.device) -> Tensor:
-        """Labels + reference column of every micro batch, [n x 2B, T + 1] float64 (ids < 2^53 are exact)."""
+        """Labels, reference and micro-batch index columns of every micro batch, [n x 2B, T + 2] float64 (ids and
+        indices < 2^53 are exact)."""
         parts = []
-        for b in batches:
-            ref = b.reference if getattr(b, "reference", None) is not None else \
-                torch.zeros(b.labels.shape[0], dtype=torch.float32)
-            parts.append(torch.cat([b.labels.double(), ref.double().cpu()[:, None]], dim=1))
-        return torch.cat(parts).to(device, non_blocking=True)
+        for i, b in enumerate(batches):
+            rows = b.labels.shape[0]
+            # Assembled on the device: a reference computed this step is there already (no copy back to the host).
+            ref = b.reference if getattr(b, "reference", None) is not None else torch.zeros(rows)
+            slot = torch.full((rows, 1), float(i), dtype=torch.float64, device=device)
+            parts.append(torch.cat([b.labels.to(device, non_blocking=True).double(),
+                                    ref.to(device, non_blocking=True).double()[:, None], slot], dim=1))
+        if not self._reference_pass:
+            self._slot_sums = torch.zeros(len(batches), 7, dtype=torch.float32, device=device)
+        return torch.cat(parts)
 
     # ---- the reference pass ---------------------------------------------------------------------------------------
     def prepare(self, step, batches: Sequence[MicroBatch]) -> list[MicroBatch]:
@@ -257,13 +275,10 @@ class PreferenceObjective:
             for m, training in zip(chunks.modules, was_training):
                 m.train(training)
 
-    def _pipeline_reference(self, step, chunks, batches: Sequence[MicroBatch]) -> list[Tensor]:
-        """A forward-only pass of a pipeline schedule over `chunks`; the last stage's [2B] vectors are summed into
-        every pipeline rank (zeros elsewhere)."""
+    def _run_forward_only(self, step, chunks, padded: Sequence[MicroBatch]) -> list[Tensor]:
+        """One forward-only pass of `chunks`' schedule; the last stage gets one [2B] vector per micro batch."""
         from qwenlink.parallel.pipeline import build_schedule
-        from qwenlink.train.step import pad_to_length
 
-        padded = pad_to_length(batches, step.seq_length, step.pad_id)
         input_ids = torch.cat([b.input_ids for b in padded]).to(step.device, non_blocking=True)
         target = self.pipeline_target(padded, step.device)
         n = len(padded)
@@ -278,7 +293,6 @@ class PreferenceObjective:
                                           n_microbatches=n, loss_fn=step._head_loss)
                 self._ref_schedules[key] = schedule
         losses: list[Tensor] = []
-        saved, self._reference_pass = self._reference_pass, True
         has_backward = schedule._has_backward
         schedule._has_backward = False  # forward only (Schedule.eval does this too, on torch versions that have it)
         try:
@@ -291,6 +305,18 @@ class PreferenceObjective:
                     schedule.step()
         finally:
             schedule._has_backward = has_backward
+        return losses
+
+    def _pipeline_reference(self, step, chunks, batches: Sequence[MicroBatch]) -> list[Tensor]:
+        """A forward-only pass of a pipeline schedule over `chunks`; the last stage's [2B] vectors are summed into
+        every pipeline rank (zeros elsewhere)."""
+        from qwenlink.train.step import pad_to_length
+
+        saved, self._reference_pass = self._reference_pass, True
+        try:
+            padded = pad_to_length(batches, step.seq_length, step.pad_id)
+            losses = self._run_forward_only(step, chunks, padded)
+        finally:
             self._reference_pass = saved
         rows = sum(b.input_ids.shape[0] for b in padded)
         flat = torch.cat([x.float() for x in losses]) if losses else \
