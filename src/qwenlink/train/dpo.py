@@ -246,7 +246,8 @@ class PreferenceObjective:
                                     "log-probabilities (the precomputed file was not attached)")
             return list(batches)
         refs = self.reference_logps(step, batches)
-        return [dataclasses.replace(b, reference=r) for b, r in zip(batches, refs)]
+        return [PairMicroBatch(**{f.name: getattr(b, f.name) for f in dataclasses.fields(MicroBatch)}, reference=r)
+                for b, r in zip(batches, refs)]
 
     @torch.no_grad()
     def reference_logps(self, step, batches: Sequence[MicroBatch], *, policy: bool = False) -> list[Tensor]:

@@ -127,7 +127,9 @@ def simulate_role(job_toml: str, world_size: int, rank: int, device_type: str) -
             handshake = pipeline_handshake(lambda stage: inputs[stage])
         gc.collect()
         tracker = MemoryTracker(sim.device.type, group_names(parts.layout))
-        tracker.mark(parts.chunks.modules, parts.optimizer)
+        objective = parts.step_fn.objective  # dpo: a frozen reference copy is parameters too
+        reference = list(objective.reference_chunks.modules) if getattr(objective, "reference_chunks", None) else []
+        tracker.mark(list(parts.chunks.modules) + reference, parts.optimizer)
         with handshake, FlashAttention(sim.device.type), tracker:
             run_step(parts, batches[:counts[0]], 1, clip_grad=cfg.optim.clip_grad)
             first_comm = dict(tracker.comm_bytes)

@@ -58,13 +58,19 @@ def synthetic_batches(cfg: JobConfig, vocab_size: int, count: int, seed: int) ->
     """`count` micro batches of the job's shape as the loader hands them over (CPU tensors); every fourth label is
     masked, as SFT prompts are."""
     g = torch.Generator().manual_seed(seed)
-    shape = (cfg.train.micro_batch_size, cfg.data.seq_length)
+    pairs = cfg.job.mode == "dpo"  # B pairs are [2B, T] (chosen rows, then rejected), reference log-probs given
+    shape = (cfg.train.micro_batch_size * (2 if pairs else 1), cfg.data.seq_length)
     out = []
     for _ in range(count):
         ids = torch.randint(0, vocab_size, shape, generator=g)
         labels = ids.roll(-1, dims=1)
         labels[:, ::4] = IGNORE_INDEX
-        out.append(MicroBatch(ids, labels))
+        if pairs:
+            from qwenlink.train.dpo import PairMicroBatch
+
+            out.append(PairMicroBatch(ids, labels, reference=torch.zeros(shape[0])))
+        else:
+            out.append(MicroBatch(ids, labels))
     return out
 
 
