@@ -17,8 +17,8 @@ document.
 A query chunk [s, s + c) sees keys [0, s + c): a lower-right aligned causal pattern that SDPA's `is_causal` (upper
 left) cannot express when there are more keys than queries. On CUDA it is `causal_lower_right` (flash / memory-
 efficient kernels, no mask; bf16 goes straight to the flash op that `causal_lower_right` would pick). On CPU it is
-an additive mask that is never materialised: with the keys in reverse order the mask depends only on (query + key
-index), so it is a [n, m] strided view of one (n + m - 1) vector, which the CPU flash kernel reads in place (memory
+an additive mask that is never materialised: with the queries in reverse order the mask depends only on (query +
+key index), so it is a [n, m] strided view of one (n + m - 1) vector, which the CPU flash kernel reads in place (memory
 linear in T; tests/parallel/test_context_parallel.py checks the values against a dense mask). The CUDA path has not
 run on a GPU in this project's tests; `qwenlink plan` runs it on fake CUDA tensors.
 
@@ -73,13 +73,15 @@ def pad_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
 
 # ---- attention ------------------------------------------------------------------------------------------------------
 def _strided_lower_right_mask(n: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The additive mask of lower-right causal attention over keys given in REVERSE order, [n, m], as a strided view.
+    """The additive mask of lower-right causal attention for queries given in REVERSE order, [n, m], as a strided
+    view.
 
-    Query t (of n) may see original key j (of m) iff j <= m - n + t. With the keys reversed (j' = m - 1 - j) that is
-    t + j' >= n - 1, a function of t + j' alone: element (t, j') = u[t + j'] of one vector u of n + m - 1 values,
-    i.e. `u.as_strided((n, m), (1, 1))`. Nothing of size n x m is allocated."""
+    Query t (of n) may see key j (of m) iff j <= m - n + t. With the queries reversed (t' = n - 1 - t) that is
+    t' + j <= m - 1, a function of t' + j alone: element (t', j) = u[t' + j] of one vector u of n + m - 1 values,
+    i.e. `u.as_strided((n, m), (1, 1))`. Nothing of size n x m is allocated, and the keys (the larger side) are
+    used in place; only the n queries and outputs are reversed (copies of O(n))."""
     u = torch.full((n + m - 1,), float("-inf"), dtype=dtype, device=device)
-    u[n - 1:] = 0
+    u[:m] = 0
     return u.as_strided((n, m), (1, 1))
 
 
@@ -93,18 +95,22 @@ def lower_right_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q.device.type == "cpu":
         mask = _strided_lower_right_mask(n, m, q.dtype, q.device)
-        return F.scaled_dot_product_attention(q, k.flip(2), v.flip(2), attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q.flip(2), k, v, attn_mask=mask, enable_gqa=gqa).flip(2)
     if gqa:  # the lower-right flash / efficient kernels take equal head counts
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
-        # FlashAttention 2's causal flag is lower-right aligned when there are more keys than queries: the kernel
-        # `causal_lower_right` dispatches to for these inputs, called directly so that the plan's simulation (fake
-        # tensors, which cannot hold CausalBias' tensor subclass) runs the same op.
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal=True)[0]
-    from torch.nn.attention.bias import causal_lower_right
+    from torch.nn.attention.bias import CausalVariant, causal_lower_right
 
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m))  # fp32: memory-efficient kernel
+    # The kernels `causal_lower_right` dispatches to, called directly so that fake tensors (the plan's simulation,
+    # which cannot hold CausalBias' tensor subclass) run the same ops; CausalBias itself for other head sizes.
+    if q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
+        if q.dtype in (torch.float16, torch.bfloat16):  # FlashAttention 2: causal is lower-right aligned
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal=True)[0]
+        out = torch.ops.aten._efficient_attention_forward(  # [B, T, H, D] layout; fp32 on CUDA
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, None, None, None, 0.0,
+            int(CausalVariant.LOWER_RIGHT), torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))[0]
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, m))
 
 
 def gather_sequence(x: Tensor, group, cp: int) -> Tensor:
