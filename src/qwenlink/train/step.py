@@ -5,9 +5,9 @@ The same `TrainStep` serves one process and any pp x dp x tp layout; what differ
   vocabulary-parallel cross entropy when the head is tensor parallel;
 - backward: micro batches one by one (FSDP2 reduces gradients only after the last), or all of them through the
   pipeline schedule when pp > 1.
-Each micro batch's loss is its summed token cross entropy x dp / (valid tokens in the whole global batch): FSDP2
-averages gradients over the dp ranks, so the result is exactly the gradient of the global-batch mean loss, as one
-process computes it. Reductions are made on tensors on the training device (NCCL has no CPU path).
+Each micro batch's loss is its summed token cross entropy x dp x cp / (valid tokens in the whole global batch):
+FSDP2 averages gradients over the dp x cp ranks (a context-parallel rank holds its own tokens of every micro batch,
+`context_shard`), so the result is exactly the gradient of the global-batch mean loss, as one process computes it. Reductions are made on tensors on the training device (NCCL has no CPU path).
 
 Nothing in a step synchronises the host with the device: labels are counted and masked on the host (they come from
 the loader's CPU tensors), batches are copied with non_blocking, and the loss, the gradient norm and the decision to
