@@ -121,3 +121,17 @@ def test_sft_data_is_refused_with_the_expected_names(tmp_path):
     with pytest.raises(QwenlinkError, match=r"_packed_chosen_input_ids_document.bin / .idx not found.*--handler "
                                             r"pairwise"):
         Trainer(load_config(None, dpo_args(str(tmp_path / "missing"), tmp_path / "run")), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("name, layout, kind", [("qwen1.5-7b-dpo", (8, 1), "copy"),
+                                                ("qwen1.5-72b-lora-dpo", (8, 2), "adapters-off")])
+def test_shipped_dpo_configs(name, layout, kind):
+    """The 7B (full) and 72B (LoRA) DPO configs load, keep ModelLink's layouts, and pick their reference source."""
+    from qwenlink.train import lora as lora_train
+    from qwenlink.train.dpo import reference_kind
+    from qwenlink.train.trainer import resolve_model_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml")
+    assert cfg.job.mode == "dpo" and (cfg.parallel.tp, cfg.parallel.pp) == layout
+    assert resolve_model_config(cfg).num_params() > 7e9
+    assert reference_kind(cfg, lora_train.lora_of(cfg)) == kind
