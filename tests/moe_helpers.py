@@ -12,7 +12,8 @@ VOCAB = 320
 def make_hf_moe_model(tmp: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 4,
                       experts: int = 8, top_k: int = 2, moe_ffn: int = 32, shared_ffn: int = 48, ffn: int = 96,
                       norm_topk_prob: bool = False, mlp_only_layers: tuple = (), seed: int = 0,
-                      dtype: torch.dtype = torch.float32, max_shard_size: str | None = None):
+                      dtype: torch.dtype = torch.float32, max_shard_size: str | None = None,
+                      tokenizer_from: Path | None = None):
     """A random `Qwen2MoeForCausalLM` saved to `tmp` with safetensors; returns (hf_model, directory).
 
     Norms, biases and the router are redrawn larger than HF's init so routing differs between tokens and a mix-up of
@@ -35,4 +36,10 @@ def make_hf_moe_model(tmp: Path, *, hidden: int = 64, layers: int = 2, heads: in
                 p.copy_(torch.randn_like(p) * 0.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    if tokenizer_from is not None:  # e.g. the tiny Qwen2 fixture's BPE tokenizer (258 ids, inside VOCAB)
+        import shutil
+
+        for f in tokenizer_from.iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+                shutil.copy2(f, tmp / f.name)
     return model, tmp

@@ -100,6 +100,11 @@ class Engine:
         if compile and hasattr(param, "to_local"):
             raise QwenlinkError("compiled decoding does not support tensor-parallel (sharded) models yet")
         param = param.to_local() if hasattr(param, "to_local") else param
+        if compile and model.config.is_moe and param.dtype != torch.bfloat16:
+            # A compiled step cannot read per-expert token counts on the host, so its experts run as one grouped
+            # GEMM, which torch compiles for bf16 only.
+            raise QwenlinkError(f"--compile: a mixture-of-experts model compiles its decode step in bf16 only (this "
+                                f"one is {str(param.dtype).replace('torch.', '')}); add --dtype bf16 or drop --compile")
         self.device, self.dtype = param.device, param.dtype
         self.compile = compile
         self._decode_step: Optional[Callable[[Tensor, Tensor, int], Tensor]] = None

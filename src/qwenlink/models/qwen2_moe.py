@@ -54,9 +54,12 @@ def grouped_mm_available() -> bool:
 
 
 def _use_grouped(x: Tensor) -> bool:
+    """The loop reads the per-expert counts on the host, which a compiled graph (the engine's compiled decode step,
+    CUDA graphs) cannot do: compiled code takes the grouped GEMM."""
     impl = _IMPL["experts"]
     if impl == "auto":
-        return grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16
+        return grouped_mm_available() and ((x.is_cuda and x.dtype == torch.bfloat16) or
+                                           torch.compiler.is_compiling())
     return impl == "grouped"
 
 
@@ -127,7 +130,10 @@ class GroupedExperts(nn.Module):
         num_tokens, k = expert_ids.shape
         flat = expert_ids.reshape(-1)  # [N*k] token-slot -> expert
         order = flat.argsort(stable=True)  # [N*k] slots grouped by expert, tokens in order within each
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        # [E] rows per expert; a fixed-size scatter (bincount's output size depends on the data, which a compiled
+        # graph cannot hold)
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         token = order // k  # [N*k] the token of each sorted slot
         # The loop needs the counts on the host; the grouped GEMM keeps them on the device.
         host_counts = None if _use_grouped(x) else counts.tolist()
