@@ -128,11 +128,11 @@ def test_context_parallel_layout_equals_one_process(four_process_runs, name) -> 
 
 
 # ---- the GPU path, on fake CUDA tensors ----------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_context_parallel_step_on_fake_cuda(dtype: str) -> None:
-    """cp2 x tp2 on fake CUDA devices (qwenlink.train.simulate): the CUDA kernels of context attention (the
-    memory-efficient lower-right kernel in fp32, flash in bf16) run, every collective's tensors are on the device
-    and nothing synchronises the host inside the step (the simulation fails on any of them)."""
+def test_context_parallel_step_on_fake_cuda() -> None:
+    """cp2 x tp2 in fp32 on fake CUDA devices (qwenlink.train.simulate): the memory-efficient lower-right kernel runs
+    (bf16's flash kernel runs in the plan test below), every collective's tensors are on the device and nothing
+    synchronises the host inside the step (the simulation fails on any of them)."""
+    dtype = "fp32"
     from qwenlink.parallel.simulate import SimulationError, stand_in_library
     from qwenlink.train.simulate import simulate_training
 
@@ -152,6 +152,26 @@ def test_context_parallel_step_on_fake_cuda(dtype: str) -> None:
     assert "_c10d_functional.all_gather_into_tensor.default" in seen  # k / v over cp (and FSDP2)
     assert "_c10d_functional.reduce_scatter_tensor.default" in seen or \
         "c10d._reduce_scatter_base_.default" in seen
+
+
+def test_plan_knows_context_parallelism() -> None:
+    """`qwenlink plan` at cp2 x pp2: one role per pipeline rank (cp rank 0 of each; the later stage is fed this cp
+    rank's tokens), k/v traffic under `cp`, and the layout named in its report."""
+    from qwenlink.parallel.simulate import SimulationError, stand_in_library
+    from qwenlink.train.plan import DEVICES, plan_job
+    from qwenlink.train.trainer import resolve_model_config
+
+    try:
+        stand_in_library("cuda")
+    except SimulationError as exc:
+        pytest.skip(str(exc))
+    cfg = load_config(None, ["--model.preset=test-tiny", "--model.arch.num_hidden_layers=2", "--data.path=unused",
+                             "--data.seq_length=512", "--train.micro_batch_size=1", "--train.global_batch_size=2",
+                             "--optim.lr=1e-3", "--train.dtype=bf16", "--parallel.pp=2", "--parallel.cp=2",
+                             "--parallel.schedule=gpipe"])
+    plan = plan_job(cfg, 4, DEVICES["h100"], resolve_model_config(cfg))
+    assert [r.pp_rank for r in plan.roles] == [0, 1] and plan.to_dict()["layout"]["cp"] == 2
+    assert plan.comm_bytes.get("cp", 0) > 0 and plan.fits
 
 
 # ---- the train command ----------------------------------------------------------------------------------------------
