@@ -1,9 +1,9 @@
 """Context parallelism (parallel/context.py): the sequence split over cp ranks trains exactly like one process.
 
 - the CPU lower-right causal kernel (a strided mask, never materialised) equals a dense mask, values and gradients;
-- cp2 x dp2, cp2 x tp2 (sequence parallel), cp2 x pp2, with and without documents (positions and attention
-  restarting inside rows), activation checkpointing, LoRA: losses and final weights equal one process (1e-5), in
-  one 4-process launch;
+- cp2 x dp2, cp2 x tp2 (sequence parallel), cp2 x pp2, cp2 x dp_replicate2 (HSDP), with and without documents
+  (positions and attention restarting inside rows), activation checkpointing, LoRA: losses and final weights equal
+  one process (1e-5), in one 4-process launch;
 - the step on fake CUDA tensors (the GPU kernels, collectives on the device, no host synchronisation);
 - `qwenlink train` at cp2 with documents equals one process (losses and HF export), and its checkpoint resumes at
   cp1 and at tp2;
@@ -91,6 +91,7 @@ RUNS = {
     "cp2-tp2": dict(layout=dict(cp=2, tp=2)),
     "cp2-tp2-documents-checkpointing": dict(layout=dict(cp=2, tp=2), documents=True, ac=True),
     "cp2-pp2": dict(layout=dict(cp=2, pp=2)),
+    "cp2-hsdp-replicate2-documents": dict(layout=dict(cp=2, dp_shard=1, dp_replicate=2), documents=True),
     # Seed 5: its adapters' first gradients are all >= 2e-7, 20x AdamW's eps. Near eps (seed 3 has one at 3.6e-8),
     # AdamW's g / (|g| + eps) turns the 1e-9 of a different summation order into a 1e-5 weight difference.
     "cp2-tp2-lora-documents": dict(layout=dict(cp=2, tp=2), documents=True, seed=5,
