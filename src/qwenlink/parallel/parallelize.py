@@ -100,8 +100,13 @@ def _data_parallel_mesh(mesh, plan: ParallelPlan, mixed_precision: bool = False)
     With context parallelism the shard dim is (dp_shard, cp) flattened (torchtitan's dp_shard_cp): cp ranks hold the
     same parameters and disjoint tokens, so their gradients are reduced together with data parallelism's."""
     if plan.cp > 1:
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        return mesh["dp_replicate", "dp_shard_cp"] if plan.dp_replicate > 1 else mesh["dp_shard_cp"]
+        flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if plan.dp_replicate == 1:
+            return flat
+        # (replicate, dp_shard_cp) for HSDP: joined from the two meshes where torch can (slicing a flattened dim
+        # from the root mesh is deprecated in 2.13), sliced from the root mesh otherwise.
+        concatenate = getattr(type(mesh), "_concatenate", None)
+        return concatenate([mesh["dp_replicate"], flat]) if concatenate else mesh["dp_replicate", "dp_shard_cp"]
     if plan.dp == 1:
         return mesh["dp_shard"] if mixed_precision else None
     return mesh["dp_replicate", "dp_shard"] if plan.dp_replicate > 1 else mesh["dp_shard"]

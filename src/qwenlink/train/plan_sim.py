@@ -28,7 +28,7 @@ def group_names(layout: Any) -> dict[str, str]:
         for dim in layout.mesh.mesh_dim_names:
             names[layout.mesh.get_group(dim).group_name] = dim
         if getattr(layout, "cp_mesh", None) is not None:  # FSDP2's group under context parallelism (flattened)
-            names[layout.mesh["dp_shard_cp"].get_group().group_name] = "dp_shard_cp"
+            names[layout.dp_mesh.get_group(layout.dp_mesh.ndim - 1).group_name] = "dp_shard_cp"
     if layout.tied_group is not None:
         names[layout.tied_group.group_name] = "pp-tied-embedding"
     return names
