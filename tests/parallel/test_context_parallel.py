@@ -27,6 +27,7 @@ from common import write_counting_corpus
 from context_reference import reference_run
 
 from qwenlink.errors import QwenlinkError
+from qwenlink.models.documents import DocumentMask
 from qwenlink.models.presets import get_preset
 from qwenlink.parallel.context import local_indices, lower_right_attention, shard_sequence
 from qwenlink.train.config import load_config, parallel_plan
@@ -61,6 +62,33 @@ def test_load_balanced_split_gives_each_rank_a_head_and_a_tail() -> None:
     assert sorted(torch.cat(parts, 1)[0].tolist()) == list(range(24))
     for r, part in enumerate(parts):
         assert part[0].tolist() == local_indices(24, 3, r).tolist()
+
+
+def test_unpacked_batches_are_padded_to_the_split_and_keep_every_label() -> None:
+    """Unpacked SFT widths vary per batch: context_shard right-pads to a multiple of 2 x cp x tp (sequence parallel)
+    with pad ids and ignored labels, so the cp ranks' labels are exactly the batch's, each once."""
+    from types import SimpleNamespace
+
+    from qwenlink.parallel.mesh import ParallelPlan
+    from qwenlink.train.data import MicroBatch
+    from qwenlink.train.step import TrainStep
+
+    ids = torch.arange(2 * 13).view(2, 13) + 1
+    labels = ids.clone()
+    labels[:, :3] = -100
+    plan = ParallelPlan(cp=2, tp=2)
+    held = []
+    for rank in range(2):
+        layout = SimpleNamespace(plan=plan, device=torch.device("cpu"), cp_rank=rank)
+        step = TrainStep(SimpleNamespace(), layout, chunk_size=8, seq_length=16, pad_id=0)
+        part = step.context_shard(MicroBatch(ids, labels))
+        assert part.input_ids.shape == part.labels.shape == (2, 8)  # 13 -> 16 = 2 x cp x tp x 2, halved
+        held.append(part.labels)
+    valid = torch.cat(held, 1)
+    assert sorted(valid[valid != -100].tolist()) == sorted(labels[labels != -100].tolist())
+    docs = DocumentMask.from_starts(torch.zeros(2, 13, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cannot be padded"):
+        step.context_shard(MicroBatch(ids, labels, None, docs))
 
 
 @pytest.mark.parametrize("overrides, world, reason", [
