@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import run_cli
 from moe_helpers import VOCAB, make_hf_moe_model
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.lora_experts import LoraStackedLinear
@@ -62,20 +61,33 @@ def test_step_gradients_equal_transformers_loss_plus_aux(make_config, hf_moe) ->
         assert (grads[name] - expected).abs().max().item() <= 1e-6, name
 
 
-def test_pretrain_through_the_cli_logs_aux_apart(make_config, tmp_path) -> None:
-    """`qwenlink train` on the qwen-moe-tiny preset (vocabulary cut to the test corpus'): aux in log and jsonl."""
-    cfg_file = tmp_path / "moe.toml"
-    cfg_file.write_text("[model]\npreset = 'qwen-moe-tiny'\n[model.arch]\nvocab_size = 320\n")
-    cfg = make_config()
-    result = run_cli("train", "--config", str(cfg_file), f"--data.path={cfg.data.path[0]}", "--data.seq_length=16",
-                     "--train.micro_batch_size=2", "--train.global_batch_size=4", "--train.train_iters=3",
-                     "--train.device=cpu", "--metrics.tensorboard=false", "--metrics.progress=lines",
-                     "--metrics.jsonl=true", "--checkpoint.save_final=false", f"--job.output_dir={tmp_path / 'run'}")
-    assert result.returncode == 0, result.stderr
+def test_pretrain_cli_dp2_equals_one_process_and_logs_aux_apart(make_config, hf_moe, tmp_path) -> None:
+    """`qwenlink train --nproc 2` (FSDP2, gloo) from the HF MoE checkpoint: per-step LM and aux losses equal the
+    one-process trainer's; aux is in the log line and in metrics.jsonl."""
+    import os
+    import subprocess
+    import sys
+
+    _, path = hf_moe
+    common = ["model.preset=", f"model.init_from={path}", "train.micro_batch_size=1", "train.train_iters=3",
+              "optim.implementation=foreach", "metrics.log_interval=1", "checkpoint.save_final=false"]
+    single = _quiet(make_config(*common, out="single"))
+    single.train()
+    cfg = make_config(*common, out="dp2")
+    args = [f"--data.path={cfg.data.path[0]}", "--data.seq_length=16", "--train.global_batch_size=4",
+            "--train.device=cpu", "--optim.lr=5e-3", "--optim.min_lr=5e-4", "--optim.warmup_iters=1",
+            "--metrics.tensorboard=false", "--metrics.progress=lines", f"--job.output_dir={cfg.job.output_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "qwenlink.cli", "train", *args, *[f"--{o}" for o in common],
+                             "--nproc=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert " | aux " in result.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-               if '"aux_loss"' in line]
-    assert records and all(r["aux_loss"] >= 1.0 - 1e-6 and math.isfinite(r["loss"]) for r in records)
+    rows = [json.loads(line) for line in (Path(cfg.job.output_dir) / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row, ref in zip(rows, single.history):
+        assert abs(row["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
+        assert abs(row["aux_loss"] - ref["aux_loss"]) <= 1e-5 and row["aux_loss"] >= 1.0 - 1e-6
 
 
 def test_sft_leaves_padding_out_of_aux(make_config, sft_prefix: str, hf_moe) -> None:
