@@ -47,6 +47,9 @@ def test_record_forms_give_whole_pairs_with_masked_prompts(tmp_path, cli, tok):
     assert "Be brief." in tok.decode(data["chosen_input_ids"][1])
     pairs = PreferenceDataset(tmp_path / "out")
     assert len(pairs) == len(records) and pairs[0]["chosen_labels"][-1] == -100  # shifted for training
+    from qwenlink.checkpoint.chat_export import run_is_chat
+
+    assert run_is_chat("dpo", [str(tmp_path / "out")], "", tok)  # a DPO run on ChatML pairs exports a chat model
 
 
 def test_bad_records_are_reported_per_file_and_row_and_never_half_written(tmp_path, cli):

@@ -83,14 +83,15 @@ def read_generation_config(directory: str | os.PathLike | None) -> Optional[dict
 
 
 # ---- was this model trained with ChatML? ----------------------------------------------------------------------------
-def dataset_uses_chatml(prefix: str, tokenizer: Tokenizer) -> bool:
-    """An sft dataset (preprocess's PREFIX) is ChatML when its first documents hold <|im_start|>."""
+def dataset_uses_chatml(prefix: str, tokenizer: Tokenizer, key: str = "input_ids") -> bool:
+    """An sft dataset (preprocess's PREFIX; a pairwise one with key "chosen_input_ids") is ChatML when its first
+    documents hold <|im_start|>."""
     from qwenlink.data.indexed import IndexedDataset
 
     im_start = tokenizer.token_to_id(IM_START)
     if im_start is None:
         return False
-    data = IndexedDataset(f"{prefix}_packed_input_ids_document")
+    data = IndexedDataset(f"{prefix}_packed_{key}_document")
     return any((data.get(i) == im_start).any() for i in range(min(len(data), _SCAN_DOCUMENTS)))
 
 
@@ -102,6 +103,11 @@ def run_is_chat(mode: str, data_paths: Sequence[Any], init_from: str, tokenizer:
         for suffix in ("_packed_input_ids_document", "_packed_labels_document", "_packed_attention_mask_document"):
             prefix = prefix[: -len(suffix)] if prefix.endswith(suffix) else prefix  # as train/data.py accepts it
         if dataset_uses_chatml(prefix, tokenizer):
+            return True
+    if mode == "dpo" and data_paths:  # preference pairs (`preprocess --handler pairwise`)
+        from qwenlink.data.preference import preference_prefix
+
+        if dataset_uses_chatml(preference_prefix(data_paths[0]), tokenizer, "chosen_input_ids"):
             return True
     if init_from and os.path.isdir(init_from):
         gen = read_generation_config(init_from)
