@@ -93,7 +93,8 @@ def test_unpacked_batches_are_padded_to_the_split_and_keep_every_label() -> None
 
 @pytest.mark.parametrize("overrides, world, reason", [
     (["--parallel.cp=2", "--data.seq_length=30"], 2,
-     "cp 2 splits each sequence into 2 x cp = 4 chunks (a head and a tail per rank), but data.seq_length 30 = 7 x 4 + 2"),
+     "cp 2 splits each sequence into 2 x cp = 4 chunks (a head and a tail per rank), but data.seq_length 30 = "
+     "7 x 4 + 2 (use a multiple of 4, e.g. 32)"),
     (["--parallel.cp=2", "--parallel.tp=4", "--data.seq_length=36"], 8,
      "each cp rank holds data.seq_length 36 / cp 2 = 18 tokens, which sequence parallelism cannot split over tp 4"),
     (["--parallel.cp=2", "--data.seq_length=256"], 2,
