@@ -3,6 +3,7 @@ HF checkpoints in both directions (issue #18, deliverable 1) and bad MoE checkpo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -188,3 +189,29 @@ def test_top_k_above_expert_count_is_refused(moe, tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "num_experts_per_tok 9 is above num_experts 8" in lines[0], result.stderr
+
+
+# ---- sizes (deliverable 6) ------------------------------------------------------------------------------------------
+def test_a27b_preset_counts_equal_transformers_and_info_reports_active(capsys):
+    """The preset's config builds transformers' 14.3B model; active parameters drop the 56 unrouted experts of each
+    layer, and FLOPs per token count only the active matmul parameters."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from qwenlink.commands.info import run_info
+    from qwenlink.models.presets import get_preset
+
+    config = get_preset("qwen1.5-moe-a2.7b")
+    two_layers = dataclasses.replace(config, num_hidden_layers=2)  # the layers are alike: 2 are enough to compare
+    hf_dict = two_layers.to_hf_dict()
+    with torch.device("meta"):
+        hf = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{k: v for k, v in hf_dict.items()
+                                                   if k not in ("architectures", "model_type")}))
+    assert two_layers.num_params() == sum(p.numel() for p in hf.parameters())
+    assert config.num_params() == 14_315_784_192
+    unrouted = 24 * (60 - 4) * 3 * 2048 * 1408
+    assert config.num_params(active=True) == config.num_params() - unrouted
+    assert config.flops_per_token(8192) == 6.0 * (config.num_params(active=True) - 151936 * 2048) + \
+        12.0 * 24 * 2048 * 8192
+    assert run_info("qwen1.5-moe-a2.7b") == 0
+    out = capsys.readouterr().out
+    assert "Qwen2MoeForCausalLM" in out and "parameters: 14.32B" in out and "active parameters per token: 2.69B" in out

@@ -55,7 +55,8 @@ def run_plan(args: argparse.Namespace) -> int:
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     from qwenlink.train.trainer import resolve_model_config
 
-    plan = plan_job(cfg, world, device, resolve_model_config(cfg), device_memory=memory, mfu=args.mfu,
+    model_config = resolve_model_config(cfg)
+    plan = plan_job(cfg, world, device, model_config, device_memory=memory, mfu=args.mfu,
                     device_type="cpu" if name == "cpu" else "cuda")
     data = plan.to_dict()
     if args.json:
@@ -72,6 +73,10 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{cfg.train.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank; "
           f"{cfg.train.dtype}, activation checkpointing {cfg.train.activation_checkpoint}"
           f"{', LoRA' if cfg.lora.enabled else ''}")
+    if model_config.is_moe:  # a mixture of experts: its FLOPs per token count the routed (top-k) experts only
+        print(f"model: {model_config.num_params() / 1e9:.2f}B parameters, "
+              f"{model_config.num_params(active=True) / 1e9:.2f}B active per token (top-"
+              f"{model_config.num_experts_per_tok} of {model_config.num_experts} experts + the shared expert)")
     print("memory per device at its peak (one training step, simulated on fake tensors):")
     for role in data["ranks"]:
         tp = f", tp ranks 0-{layout.tp - 1} alike" if layout.tp > 1 else ""

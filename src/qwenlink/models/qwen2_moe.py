@@ -200,12 +200,13 @@ def routing_totals(model: nn.Module, token_mask: Optional[Tensor] = None) -> Opt
         probs, expert_ids = block.routing  # [N, E], [N, k]
         ones = torch.ones(expert_ids.numel(), dtype=torch.float32, device=probs.device)
         if token_mask is not None:
-            mask = token_mask.reshape(-1).to(device=probs.device, dtype=torch.float32)  # [N]
+            # non_blocking: the trainer's mask comes from the loader's host tensors (no wait for the device)
+            mask = token_mask.reshape(-1).to(probs.device, non_blocking=True).to(torch.float32)  # [N]
             ones = mask.repeat_interleave(expert_ids.shape[1])
             probs = probs * mask[:, None]
             n = mask.sum()
         else:
-            n = torch.tensor(float(probs.shape[0]), device=probs.device)
+            n = torch.full((), float(probs.shape[0]), device=probs.device)  # written by a kernel, not copied
         layer_counts = torch.zeros(block.num_experts, dtype=torch.float32, device=probs.device) \
             .scatter_add_(0, expert_ids.reshape(-1), ones)
         counts = layer_counts if counts is None else counts + layer_counts
