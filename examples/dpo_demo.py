@@ -57,7 +57,7 @@ def reward_accuracy(policy, reference, prefix: str, beta: float) -> float:
     import types
 
     from qwenlink.data.preference import PreferenceDataset
-    from qwenlink.train.dpo import collate_pairs
+    from qwenlink.train.data import collate_pairs
     from qwenlink.train.loss import head_detached
     from qwenlink.train.logprobs import row_logps_from_hidden
 

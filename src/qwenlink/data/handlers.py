@@ -276,14 +276,13 @@ HANDLERS: dict[str, type[Handler]] = {
 }
 
 
-def make_handler(options: HandlerOptions, tokenizer: Tokenizer) -> Handler:
-    if options.handler == "pairwise":  # preference pairs for DPO (data/pairwise.py builds on this module)
-        from qwenlink.data.pairwise import PairwiseHandler
-
-        return PairwiseHandler(options, tokenizer)
+def make_handler(options: HandlerOptions, tokenizer: Tokenizer,
+                 handlers: dict[str, type[Handler]] | None = None) -> Handler:
+    """The handler named by options.handler among `handlers` (default: this module's; data/preprocess.py adds the
+    pairwise one of data/pairwise.py, which builds on this module)."""
+    handlers = HANDLERS if handlers is None else handlers
     try:
-        cls = HANDLERS[options.handler]
+        cls = handlers[options.handler]
     except KeyError:
-        raise QwenlinkError(f"unknown --handler {options.handler!r} (expected one of {', '.join(HANDLERS)}, "
-                            f"pairwise)") from None
+        raise QwenlinkError(f"unknown --handler {options.handler!r} (expected one of {', '.join(handlers)})") from None
     return cls(options, tokenizer)

@@ -20,14 +20,19 @@ from typing import Iterator, TextIO
 import numpy as np
 
 from qwenlink.data.counts import DocumentCounts
-from qwenlink.data.handlers import Handler, HandlerOptions, make_handler
+from qwenlink.data.handlers import HANDLERS, Handler, HandlerOptions, make_handler
 from qwenlink.data.indexed import IndexedDatasetWriter, optimal_dtype
+from qwenlink.data.pairwise import PairwiseHandler
 from qwenlink.data.progress import Progress
 from qwenlink.data.readers import RecordBatch, iter_batches, list_input_files
 from qwenlink.errors import QwenlinkError
 from qwenlink.outputs import refuse_clobbering
 from qwenlink.signals import quiet_worker_signals
 from qwenlink.tokenizer import Tokenizer, load_tokenizer
+
+
+# Every --handler: the text and instruction ones, and preference pairs for DPO.
+ALL_HANDLERS = {**HANDLERS, "pairwise": PairwiseHandler}
 
 
 @dataclass
@@ -74,7 +79,7 @@ _WORKER_HANDLER: Handler | None = None
 def _init_worker(tokenizer_spec: str, options: HandlerOptions) -> None:
     global _WORKER_HANDLER
     quiet_worker_signals()  # the parent decides when to stop and terminates the pool
-    _WORKER_HANDLER = make_handler(options, load_tokenizer(tokenizer_spec))
+    _WORKER_HANDLER = make_handler(options, load_tokenizer(tokenizer_spec), ALL_HANDLERS)
 
 
 def _work(batch: RecordBatch):
@@ -132,7 +137,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer: Tokenizer | None = None,
         raise QwenlinkError(f"--overlong must be drop or truncate, got {opts.overlong!r}")
     files = list_input_files(cfg.input)
     tok = tokenizer or load_tokenizer(cfg.tokenizer)
-    handler = make_handler(opts, tok)
+    handler = make_handler(opts, tok, ALL_HANDLERS)
     dtype = np.dtype(optimal_dtype(tok.vocab_size))
     summary = PreprocessSummary(files=len(files))
     prefixes = {name: f"{cfg.output_prefix}_{name}" for name in handler.output_names}

@@ -366,9 +366,9 @@ def validate(cfg: JobConfig) -> None:
     from qwenlink.train.lora import validate_section
 
     validate_section(cfg)
-    from qwenlink.train import dpo
+    from qwenlink.train import dpo_config
 
-    dpo.validate_section(cfg)
+    dpo_config.validate_section(cfg)
 
 
 def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["ModelConfig"] = None):

@@ -13,7 +13,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -54,6 +54,43 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
+
+
+@dataclass
+class PairMicroBatch(MicroBatch):
+    """B pairs as one [2B, T] batch (chosen rows first); `reference` [2B] fp32: the reference log-probabilities of
+    the rows when they are known (precomputed, or computed at the start of the step)."""
+
+    reference: Optional[torch.Tensor] = None
+
+    def pinned(self) -> "PairMicroBatch":
+        out = super().pinned()
+        return dataclasses.replace(out, reference=None if self.reference is None else self.reference.pin_memory())
+
+    def to(self, device: torch.device) -> "PairMicroBatch":
+        out = super().to(device)
+        ref = None if self.reference is None else self.reference.to(device, non_blocking=True)
+        return dataclasses.replace(out, reference=ref)
+
+    @property
+    def pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+
+def collate_pairs(samples: Sequence[dict], cfg) -> PairMicroBatch:
+    """B pair samples (data/preference.py) -> one right-padded [2B, L] batch, chosen rows then rejected rows (a
+    pair never straddles micro batches or data-parallel ranks: the sampler hands out pairs)."""
+    from qwenlink.data.instruction import pad_collate
+
+    n = cfg.data.seq_length
+    rows = [{"input_ids": s[f"{side}_input_ids"][:n], "labels": s[f"{side}_labels"][:n]}
+            for side in ("chosen", "rejected") for s in samples]
+    b = pad_collate(rows, cfg.data.pad_id, cfg.data.pad_to_multiple_of)
+    reference = None
+    if "reference" in samples[0]:  # [B, 2] (chosen, rejected) -> [2B] in row order
+        reference = torch.as_tensor([s["reference"][0] for s in samples] + [s["reference"][1] for s in samples],
+                                    dtype=torch.float32)
+    return PairMicroBatch(b["input_ids"], b["labels"], reference=reference)
 
 
 def _check_prefix(prefix: str, what: str) -> None:
@@ -114,8 +151,6 @@ def build_dataset(cfg: JobConfig, paths: list, num_samples: int) -> torch.utils.
 def collate(samples: list[dict], cfg: JobConfig) -> MicroBatch:
     """Stack fixed-length samples (pretrain, packed sft) or pad variable-length ones (sft) into a MicroBatch."""
     if cfg.job.mode == "dpo":  # B pairs -> [2B, L], chosen rows first (train/dpo.py)
-        from qwenlink.train.dpo import collate_pairs
-
         return collate_pairs(samples, cfg)
     if cfg.job.mode == "sft" and not cfg.data.pack:
         from qwenlink.data.instruction import pad_collate

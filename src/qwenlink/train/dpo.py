@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.parallel.tensor import loss_context
-from qwenlink.train.data import MicroBatch
+from qwenlink.train.data import MicroBatch, PairMicroBatch
+from qwenlink.train.dpo_config import LOSS_TYPES
 from qwenlink.train.logprobs import row_logps_from_hidden, row_logps_from_logits
 from qwenlink.train.loss import IGNORE_INDEX, head_detached
 
 Tensor = torch.Tensor
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "simpo")
 # What every log step records (means over the global batch's pairs), in the order step_metrics returns them.
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
                 "logps/rejected")
@@ -78,43 +78,6 @@ def preference_losses(opts: DpoOptions, chosen: Tensor, rejected: Tensor, ref_ch
     else:  # pragma: no cover - validated with the config
         raise QwenlinkError(f"dpo.loss_type {opts.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-
-
-# ---- micro batches of pairs ---------------------------------------------------------------------------------------
-@dataclass
-class PairMicroBatch(MicroBatch):
-    """B pairs as one [2B, T] batch (chosen rows first); `reference` [2B] fp32: the reference log-probabilities of
-    the rows when they are known (precomputed, or computed at the start of the step)."""
-
-    reference: Optional[Tensor] = None
-
-    def pinned(self) -> "PairMicroBatch":
-        out = super().pinned()
-        return dataclasses.replace(out, reference=None if self.reference is None else self.reference.pin_memory())
-
-    def to(self, device: torch.device) -> "PairMicroBatch":
-        out = super().to(device)
-        ref = None if self.reference is None else self.reference.to(device, non_blocking=True)
-        return dataclasses.replace(out, reference=ref)
-
-    @property
-    def pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
-
-
-def collate_pairs(samples: Sequence[dict], cfg) -> PairMicroBatch:
-    """B pair samples (data/preference.py) -> one right-padded [2B, L] batch, chosen rows then rejected rows."""
-    from qwenlink.data.instruction import pad_collate
-
-    n = cfg.data.seq_length
-    rows = [{"input_ids": s[f"{side}_input_ids"][:n], "labels": s[f"{side}_labels"][:n]}
-            for side in ("chosen", "rejected") for s in samples]
-    b = pad_collate(rows, cfg.data.pad_id, cfg.data.pad_to_multiple_of)
-    reference = None
-    if "reference" in samples[0]:  # [B, 2] (chosen, rejected) -> [2B] in row order
-        reference = torch.as_tensor([s["reference"][0] for s in samples] + [s["reference"][1] for s in samples],
-                                    dtype=torch.float32)
-    return PairMicroBatch(b["input_ids"], b["labels"], reference=reference)
 
 
 # ---- where the reference log-probabilities come from --------------------------------------------------------------
@@ -340,26 +303,3 @@ def build_objective(cfg, lora: Optional[object], make_reference: Callable[[], ob
         for param in reference_chunks.state_module.parameters():
             param.requires_grad_(False)
     return PreferenceObjective(options_of(cfg), kind, reference_chunks=reference_chunks)
-
-
-def validate_section(cfg) -> None:
-    """[dpo] checks that need no files (train/config.py calls this)."""
-    d = cfg.dpo
-    if cfg.job.mode != "dpo":
-        return
-    if d.beta <= 0:
-        raise QwenlinkError(f"config: dpo.beta must be positive, got {d.beta}")
-    if not 0.0 <= d.label_smoothing < 0.5:
-        raise QwenlinkError(f"config: dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-    if d.label_smoothing and d.loss_type not in ("sigmoid", "simpo"):
-        raise QwenlinkError(f"config: dpo.label_smoothing applies to loss_type sigmoid or simpo, not "
-                            f"{d.loss_type!r}")
-    if d.precompute_reference and d.loss_type == "simpo":
-        raise QwenlinkError("config: dpo.precompute_reference: simpo uses no reference model")
-    if cfg.data.pack:
-        raise QwenlinkError("config: data.pack is not supported for job.mode = \"dpo\" (each pair is padded)")
-    if getattr(cfg.parallel, "cp", 1) > 1:
-        # A row's log-probability would be split over the cp ranks' sequence chunks; not summed across them yet.
-        raise QwenlinkError("config: parallel.cp > 1 is not supported for job.mode = \"dpo\" yet (use tp / pp / dp)")
-    if cfg.data.valid_path:
-        raise QwenlinkError("config: data.valid_path is not supported for job.mode = \"dpo\" yet")

@@ -66,7 +66,7 @@ def synthetic_batches(cfg: JobConfig, vocab_size: int, count: int, seed: int) ->
         labels = ids.roll(-1, dims=1)
         labels[:, ::4] = IGNORE_INDEX
         if pairs:
-            from qwenlink.train.dpo import PairMicroBatch
+            from qwenlink.train.data import PairMicroBatch
 
             out.append(PairMicroBatch(ids, labels, reference=torch.zeros(shape[0])))
         else:
