@@ -74,6 +74,9 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     if opts.storage != "torch" and opts.to not in ("megatron", "megatron-legacy"):
         raise QwenlinkError(f"--format applies to Megatron output only, not --to {opts.to}")
     if opts.to in ("megatron", "megatron-legacy"):
+        if source.config.is_moe:
+            raise QwenlinkError(f"{input_path}: a mixture-of-experts model ({source.config.num_experts} experts) "
+                                f"has no Megatron conversion yet (--to {opts.to}); --to hf and --to qwenlink work")
         layout = make_layout(source.config, opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage,
                              opts.num_layer_list)
         if opts.storage == "torch_dist":

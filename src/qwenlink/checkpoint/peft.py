@@ -108,6 +108,10 @@ def save_peft_adapter(directory: str | os.PathLike, state: dict[str, torch.Tenso
     modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".lora_A", ".lora_B"))})
     if not modules:
         raise QwenlinkError("no LoRA adapter tensors to save (is LoRA enabled for this model?)")
+    feed_forward = [m for m in modules if ".mlp." in m]
+    if config.is_moe and feed_forward:
+        raise QwenlinkError(f"{directory}: adapters on a mixture of experts' feed-forward ({feed_forward[0]}, ...) "
+                            f"have no PEFT format; merge them instead (`qwenlink convert --to hf`)")
     check_tensors({k: tuple(v.shape) for k, v in state.items()}, config, lora.r, modules, saved, where=str(directory))
     tensors = {}
     for name, tensor in state.items():
