@@ -2,7 +2,8 @@
 
 The same `TrainStep` serves one process and any pp x dp x tp layout; what differs is data, not code paths:
 - the loss: the chunked head + cross entropy (train/loss.py) when this rank holds the whole vocabulary, the
-  vocabulary-parallel cross entropy when the head is tensor parallel;
+  vocabulary-parallel cross entropy when the head is tensor parallel; or, with an `objective` (job.mode = "dpo",
+  train/dpo.py), its loss over the same two paths, counted in its own units (pairs) instead of tokens;
 - backward: micro batches one by one (FSDP2 reduces gradients only after the last), or all of them through the
   pipeline schedule when pp > 1.
 Each micro batch's loss is its summed token cross entropy x dp x cp / (valid tokens in the whole global batch):
