@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
