@@ -136,3 +136,30 @@ def test_shipped_dpo_configs(name, layout, kind):
     assert cfg.job.mode == "dpo" and (cfg.parallel.tp, cfg.parallel.pp) == layout
     assert resolve_model_config(cfg).num_params() > 7e9
     assert reference_kind(cfg, lora_train.lora_of(cfg)) == kind
+
+
+def test_both_halves_of_a_pair_share_a_micro_batch_and_rank(pairs):
+    """Under dp2 each rank's micro batches hold whole pairs (row i chosen, row B + i its rejected twin, the same
+    prompt) and the two ranks' pairs never overlap."""
+    from qwenlink.data.preference import PreferenceDataset
+    from qwenlink.train.data import MicroBatchStream
+
+    cfg = load_config(None, dpo_args(pairs, Path("unused"), "", "--train.micro_batch_size=3"))
+    data = PreferenceDataset(pairs)
+    prompts = {tuple(data[i]["chosen_input_ids"][:2]): i for i in range(len(data))}
+    seen: list[set] = []
+    for rank in (0, 1):
+        stream = MicroBatchStream(data, cfg, micro_batch_size=3, dp_rank=rank, dp_size=2, shuffle=True)
+        mine = set()
+        for _ in range(4):
+            batch = stream.next()
+            b = batch.pairs
+            assert batch.input_ids.shape[0] == 2 * b == 6
+            for i in range(b):
+                chosen, rejected = batch.input_ids[i].tolist(), batch.input_ids[b + i].tolist()
+                pair = prompts[tuple(chosen[:2])]
+                assert chosen[:2] == rejected[:2]
+                assert rejected[:len(data[pair]["rejected_input_ids"])] == data[pair]["rejected_input_ids"].tolist()
+                mine.add(pair)
+        seen.append(mine)
+    assert not seen[0] & seen[1]
