@@ -64,6 +64,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode with a torch.compile'd step (CUDA graphs on GPU; compiling takes seconds "
                    "to a minute at start-up; one process only)")
+    _add_prefill_chunk(p)
+
+
+def _add_prefill_chunk(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
+                   help="prompt tokens one prefill forward takes; longer prompts (up to the model's max positions) "
+                   "are prefilled N at a time with the same result, memory linear in the prompt (default 2048)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, *, default_max_new: int) -> None:
@@ -195,6 +202,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--padding-side", default="left", choices=["left", "right"], help="batch layout (right: "
                    "lm-eval's own, computing every position's logits; slower)")
     p.add_argument("--no-prefix-cache", action="store_true", help="recompute the shared few-shot prefix per batch")
+    _add_prefill_chunk(p)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--device", default=None, help="cpu, cuda, npu... (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")

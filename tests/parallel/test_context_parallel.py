@@ -29,7 +29,8 @@ from context_reference import reference_run
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.documents import DocumentMask
 from qwenlink.models.presets import get_preset
-from qwenlink.parallel.context import local_indices, lower_right_attention, shard_sequence
+from qwenlink.models.attention import lower_right_attention
+from qwenlink.parallel.context import local_indices, shard_sequence
 from qwenlink.train.config import load_config, parallel_plan
 
 WORKER = Path(__file__).resolve().parent / "context_layout_worker.py"

@@ -73,6 +73,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise QwenlinkError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_length is not None and args.max_length < 2:
         raise QwenlinkError(f"--max-length must be >= 2, got {args.max_length}")
+    if args.prefill_chunk < 1:
+        raise QwenlinkError(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
     if args.threads is not None and args.threads < 1:
         raise QwenlinkError(f"--threads must be >= 1, got {args.threads}")
     if args.output is not None and Path(args.output).is_dir():
@@ -118,7 +120,8 @@ def run_eval(args: argparse.Namespace) -> int:
         chat = lambda text: tokenizer.apply_chat_template([{"role": "user", "content": text}])  # noqa: E731
     scorer = LoglikelihoodScorer(loaded.model, tokenizer, batch_size=args.batch_size, max_length=args.max_length,
                                  prefix_token_id=tokenizer.eos_id, padding_side=args.padding_side,
-                                 share_prefix=not args.no_prefix_cache, progress=_progress())
+                                 share_prefix=not args.no_prefix_cache, progress=_progress(),
+                                 prefill_chunk=args.prefill_chunk)
     scores, samples = run_task(task, scorer, shots=args.shots, limit=args.limit, chat=chat)
     results = aggregate(scores, task.categories)
     size = model_size(loaded.model.config)
@@ -133,7 +136,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "subjects": [s.name for s in task.subjects], "limit": args.limit, "batch_size": args.batch_size,
             "max_length": scorer.max_length, "dtype": args.dtype, "device": str(device),
             "chat_template": bool(args.chat_template), "padding_side": args.padding_side,
-            "prefix_cache": scorer.share_prefix, "threads": _threads(), "scoring": "lm-evaluation-harness 0.4 loglikelihood, acc",
+            "prefix_cache": scorer.share_prefix, "prefill_chunk": scorer.prefill_chunk, "threads": _threads(), "scoring": "lm-evaluation-harness 0.4 loglikelihood, acc",
         },
         "results": results,
         "comparison": line,

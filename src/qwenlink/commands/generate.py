@@ -10,6 +10,7 @@ from pathlib import Path
 from qwenlink.errors import QwenlinkError
 from qwenlink.fileio import atomic_write_text
 from qwenlink.inference.generate import generate
+from qwenlink.inference.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk
 from qwenlink.inference.session import open_session, sampling_from_args
 from qwenlink.outputs import refuse_clobbering
 from qwenlink.tokenizer import Tokenizer
@@ -51,6 +52,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                         "--lora adapter": getattr(args, "lora", None), "--tokenizer": args.tokenizer})
         if Path(args.output).is_dir():
             raise QwenlinkError(f"{args.output}: --output is a directory (expected a .jsonl file path)")
+    check_prefill_chunk(getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))  # before the model loads
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                            seed=args.seed, lora=getattr(args, "lora", None))
     tok = session.tokenizer
@@ -62,7 +64,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if any(not p for p in prompts):
         raise QwenlinkError("a prompt is empty after tokenisation")
     results, stats = generate(session.model, prompts, params, decode=tok.decode, max_batch=args.max_batch,
-                              prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False))
+                              prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False),
+                              prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
     if session.rank != 0:  # tensor-parallel ranks computed the same results; rank 0 reports them
         return 0
     if args.output:

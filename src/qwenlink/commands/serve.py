@@ -21,6 +21,7 @@ from qwenlink.inference.cache_budget import (DEFAULT_MEMORY_FRACTION, CachePlan,
 from qwenlink.inference.engine import Engine
 from qwenlink.inference.lockstep import follow
 from qwenlink.inference.openai_api import check_api_key_setting
+from qwenlink.inference.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk
 from qwenlink.inference.server import ServerLimits, make_server, response_decoder, stop_gracefully
 from qwenlink.inference.session import InferenceSession, open_session
 
@@ -63,13 +64,15 @@ def size_cache(engine: Engine, args: argparse.Namespace, session: InferenceSessi
 def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key if args.api_key is not None else (os.environ.get("QWENLINK_API_KEY") or None)
     check_api_key_setting(api_key)  # before the model loads: a key no client can send is a mistake to report now
+    prefill_chunk = check_prefill_chunk(getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
     session = open_session(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                            lora=getattr(args, "lora", None))
     context, max_prompt_tokens = serving_context(args, session.model.config.max_position_embeddings)
     if args.max_batch < 1:
         raise QwenlinkError(f"--max-batch must be at least 1, got {args.max_batch}")
     engine = Engine(session.model, max_batch=args.max_batch, max_length=context,
-                    prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False))
+                    prepack=getattr(args, "prepack", True), compile=getattr(args, "compile", False),
+                    prefill_chunk=prefill_chunk)
     plan = size_cache(engine, args, session)
     if plan.lowered and session.rank == 0:
         print(f"qwenlink serve: {plan.notice()}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
+from qwenlink.inference.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, prefill
 from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
 
 Tensor = torch.Tensor
@@ -150,12 +151,17 @@ class LoglikelihoodScorer:
 
     padding_side "left" (default) right-aligns every row so only the last positions' logits are computed and the
     few-shot prefix can be cached; "right" reproduces lm-eval's own layout (right padding, full logits) for checking.
+    prefill_chunk: in the left layout, inputs (and cached prefixes) longer than this run through a KV cache this many
+    positions at a time, so a long-context prompt (up to the model's 32K positions) never builds an [L, L] mask; the
+    scores are the one-shot forward's up to float rounding. The right layout is not chunked (it computes [L, vocab]
+    logits anyway).
     """
 
     def __init__(self, model: Qwen2Model, tokenizer: TextEncoder, *, batch_size: int = 8,
                  max_length: Optional[int] = None, prefix_token_id: Optional[int] = None,
                  padding_side: str = "left", share_prefix: bool = True, min_prefix: int = 16,
-                 progress: Optional[Callable[[int, int], None]] = None) -> None:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if batch_size < 1:
@@ -169,6 +175,7 @@ class LoglikelihoodScorer:
         self.share_prefix = share_prefix and padding_side == "left"
         self.min_prefix = min_prefix  # shorter shared prefixes are not worth a cache
         self.progress = progress
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self.stats = ScoringStats()
         self._prefix = _PrefixCache()
 
@@ -271,11 +278,35 @@ class LoglikelihoodScorer:
         kv_cache = None
         if prefix_len:
             kv_cache = self._kv_for_prefix(batch[0][:prefix_len], bsz, prefix_len + width)
-        logits = self.model(ids.to(device), position_ids=positions.to(device), attention_mask=real.to(device),
-                            kv_cache=kv_cache, cache_start=prefix_len, logits_to_keep=keep)  # [B, keep, V]
+        if width <= self.prefill_chunk:
+            logits = self.model(ids.to(device), position_ids=positions.to(device), attention_mask=real.to(device),
+                                kv_cache=kv_cache, cache_start=prefix_len, logits_to_keep=keep)  # [B, keep, V]
+        else:
+            if kv_cache is None:
+                kv_cache = KVCache(self.model.config, bsz, width, dtype=self._dtype(), device=device,
+                                   layer_ids=list(self.model.layers), num_kv_heads=local_kv_heads(self.model))
+            logits = self._chunked_suffix(ids, positions, real, kv_cache, prefix_len, keep)
         self.stats.tokens += sum(len(s) for s in suffixes)
         self.stats.prefix_tokens_reused += prefix_len * bsz
         return [torch.log_softmax(logits[r, keep - n:].float(), dim=-1) for r, n in enumerate(need)]
+
+    def _chunked_suffix(self, ids: Tensor, positions: Tensor, real: Tensor, kv_cache: KVCache, prefix_len: int,
+                        keep: int) -> Tensor:
+        """The left-padded suffixes [B, W] through the cache `prefill_chunk` positions at a time: each chunk's mask
+        is [B, 1, chunk, prefix + end] (its queries over the keys so far), never [W, W]. Returns the logits of the
+        last `keep` positions [B, keep, V], as the one-shot forward does."""
+        device, width = self.device, ids.shape[1]
+        real = real.to(device)
+        kept = []  # final-normed hidden states of the last `keep` positions, chunk by chunk: [B, k, H]
+        for s in range(0, width, self.prefill_chunk):
+            e = min(s + self.prefill_chunk, width)
+            want = e - max(s, width - keep)  # this chunk's positions among the last `keep`
+            hidden = self.model(ids[:, s:e].to(device), position_ids=positions[:, s:e].to(device),
+                                attention_mask=real, kv_cache=kv_cache, cache_start=prefix_len + s,
+                                logits_to_keep=max(want, 1), apply_head=False)  # [B, k, H]
+            if want > 0:
+                kept.append(hidden)
+        return self.model.lm_head(torch.cat(kept, dim=1))  # [B, keep, V]
 
     def _kv_for_prefix(self, prefix: tuple[int, ...], bsz: int, total: int) -> KVCache:
         """A batch-`bsz` KV cache whose first len(prefix) slots hold the prefix (computed once per distinct prefix)."""
@@ -285,8 +316,7 @@ class LoglikelihoodScorer:
         if cached.tokens[:p] != prefix or len(cached.tokens) < p:
             one = KVCache(model.config, 1, p, dtype=self._dtype(), device=self.device, layer_ids=list(model.layers),
                           num_kv_heads=local_kv_heads(model))
-            ids = torch.tensor([prefix], device=self.device)
-            model(ids, kv_cache=one, cache_start=0, logits_to_keep=1)
+            prefill(model, [prefix], one, [0], chunk=self.prefill_chunk)
             self.stats.tokens += p
             self._prefix = cached = _PrefixCache(prefix, {k: v[:, :, :p] for k, v in one.keys.items()},
                                                  {k: v[:, :, :p] for k, v in one.values.items()})

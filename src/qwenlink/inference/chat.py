@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Callable, Optional, TextIO
 
 from qwenlink.inference.engine import Engine, Request
+from qwenlink.inference.prefill import DEFAULT_PREFILL_CHUNK
 from qwenlink.inference.lockstep import SharedLines
 from qwenlink.inference.sampling import SamplingParams
 from qwenlink.models.qwen2 import Qwen2Model
@@ -26,12 +27,13 @@ from qwenlink.tokenizer import IM_END, IM_START, Tokenizer
 class ChatSession:
     def __init__(self, model: Qwen2Model, tokenizer: Tokenizer, params: SamplingParams, *,
                  system: str = "You are a helpful assistant.", max_history_tokens: int = 4096,
-                 prepack: bool = True, compile: bool = False) -> None:
+                 prepack: bool = True, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.max_history_tokens = max_history_tokens
         max_length = min(model.config.max_position_embeddings, max_history_tokens + params.max_new_tokens + 64)
-        self.engine = Engine(model, max_batch=1, max_length=max_length, prepack=prepack, compile=compile)
+        self.engine = Engine(model, max_batch=1, max_length=max_length, prepack=prepack, compile=compile,
+                             prefill_chunk=prefill_chunk)
         self.set_system(system)
 
     def set_system(self, system: str) -> None:
@@ -88,7 +90,8 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
     params = sampling_from_args(args, session.tokenizer)
     chat = ChatSession(session.model, session.tokenizer, params, system=args.system,
                        max_history_tokens=args.max_history_tokens, prepack=getattr(args, "prepack", True),
-                       compile=getattr(args, "compile", False))
+                       compile=getattr(args, "compile", False),
+                       prefill_chunk=getattr(args, "prefill_chunk", DEFAULT_PREFILL_CHUNK))
     interactive = stdin.isatty() and session.rank == 0
     lines: TextIO | SharedLines = stdin
     if session.world_size > 1:

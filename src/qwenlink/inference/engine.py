@@ -19,6 +19,7 @@ import torch
 from qwenlink.errors import QwenlinkError
 from qwenlink.inference.cache_budget import kv_bytes_per_token
 from qwenlink.inference.greedy_head import ScreenedGreedyHead
+from qwenlink.inference.prefill import DEFAULT_PREFILL_CHUNK, check_prefill_chunk, prefill
 from qwenlink.inference.prepack import prepack_linears
 from qwenlink.inference.sampling import SamplingParams, sample_rows
 from qwenlink.models.qwen2 import KVCache, Qwen2Model, local_kv_heads
@@ -88,8 +89,10 @@ class Engine:
     it to its memory first (inference/cache_budget.py, `allocate(rows)`)."""
 
     def __init__(self, model: Qwen2Model, *, max_batch: int = 8, max_length: Optional[int] = None,
-                 prepack: bool = True, compile: bool = False) -> None:
-        """prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
+                 prepack: bool = True, compile: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        """prefill_chunk: prompt tokens one prefill forward takes (inference/prefill.py); longer prompts are written
+        into the cache chunk by chunk, with the same result.
+        prepack: on CPU, swap the model's linear layers for oneDNN-prepacked ones (inference/prepack.py; faster
         decoding for twice the linear weights' memory) and choose greedy tokens from an int8 copy of the head with
         an exact re-check of the candidates (inference/greedy_head.py; a quarter (fp32) or half (bf16) of the head's
         memory). The model's parameters and state dict are unchanged.
@@ -113,6 +116,7 @@ class Engine:
             # The compiled step stops before the head (inductor packs what it compiles), so the head is packed here.
             prepack_linears(model, batch_hint=max_batch, only={"lm_head"} if compile else None)
             self._screen = ScreenedGreedyHead.create(model.lm_head, batch_hint=max_batch)
+        self.prefill_chunk = check_prefill_chunk(prefill_chunk)
         self.max_batch = max_batch
         self.max_length = max_length or model.config.max_position_embeddings
         self.cache: Optional[KVCache] = None  # allocated on first use
@@ -208,21 +212,14 @@ class Engine:
 
     def _prefill(self, requests: list[Request]) -> list[Request]:
         start = time.perf_counter()
-        lengths = [len(r.prompt) for r in requests]
-        width = max(lengths)
-        tokens = torch.zeros((len(requests), width), dtype=torch.long)  # [b, P] right padded
-        for i, r in enumerate(requests):
-            tokens[i, :lengths[i]] = torch.tensor(r.prompt)
-        slots = torch.arange(width).expand(len(requests), width)  # [b, P] each row from slot 0
-        rows = torch.tensor([r.row for r in requests], device=self.device)
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        hidden = self.model(tokens.to(self.device), kv_cache=self.cache, cache_positions=slots.to(self.device),
-                            cache_rows=rows, logits_to_keep=last, apply_head=False)[:, 0]  # [b, H]
+        # Chunk by chunk (inference/prefill.py): a 32K prompt never holds an [L, L] buffer or L tokens' activations.
+        hidden = prefill(self.model, [r.prompt for r in requests], self.cache, [r.row for r in requests],
+                         chunk=self.prefill_chunk)  # [b, H]
         for r in requests:
             r.next_slot = len(r.prompt)
         finished = self._append(requests, hidden)
         self.stats.prefill_seconds += time.perf_counter() - start
-        self.stats.prompt_tokens += sum(lengths)
+        self.stats.prompt_tokens += sum(len(r.prompt) for r in requests)
         return finished
 
     def _decode(self, requests: list[Request]) -> list[Request]:

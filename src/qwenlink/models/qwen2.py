@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qwenlink.models.attention import LowerRightCausal
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.documents import DocumentMask, document_attention
 from qwenlink.models.layers import MLP, InitRule
@@ -114,14 +115,20 @@ class KVCache:
         self.length = 0  # slots filled so far (the largest written slot + 1)
 
     def update(self, layer_id: str, k: Tensor, v: Tensor, slots: Tensor, span: int,
-               rows: Optional[Tensor] = None, start: Optional[int] = None) -> tuple[Tensor, Tensor]:
+               rows: Optional[Tensor | slice] = None, start: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """Write k/v [b, Hkv, T, D] at `slots` [b|1, T] of `rows` and return keys/values [b, Hkv, span, D].
 
-        `start`: the slots are start..start+T-1 for every row (known on the host, so no device sync is needed)."""
+        `start`: the slots are start..start+T-1 for every row (known on the host, so no device sync is needed).
+        `rows` as a slice (with `start`): consecutive rows, returned as views of the cache rather than gathered."""
         if span > self.max_length:
             raise ValueError(f"KV cache of {self.max_length} slots cannot hold position {span - 1}")
         kc, vc = self.keys[layer_id], self.values[layer_id]
         bsz = k.shape[0]
+        if start is not None and isinstance(rows, slice):
+            # Consecutive rows and slots (a prefill chunk): views, so a long prompt's prefix is read in place.
+            kc[rows, :, start:start + k.shape[2]] = k
+            vc[rows, :, start:start + k.shape[2]] = v
+            return kc[rows, :, :span], vc[rows, :, :span]
         if start is not None and rows is None and bsz == self.batch_size:
             # Contiguous slots shared by all rows: plain slice assignment.
             kc[:, :, start:start + k.shape[2]] = k
@@ -264,7 +271,8 @@ class Qwen2Model(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------------------------
     def forward(self, inputs: Tensor, *, position_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor | DocumentMask] = None, kv_cache: Optional[KVCache] = None,
-                cache_start: int = 0, cache_positions: Optional[Tensor] = None, cache_rows: Optional[Tensor] = None,
+                cache_start: int = 0, cache_positions: Optional[Tensor] = None,
+                cache_rows: Optional[Tensor | slice] = None,
                 cache_span: Optional[int] = None, logits_to_keep: int | Tensor = 0,
                 apply_head: bool = True) -> Tensor:
         """inputs: token ids [B, T] (or hidden states [B, T, H] when the embedding was removed).
@@ -275,7 +283,9 @@ class Qwen2Model(nn.Module):
           `DocumentMask` (several documents per row, each attended causally on its own; no [T, T] tensor; not with
           kv_cache). Positions still come from position_ids (pass the documents' restarting ones if wanted).
         - kv_cache: write this call's keys/values at slots cache_start + arange(T) for every row, or at per-row
-          `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1).
+          `cache_positions` [B, T] of the cache rows `cache_rows` [B] (default: rows 0..B-1; a slice of consecutive
+          rows with cache_start reads them in place). Without a mask and cache_positions the queries attend lower-right
+          causally over slots [0, cache_start + T) with no [T, S] mask (chunked prefill: inference/prefill.py).
         - cache_span: attend over cache slots [0, cache_span) (default: up to the largest slot written), slots past
           each query's own masked. The compiled decode step passes it: the whole cache (CUDA graphs, fully static
           shapes) or, on CPU, a size the graph treats as dynamic.
@@ -305,7 +315,12 @@ class Qwen2Model(nn.Module):
         if position_ids is None:
             position_ids = slots.expand(bsz, seqlen)
         rope = RotaryTables(position_ids, self.config.head_dim, self.config.rope_theta)
-        mask = build_attention_mask(attention_mask, slots, span, h.device)
+        if kv_cache is not None and attention_mask is None and cache_positions is None and cache_span is None:
+            # Every row's queries are slots cache_start.. of keys 0..span-1 (a prompt, or a chunk of one after the
+            # slots already cached): lower-right causal attention, with no [T, span] mask in memory.
+            mask = LowerRightCausal()
+        else:
+            mask = build_attention_mask(attention_mask, slots, span, h.device)
         start = cache_start if cache_positions is None else None
         cache = (slots, span, cache_rows, start) if kv_cache is not None else None
         out = self._run_layers(h, rope, mask, kv_cache, cache, logits_to_keep, apply_head)
