@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import fixture_dir, run_cli
 from qwenlink.checkpoint.hf import load_hf_model
+from qwenlink.errors import QwenlinkError
 from qwenlink.evaluation.harness import LoglikelihoodScorer, TokenRequest
 from qwenlink.inference.engine import Engine, Request
 from qwenlink.inference.generate import SamplingParams, generate
@@ -174,3 +175,55 @@ def test_generate_cli_long_prompt_with_prefill_chunk_equals_transformers(tmp_pat
     bad = run_cli("generate", "--model", str(tiny_fixture_hf), "--prompt", "hi", "--prefill-chunk", "0")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("--prefill-chunk must be a positive number of tokens, got 0")
+
+
+def test_engine_cache_grows_to_the_requests(tiny):
+    """lm-eval's generate_until sizes the engine's cache to its requests (`Engine.reserve`), not to the model's max
+    positions: a cache of 16 slots grows for a 500-token prompt between runs, with the tokens of a fresh engine."""
+    engine = Engine(tiny, max_batch=2, max_length=16, prefill_chunk=128)
+    engine.run([Request(_prompt(8, 9), SamplingParams(max_new_tokens=4))])
+    assert engine.cache.max_length == 16
+    prompt = _prompt(500, 10)
+    engine.reserve(506)
+    assert engine.cache is None and engine.max_length == 506
+    grown = engine.run([Request(prompt, SamplingParams(max_new_tokens=6))])[0]
+    fresh, _ = generate(tiny, [prompt], SamplingParams(max_new_tokens=6), prefill_chunk=4096)
+    assert grown.tokens == fresh[0].tokens and engine.cache.max_length == 506
+    engine.submit(Request(prompt[:3], SamplingParams(max_new_tokens=2)))
+    with pytest.raises(QwenlinkError, match="only be resized while the engine is idle"):
+        engine.reserve(1000)
+
+
+def test_server_answers_long_prompts_as_one_shot_prefill(tiny):
+    """The OpenAI server with a 4096-token context and chunks of 256 answers two concurrent completions whose prompts
+    (token ids) fill the context with what a one-shot prefill generates."""
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.request import Request as HttpRequest, urlopen
+
+    from qwenlink.inference.server import ServerLimits, make_server, serve_in_thread
+    from qwenlink.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(FIXTURE)
+    engine = Engine(tiny, max_batch=2, max_length=4096, prefill_chunk=256)
+    server = make_server(engine, tok, "tiny", port=0, limits=ServerLimits(max_tokens=8, max_prompt_tokens=4090,
+                                                                          context=4096, max_body_bytes=100_000))
+    serve_in_thread(server)
+    host, port = server.server_address[:2]
+    prompts = [_prompt(4088, 11), _prompt(2600, 12)]
+
+    def complete(prompt: list[int]) -> str:
+        body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}).encode()
+        request = HttpRequest(f"http://{host}:{port}/v1/completions", data=body,
+                              headers={"Content-Type": "application/json"})
+        with urlopen(request, timeout=120) as reply:
+            return json.loads(reply.read())["choices"][0]["text"]
+
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(complete, prompts))
+    finally:
+        server.shutdown()
+        server.state.worker.stop()
+    expected, _ = generate(tiny, prompts, SamplingParams(max_new_tokens=8, stop_ids=frozenset(tok.stop_ids())),
+                           decode=tok.decode, prefill_chunk=4096)
+    assert texts == [r.text for r in expected] and all(texts)

@@ -94,8 +94,6 @@ class QwenlinkLM(TemplateLM):
         """Greedy (or sampled, when a task asks) continuations cut at the first stop sequence, all batched through
         one engine (continuous batching). The engine ends a request at the eos token (HFLM's eos stop sequence) and
         cuts its text before the earliest stop string, as HFLM does."""
-        if self._engine is None:
-            self._engine = Engine(self.model, max_batch=self.batch_size, max_length=self.max_length)
         jobs = []
         for context, gen_kwargs in (req.args for req in requests):
             kwargs = dict(gen_kwargs)
@@ -107,6 +105,13 @@ class QwenlinkLM(TemplateLM):
             params = SamplingParams(max_new_tokens=max_new, temperature=temperature,
                                     stop_ids=frozenset({self.eot_token_id}), stop_strings=tuple(s for s in until if s))
             jobs.append(Request(prompt, params, decode=self.tok_decode))
+        if not jobs:
+            return []
+        # The cache is sized to these requests (the longest prompt + its max_gen_toks), not to the model's 32K.
+        need = min(self.max_length, max(len(job.prompt) + job.params.max_new_tokens for job in jobs))
+        if self._engine is None:
+            self._engine = Engine(self.model, max_batch=self.batch_size, max_length=need)
+        self._engine.reserve(need)
         self._engine.run(jobs)
         return [request.text for request in jobs]
 

@@ -153,6 +153,16 @@ class Engine:
                              device=self.device, layer_ids=list(self.model.layers.keys()),
                              num_kv_heads=local_kv_heads(self.model))
 
+    def reserve(self, max_length: int) -> None:
+        """Make the cache rows `max_length` slots when they are shorter, so a caller that learns its requests late
+        (lm-eval's generate_until) sizes the cache to them rather than to the model's max positions. Only between
+        runs (no request waiting or running) and without a compiled step, which holds the cache it was built on."""
+        if max_length <= self.max_length and (self.cache is not None or max_length == self.max_length):
+            return
+        if self.busy or self._decode_step is not None:
+            raise QwenlinkError("the KV cache can only be resized while the engine is idle and not compiled")
+        self.max_length, self.cache = max_length, None  # allocated again by the next step
+
     # ---- admission ------------------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """Refuse what can never run (too long for a cache row), with a message fit for an API error."""
