@@ -5,8 +5,8 @@ vocab 151936); `wide` = a wider CPU shape closer to Qwen1.5-MoE's proportions (h
 60 experts top-4, expert ffn 256, shared ffn 1024, vocab 151936).
 Training: fp32, batch --batch x --seq, AdamW (fused for both), loss = LM loss + 0.001 x load-balancing loss on both
 sides (transformers: labels + output_router_logits=True; qwenlink: the trainer's TrainStep with its aux term).
-Decoding: greedy, --decode-batch prompts of 32 tokens, --new-tokens new tokens each; qwenlink's engine
-(`inference.generate`, prepacked weights) against `model.generate` (use_cache=True).
+Decoding: greedy, --decode-batch prompts of 32 tokens, --new-tokens new tokens each; qwenlink's engine (prepacked
+weights, built and warmed up before the timing) against `model.generate` (use_cache=True, warmed up).
 Each side runs in its own subprocess (peak RSS of one cannot pollute the other); the best of --rounds alternating
 rounds is kept.
 
@@ -123,18 +123,20 @@ def _measure(step, args: argparse.Namespace) -> dict:
 
 
 def decode_qwenlink(args: argparse.Namespace) -> dict:
-    from qwenlink.inference.generate import generate
+    from qwenlink.inference.engine import Engine, Request
     from qwenlink.inference.sampling import SamplingParams
     from qwenlink.models.qwen2 import build_model
 
     model = build_model(_config(args.shape), seed=0).eval()
     prompts = _tokens(model.config.vocab_size, args.decode_batch, 31).tolist()
-    params = SamplingParams(max_new_tokens=args.new_tokens)
-    generate(model, prompts, SamplingParams(max_new_tokens=2))  # warm-up (prepacking, allocator)
+    # Built (weights prepacked) and warmed up once, outside the timing, as transformers' model is loaded once.
+    engine = Engine(model, max_batch=len(prompts), max_length=32 + args.new_tokens)
+    engine.run([Request(p, SamplingParams(max_new_tokens=2)) for p in prompts])
+    requests = [Request(p, SamplingParams(max_new_tokens=args.new_tokens)) for p in prompts]
     t0 = time.perf_counter()
-    out, _ = generate(model, prompts, params)
+    engine.run(requests)
     seconds = time.perf_counter() - t0
-    return {"tokens_per_s": sum(len(g.tokens) for g in out) / seconds, "seconds": seconds,
+    return {"tokens_per_s": sum(len(r.tokens) for r in requests) / seconds, "seconds": seconds,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
 
 
