@@ -156,7 +156,7 @@ def test_chunked_scoring_equals_one_shot_and_lm_eval_layout(tiny):
 
 def test_generate_cli_long_prompt_with_prefill_chunk_equals_transformers(tmp_path, tiny_fixture_hf, hf):
     """`qwenlink generate --prefill-chunk 256` on a prompt of ~4K tokens (the fixture's whole context) prints
-    transformers' greedy continuation; a chunk of 0 is refused in one line."""
+    transformers' greedy continuation."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(tiny_fixture_hf)
@@ -172,9 +172,17 @@ def test_generate_cli_long_prompt_with_prefill_chunk_equals_transformers(tmp_pat
                      "--greedy", "--max-new-tokens", "6", "--prefill-chunk", "256")
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["tokens"] == ref.tolist()
-    bad = run_cli("generate", "--model", str(tiny_fixture_hf), "--prompt", "hi", "--prefill-chunk", "0")
-    assert bad.returncode != 0 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines()[-1].endswith("--prefill-chunk must be a positive number of tokens, got 0")
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval"])
+def test_bad_prefill_chunk_is_refused_in_one_line(command, capsys):
+    """A chunk of 0 is refused before the model loads (in-process: the same `main` as the command line)."""
+    from qwenlink.cli import main
+
+    extra = ["--prompt", "hi"] if command == "generate" else ["--data", "unused"] if command == "eval" else []
+    assert main([command, "--model", "no-such-model", *extra, "--prefill-chunk", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"qwenlink {command}: error: --prefill-chunk must be a positive number of tokens, got 0"]
 
 
 def test_engine_cache_grows_to_the_requests(tiny):
