@@ -57,14 +57,15 @@ def test_packed_sft_collate_equals_the_dense_mask_on_real_tokens() -> None:
     assert torch.equal(docs.to_dense() & real, packed_attention_mask(segments) & real)
 
 
-def test_reset_flags_are_refused_outside_pretraining_and_under_pp() -> None:
+def test_reset_flags_are_refused_outside_pretraining_and_accepted_under_pp() -> None:
     with pytest.raises(QwenlinkError, match="are for pretraining"):
         load_config(None, ["--job.mode=sft", "--data.path=unused", "--data.reset_attention_mask=true"])
     from qwenlink.models.presets import get_preset
 
-    cfg = pretrain_cfg("data.reset_position_ids=true", "parallel.pp=2", "train.global_batch_size=4")
-    with pytest.raises(QwenlinkError, match="not supported with pipeline parallelism"):
-        parallel_plan(cfg, 2, get_preset("test-tiny"))
+    # Documents reach every pipeline stage (tests/parallel/test_context_parallel.py: pp2 x dp2, cp2 x pp2).
+    cfg = pretrain_cfg("data.reset_position_ids=true", "data.reset_attention_mask=true", "parallel.pp=2",
+                       "train.global_batch_size=4")
+    assert parallel_plan(cfg, 2, get_preset("test-tiny")).pp == 2
 
 
 def test_trainer_pretrains_with_documents(make_config) -> None:

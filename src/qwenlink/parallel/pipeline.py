@@ -39,16 +39,66 @@ def split_stages(model: Qwen2Model, plan: ParallelPlan, pp_rank: int) -> list[tu
     return stages
 
 
+class MicroBatchInputs:
+    """Per micro batch keyword inputs of the stage modules that cannot travel between stages: documents (a
+    `DocumentMask`, whose boundaries are host integers) and their restarting positions.
+
+    torch.distributed.pipelining sends only the hidden states from stage to stage (and keyword inputs reach the first
+    stage only), but every pipeline rank of a replica loads the same micro batches, so each rank hands its stages the
+    inputs of the micro batch they are computing: the stage (`_stage_class`) selects micro batch i before its forward
+    of chunk i, and a forward pre-hook on the module adds the selection to the call. The selection stays put for
+    anything else that runs the module (the schedule's first-step shape inference: micro batch 0's inputs, same
+    shapes), and activation checkpointing recomputes a layer from the arguments it was called with."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self.current: dict = {}
+
+    def load(self, items: list[dict]) -> None:
+        """This step's inputs, one dict of keyword arguments per micro batch (empty dicts: nothing to add)."""
+        self.items = list(items)
+        self.current = self.items[0] if self.items else {}
+
+    def select(self, index: int) -> None:
+        if self.items:
+            self.current = self.items[index]
+
+    def attach(self, module: nn.Module) -> None:
+        """Add the selected inputs to every call of `module` (once per module)."""
+
+        def add_inputs(_module: nn.Module, args: tuple, kwargs: dict):
+            return (args, {**kwargs, **self.current}) if self.current else None
+
+        module.register_forward_pre_hook(add_inputs, with_kwargs=True)
+
+
+def _stage_class(inputs: "MicroBatchInputs | None"):
+    """PipelineStage, selecting the micro batch's inputs (if any) before each forward chunk."""
+    from torch.distributed import pipelining as pl
+
+    if inputs is None:
+        return pl.PipelineStage
+
+    class MicroBatchStage(pl.PipelineStage):
+        def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+            inputs.select(fwd_chunk_id)
+            return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
+
+    return MicroBatchStage
+
+
 def build_schedule(plan: ParallelPlan, stages: list[tuple[int, nn.Module]], *, device: torch.device, pp_group,
-                   n_microbatches: int, loss_fn: Callable):
+                   n_microbatches: int, loss_fn: Callable, inputs: "MicroBatchInputs | None" = None):
     """Wrap the stage modules in PipelineStages and build the configured schedule.
 
     Gradients are not rescaled by the schedule (scale_grads=False): the loss of each micro batch is already divided
     by the number of valid tokens of the whole global batch, so summing micro batches is the exact global mean.
+    `inputs`: per micro batch keyword inputs for every stage (documents), attached to the modules by the caller.
     """
     from torch.distributed import pipelining as pl
 
-    pipeline_stages = [pl.PipelineStage(module, index, plan.num_stages, device, group=pp_group)
+    stage_cls = _stage_class(inputs)
+    pipeline_stages = [stage_cls(module, index, plan.num_stages, device, group=pp_group)
                        for index, module in stages]
     single = {"gpipe": getattr(pl, "ScheduleGPipe"), "1f1b": getattr(pl, "Schedule1F1B")}
     multi = {"interleaved-1f1b": getattr(pl, "ScheduleInterleaved1F1B"),

@@ -394,12 +394,6 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
     if model_config is None:
         return plan
     validate_plan(plan, model_config, micro_batches=accumulation_steps(cfg, plan.dp), seq_length=cfg.data.seq_length)
-    if plan.pp > 1 and cfg.job.mode == "sft" and cfg.data.pack:
-        raise QwenlinkError("config: data.pack = true (per-sample positions and masks) is not supported with "
-                            "pipeline parallelism (parallel.pp > 1); use padding (data.pack = false)")
-    if plan.pp > 1 and (cfg.data.reset_attention_mask or cfg.data.reset_position_ids):
-        raise QwenlinkError("config: data.reset_attention_mask / reset_position_ids (per-sample documents and "
-                            "positions) are not supported with pipeline parallelism (parallel.pp > 1)")
     if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
         raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
                             "with pipeline parallelism yet; evaluate a saved checkpoint instead")

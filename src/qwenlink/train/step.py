@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from qwenlink.models.documents import DocumentMask
 from qwenlink.parallel.context import pad_multiple, shard_sequence
 from qwenlink.parallel.data import set_gradient_sync
 from qwenlink.parallel.parallelize import Layout, ModelChunks
-from qwenlink.parallel.pipeline import build_schedule
+from qwenlink.parallel.pipeline import MicroBatchInputs, build_schedule
 from qwenlink.parallel.tensor import loss_context, vocab_parallel_loss
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import IGNORE_INDEX, model_loss
@@ -45,10 +46,13 @@ def all_reduce_sum(value: Tensor) -> Tensor:
     return value
 
 
-def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int) -> list[MicroBatch]:
+def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int, *,
+                  keep_documents: bool = False) -> list[MicroBatch]:
     """Right-pad micro batches to exactly `length` tokens: a pipeline schedule splits one tensor into equal micro
     batches and its stages fix their send/receive shapes at the first step, so every step must have the same shape.
-    Columns past `length` (SFT rounds widths up to data.pad_to_multiple_of) hold only padding and are cut."""
+    Columns past `length` (SFT rounds widths up to data.pad_to_multiple_of) hold only padding and are cut.
+    keep_documents: a `DocumentMask` and positions are padded / cut along (the pads form a document of their own);
+    otherwise both are dropped (right padding needs no mask: causal attention never looks ahead at the pads)."""
     out = []
     for b in batches:
         extra = length - b.input_ids.shape[1]
@@ -56,8 +60,24 @@ def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int) -> li
         if extra > 0:
             ids = F.pad(ids, (0, extra), value=pad_id)
             labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
-        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=None, attention_mask=None))
+        docs = b.attention_mask if keep_documents and isinstance(b.attention_mask, DocumentMask) else None
+        positions = b.position_ids if keep_documents else None
+        if docs is not None:
+            docs = pad_documents(docs, length)
+        if positions is not None:
+            positions = F.pad(positions[:, :length], (0, max(extra, 0)), value=0)
+        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=positions, attention_mask=docs))
     return out
+
+
+def pad_documents(docs: DocumentMask, length: int) -> DocumentMask:
+    """`docs` [B, T] as [B, length]: cut, or extended by one more document of pads (host boundaries, no sync)."""
+    ids = docs.doc_ids[:, :length]  # [B, min(T, length)]
+    extra = length - ids.shape[1]
+    if extra > 0:
+        ids = torch.cat([ids, (ids[:, -1:] + 1).expand(-1, extra)], dim=1)  # [B, length]
+    bounds = [sorted({min(x, length) for x in row} | {length}) for row in docs.bounds]
+    return DocumentMask(ids, bounds)
 
 
 class TrainStep:
@@ -71,6 +91,10 @@ class TrainStep:
         self.device = layout.device
         self.chunk_size, self.seq_length, self.pad_id = chunk_size, seq_length, pad_id
         self._schedules: dict[int, object] = {}
+        self._stage_inputs = MicroBatchInputs()  # per micro batch documents / positions for the pipeline stages
+        if self.plan.pp > 1:
+            for module in chunks.modules:
+                self._stage_inputs.attach(module)
         self._scale: Tensor | float = 1.0
         # A mixture of experts' load-balancing term (train/moe.py), set by the trainer for MoE models.
         self.router_aux: Optional[RouterAuxLoss] = None
@@ -159,10 +183,17 @@ class TrainStep:
         return all_reduce_sum(share / self.plan.dp_cp) / (self.plan.tp * self.plan.pp)
 
     def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
-        """All micro batches through the schedule at once. Per-sample positions / masks cannot cross stage
-        boundaries (packed samples are refused at config time); right padding needs no mask (causal attention never
-        looks ahead at the pads). Returns the summed scaled loss (on every pipeline rank)."""
-        batches = [self.context_shard(b) for b in pad_to_length(batches, self.seq_length, self.pad_id)]
+        """All micro batches through the schedule at once. Documents and their positions do not cross stage
+        boundaries: every stage gets them from this rank's copy of the micro batch it computes; right padding needs no
+        mask (causal attention never looks ahead at the pads). Returns the summed scaled loss (on every pipeline
+        rank)."""
+        batches = [self.context_shard(b) for b in pad_to_length(batches, self.seq_length, self.pad_id,
+                                                                 keep_documents=True)]
+        # Documents and positions reach every stage from its own copy of the micro batches (parallel/pipeline.py).
+        self._stage_inputs.load([{k: v.to(self.device, non_blocking=True)
+                                  for k, v in (("attention_mask", b.attention_mask), ("position_ids", b.position_ids))
+                                  if v is not None}
+                                 for b in batches])
         input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
         labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True) \
             if self.objective is None else self.objective.pipeline_target(batches, self.device)
@@ -190,7 +221,7 @@ class TrainStep:
         if schedule is None:
             stages = list(zip(self.chunks.stage_ids, self.chunks.modules))
             schedule = build_schedule(self.plan, stages, device=self.device, pp_group=self.layout.pp_group,
-                                      n_microbatches=n, loss_fn=self._head_loss)
+                                      n_microbatches=n, loss_fn=self._head_loss, inputs=self._stage_inputs)
             self._schedules[n] = schedule
         return schedule
 
