@@ -233,7 +233,7 @@ def _close(got: dict[int, float], ref: dict[int, float], steps) -> None:
 def test_train_command_at_cp2_with_documents_equals_one_process_and_resumes_at_cp1_and_tp2(tmp_path) -> None:
     """One process and cp2 (documents, restarting positions) give the same losses for 4 steps and the same HF export
     (written by one cp rank); the cp2 checkpoint of step 2 resumes in one process and at tp2 with the uninterrupted
-    run's losses for steps 3 and 4."""
+    run's losses for steps 3 and 4. pp2 (each stage given the documents by its own loader) gives the same losses."""
     from export_helpers import hf_tensors
 
     corpus = write_counting_corpus(tmp_path / "corpus", 80)
@@ -257,6 +257,9 @@ def test_train_command_at_cp2_with_documents_equals_one_process_and_resumes_at_c
         assert result.returncode == 0, result.stderr[-3000:]
         assert "resumed from" in result.stdout and "step 2" in result.stdout
         _close(_losses(out), _losses(single), [3, 4])
+    result = _train(corpus, tmp_path / "pp2", "--parallel.pp=2", "--checkpoint.interval=0", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(_losses(tmp_path / "pp2"), _losses(single), [1, 2, 3, 4])
 
 
 def test_bad_context_layout_is_refused_before_launch(tmp_path) -> None:
