@@ -121,9 +121,11 @@ RUNS = {
     "cp2-tp2": dict(layout=dict(cp=2, tp=2)),
     "cp2-tp2-documents-checkpointing": dict(layout=dict(cp=2, tp=2), documents=True, ac=True),
     "cp2-pp2": dict(layout=dict(cp=2, pp=2)),
-    # Documents under pipeline parallelism: every stage gets them from its own copy of the micro batch.
+    # Documents under pipeline parallelism: every stage gets them from its own copy of the micro batch it computes
+    # (the interleaved zero-bubble schedule runs two chunks per rank, forwards and split backwards interleaved).
     "cp2-pp2-documents": dict(layout=dict(cp=2, pp=2), documents=True),
-    "pp2-dp2-documents": dict(layout=dict(pp=2, dp_shard=2), documents=True),
+    "pp2-vpp2-zero-bubble-dp2-documents": dict(layout=dict(pp=2, vpp=2, schedule="interleaved-zero-bubble",
+                                                           dp_shard=2), documents=True, layers=4),
     "cp2-hsdp-replicate2-documents": dict(layout=dict(cp=2, dp_shard=1, dp_replicate=2), documents=True),
     # Seed 5: its adapters' first gradients are all >= 2e-7, 20x AdamW's eps. Near eps (seed 3 has one at 3.6e-8),
     # AdamW's g / (|g| + eps) turns the 1e-9 of a different summation order into a 1e-5 weight difference.
