@@ -62,7 +62,7 @@ def test_reset_flags_are_refused_outside_pretraining_and_accepted_under_pp() -> 
         load_config(None, ["--job.mode=sft", "--data.path=unused", "--data.reset_attention_mask=true"])
     from qwenlink.models.presets import get_preset
 
-    # Documents reach every pipeline stage (tests/parallel/test_context_parallel.py: pp2 x dp2, cp2 x pp2).
+    # Documents reach every pipeline stage (tests/parallel/test_context_parallel.py: cp2 x pp2, pp2 x vpp2 x dp2).
     cfg = pretrain_cfg("data.reset_position_ids=true", "data.reset_attention_mask=true", "parallel.pp=2",
                        "train.global_batch_size=4")
     assert parallel_plan(cfg, 2, get_preset("test-tiny")).pp == 2
