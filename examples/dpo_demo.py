@@ -9,7 +9,7 @@ quickstart model's held-out exact match and reward accuracy.
 4. held-out exact match before / after, and the held-out reward accuracy (chosen reward above rejected) of the final
    model against the reference, go to OUT/summary.json.
 
-    python examples/dpo_demo.py [--sft runs/quickstart/hf] [--steps 300] [--out runs/dpo-demo]
+    python examples/dpo_demo.py [--sft runs/quickstart/hf] [--steps 100] [--out runs/dpo-demo]
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="qwenlink DPO demonstration (CPU)")
     parser.add_argument("--out", default=str(REPO / "runs" / "dpo-demo"))
     parser.add_argument("--sft", default=None, help="HF directory of the quickstart model (default: run it)")
-    parser.add_argument("--steps", type=int, default=300, help="DPO steps")
-    parser.add_argument("--pairs", type=int, default=2400, help="training prompts turned into pairs")
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=100, help="DPO steps")
+    parser.add_argument("--pairs", type=int, default=1200, help="training prompts turned into pairs")
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
