@@ -64,12 +64,16 @@ class MicroBatchInputs:
             self.current = self.items[index]
 
     def attach(self, module: nn.Module) -> None:
-        """Add the selected inputs to every call of `module` (once per module)."""
+        """Add the selected inputs to every call of `module`, replacing what an earlier attach installed there (a
+        stale selection must never reach a forward)."""
 
         def add_inputs(_module: nn.Module, args: tuple, kwargs: dict):
             return (args, {**kwargs, **self.current}) if self.current else None
 
-        module.register_forward_pre_hook(add_inputs, with_kwargs=True)
+        previous = getattr(module, "_micro_batch_inputs_hook", None)
+        if previous is not None:
+            previous.remove()
+        module._micro_batch_inputs_hook = module.register_forward_pre_hook(add_inputs, with_kwargs=True)
 
 
 def _stage_class(inputs: "MicroBatchInputs | None"):
