@@ -268,6 +268,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "device's, e.g. 64GiB")
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the step time "
                    "(default 0.40)")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS", help="limit for each rank role's "
+                   "simulation (default 900; a 72B tp8 x pp8 role with virtual stages takes minutes on a busy CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(overrides=[])
 

@@ -44,7 +44,8 @@ def test_header_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flag, value, field", [("--device", "tpu", "--device"),
-                                                ("--device-memory", "lots", "--device-memory")])
+                                                ("--device-memory", "lots", "--device-memory"),
+                                                ("--timeout", "0", "--timeout")])
 def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, flag: str, value: str, field: str) -> None:
     job = tmp_path / "job.toml"
     job.write_text("[model]\npreset = \"test-tiny\"\n")

@@ -55,9 +55,18 @@ def run_plan(args: argparse.Namespace) -> int:
     memory = parse_bytes(args.device_memory) if args.device_memory else None
     from qwenlink.train.trainer import resolve_model_config
 
+    if not args.timeout > 0:
+        raise QwenlinkError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     model_config = resolve_model_config(cfg)
-    plan = plan_job(cfg, world, device, model_config, device_memory=memory, mfu=args.mfu,
-                    device_type="cpu" if name == "cpu" else "cuda")
+    from qwenlink.parallel.simulate import SimulationError
+
+    try:
+        plan = plan_job(cfg, world, device, model_config, device_memory=memory, mfu=args.mfu,
+                        device_type="cpu" if name == "cpu" else "cuda", timeout=args.timeout)
+    except SimulationError as exc:
+        if "did not finish" in str(exc):  # a big interleaved layout on a busy host: say how to wait longer
+            raise SimulationError(f"{exc}; `--timeout SECONDS` sets a bigger limit") from None
+        raise
     data = plan.to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
