@@ -237,10 +237,10 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
             layer.compile()  # in place: parameter names stay those of the checkpoint
     if layout.dp_mesh is not None:
         # Under a pipeline each layer runs once per micro batch: keeping its gathered copy between them saves an
-        # all-gather per micro batch over the data-parallel ranks. Over the size-1 mesh of the precision policy
-        # re-gathering is a local cast, so the bf16 copies are freed (they would double a bf16 LoRA base).
-        keep_gathered = plan.pp > 1 and plan.dp_cp > 1
-        apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=not keep_gathered)
+        # all-gather per micro batch. (Freeing them over the precision policy's size-1 mesh was tried and reverted:
+        # the pipeline's backward keeps every layer's copy until the last micro batch anyway, so the peak did not
+        # fall, and the plan's 2-and-3-layer extrapolation no longer matched a full simulation. Issue #16.)
+        apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=plan.pp == 1)
     return model
 
 
