@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from qwenlink.train.loss import IGNORE_INDEX
+from qwenlink.train.loss import IGNORE_INDEX, accumulate_head_grads
 
 Tensor = torch.Tensor
 
@@ -52,14 +52,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             # d logp / d logits = onehot - softmax, times each position's incoming gradient (one [C, V] buffer)
             grad = torch.softmax((h @ weight.t()).float(), dim=-1).mul_(-g[:, None])   # [C, V]
             grad.scatter_add_(1, y[:, None], g[:, None])
-            grad = grad.to(hidden.dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:start + c] = grad @ weight                           # [C, H]
-            if grad_weight is not None:
-                if grad.dtype == torch.float32:
-                    grad_weight.addmm_(grad.t(), h)
-                else:
-                    grad_weight.add_(grad.t() @ h)
+            accumulate_head_grads(grad.to(hidden.dtype), h, weight, grad_hidden, grad_weight, start)
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
 
 

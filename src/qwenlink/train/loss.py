@@ -27,6 +27,22 @@ IGNORE_INDEX = -100
 Tensor = torch.Tensor
 
 
+def accumulate_head_grads(grad: Tensor, h: Tensor, weight: Tensor, grad_hidden: Optional[Tensor],
+                          grad_weight: Optional[Tensor], start: int) -> None:
+    """One chunk's gradient w.r.t. its logits (`grad` [C, V], in the hidden dtype) into the hidden rows it came from
+    (`grad_hidden[start:start + C]`, [C, H]) and into the fp32 head gradient (`grad_weight` [V, H]).
+
+    The head gradient is a bf16 GEMM (fp32 accumulation inside it) for bf16 inputs, summed over chunks in fp32;
+    casting both operands up instead would run the head's largest GEMM at fp32 speed."""
+    if grad_hidden is not None:
+        grad_hidden[start:start + grad.shape[0]] = grad @ weight                   # [C, H]
+    if grad_weight is not None:
+        if grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.t(), h)
+        else:
+            grad_weight.add_(grad.t() @ h)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, label_i) * scale, with gradients computed chunk by chunk in forward."""
 
@@ -50,16 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -1, dtype=grad.dtype))
                 grad.mul_(scale)
-                grad = grad.to(hidden.dtype)
-                if grad_hidden is not None:
-                    grad_hidden[start:start + chunk_size] = grad @ weight          # [C, H]
-                if grad_weight is not None:
-                    # [V, H]: a bf16 GEMM (fp32 accumulation inside it) for bf16 inputs, summed over chunks in fp32;
-                    # casting both operands up instead would run the head's largest GEMM at fp32 speed.
-                    if grad.dtype == torch.float32:
-                        grad_weight.addmm_(grad.t(), h)
-                    else:
-                        grad_weight.add_(grad.t() @ h)
+                accumulate_head_grads(grad.to(hidden.dtype), h, weight, grad_hidden, grad_weight, start)
         if need_grad:
             ctx.save_for_backward(grad_hidden if grad_hidden is not None else torch.empty(0),
                                   grad_weight.to(weight.dtype) if grad_weight is not None else torch.empty(0))
