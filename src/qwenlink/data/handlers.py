@@ -170,18 +170,15 @@ class InstructionHandler(Handler):
     def record_segments(self, batch: RecordBatch, i: int) -> list[Segment]:
         raise NotImplementedError
 
-    def process(self, batch: RecordBatch) -> BatchResult:
-        res = BatchResult(records=batch.num_rows)
-        per_record = [self.record_segments(batch, i) for i in range(batch.num_rows)]
-        # Tokenize every non-constant segment of the batch in one call; constants come from the cache.
-        new_consts = {s.text for segs in per_record for s in segs if s.constant} - self._constant_ids.keys()
-        for text in new_consts:
+    def tokenize_segments(self, samples: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
+        """Segments -> (ids, aligned labels) per sample, prompt tokens masked to -100, EOD appended if asked.
+        Every non-constant segment of the batch is tokenized in one call; constants come from a cache."""
+        new = {s.text for segs in samples for s in segs if s.constant} - self._constant_ids.keys()
+        for text in new:
             self._constant_ids[text] = self.encode([text])[0]
-        todo = [s.text for segs in per_record for s in segs if not s.constant]
-        encoded = iter(self.encode(todo))
-        ids_out: list[list[int]] = []
-        label_out: list[list[int]] = []
-        for segs in per_record:
+        encoded = iter(self.encode([s.text for segs in samples for s in segs if not s.constant]))
+        out = []
+        for segs in samples:
             ids: list[int] = []
             labels: list[int] = []
             for s in segs:
@@ -191,8 +188,15 @@ class InstructionHandler(Handler):
             if self.options.append_eod:
                 ids.append(self.eod)
                 labels.append(self.eod)
-            ids_out.append(ids)
-            label_out.append(labels)
+            out.append((ids, labels))
+        return out
+
+    def process(self, batch: RecordBatch) -> BatchResult:
+        res = BatchResult(records=batch.num_rows)
+        per_record = [self.record_segments(batch, i) for i in range(batch.num_rows)]
+        samples = self.tokenize_segments(per_record)
+        ids_out = [ids for ids, _ in samples]
+        label_out = [labels for _, labels in samples]
         flat, lengths = _concat(ids_out)
         flat_labels, _ = _concat(label_out)
         # A sample without a single trainable token (e.g. empty reply) teaches nothing: skip and count as empty.

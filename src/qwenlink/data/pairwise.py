@@ -26,12 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from qwenlink.data.handlers import (IGNORE_INDEX, ROLE_ALIASES, BatchResult, Handler, HandlerOptions, _concat,
-                                    _as_text)
+from qwenlink.data.handlers import IGNORE_INDEX, ROLE_ALIASES, BatchResult, InstructionHandler, _as_text, _concat
 from qwenlink.data.readers import RecordBatch
-from qwenlink.data.templates import Segment, Template, Turn, get_template
+from qwenlink.data.templates import Segment, Turn
 from qwenlink.errors import QwenlinkError
-from qwenlink.tokenizer import Tokenizer
 
 SIDES = ("chosen", "rejected")
 PAIR_KEYS = tuple(f"{side}_{key}" for side in SIDES for key in ("input_ids", "labels"))
@@ -54,13 +52,9 @@ class PairBatchResult(BatchResult):
     skipped: list[str] = field(default_factory=list)
 
 
-class PairwiseHandler(Handler):
-    """Preference records -> chosen and rejected samples with prompt tokens masked to -100 (whole pairs only)."""
-
-    def __init__(self, options: HandlerOptions, tokenizer: Tokenizer) -> None:
-        super().__init__(options, tokenizer)
-        self.template: Template = get_template(options.template)
-        self._constant_ids: dict[str, list[int]] = {}
+class PairwiseHandler(InstructionHandler):
+    """Preference records -> chosen and rejected samples with prompt tokens masked to -100 (whole pairs only).
+    Template, constant-segment cache and tokenization are the instruction handler's."""
 
     @property
     def output_names(self) -> list[str]:
@@ -157,26 +151,6 @@ class PairwiseHandler(Handler):
                 self.template.render(prompt + [Turn("assistant", rejected)]))
 
     # ---- tokens -----------------------------------------------------------------------------------------------------
-    def _tokenize(self, conversations: list[list[Segment]]) -> list[tuple[list[int], list[int]]]:
-        """Segments -> (ids, aligned labels) per conversation; one tokenizer call for the whole batch."""
-        new = {s.text for segs in conversations for s in segs if s.constant} - self._constant_ids.keys()
-        for text in new:
-            self._constant_ids[text] = self.encode([text])[0]
-        encoded = iter(self.encode([s.text for segs in conversations for s in segs if not s.constant]))
-        out = []
-        for segs in conversations:
-            ids: list[int] = []
-            labels: list[int] = []
-            for s in segs:
-                seg_ids = self._constant_ids[s.text] if s.constant else next(encoded)
-                ids.extend(seg_ids)
-                labels.extend(seg_ids if s.trainable else [IGNORE_INDEX] * len(seg_ids))
-            if self.options.append_eod:
-                ids.append(self.eod)
-                labels.append(self.eod)
-            out.append((ids, labels))
-        return out
-
     def _limit(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
         """One side of a pair cut to --seq-length (--overlong truncate); Skip when no reply token is left."""
         n = self.options.seq_length
@@ -198,7 +172,7 @@ class PairwiseHandler(Handler):
                 continue
             rows.append(i)
             conversations += [chosen, rejected]
-        tokens = self._tokenize(conversations)
+        tokens = self.tokenize_segments(conversations)
         opts = self.options
         kept: dict[str, list[list[int]]] = {k: [] for k in PAIR_KEYS}
         for k, i in enumerate(rows):
