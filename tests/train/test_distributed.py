@@ -44,3 +44,49 @@ def test_resume_restores_only_this_rank_s_cuda_generator(monkeypatch) -> None:
     dcp.set_rng_state(saved)
     dcp.set_rng_state({**saved, "cuda": [state + 1, state + 2, state + 3]})  # written with 3 visible GPUs
     assert [s.tolist() for s in calls["set"]] == [[0, 1, 2, 3], [1, 2, 3, 4]]
+
+
+def _failure(tmp_path, rank: int, exitcode: int, error: Exception | None = None, at: float = 0.0):
+    """A torchrun ProcessFailure as the launcher builds it: from the error file the rank wrote (or none)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    path = tmp_path / f"error_{rank}_{len(list(tmp_path.iterdir()))}.json"  # a fresh file for every failure
+    if error is not None:
+        import time
+
+        real_time = time.time
+        time.time = lambda: at  # record_failure stamps the error with time.time()
+        try:
+            import os
+
+            os.environ["TORCHELASTIC_ERROR_FILE"] = str(path)
+            distributed.record_failure(error)
+        finally:
+            time.time = real_time
+            del os.environ["TORCHELASTIC_ERROR_FILE"]
+    return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+
+
+def _first(tmp_path, *failures) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    return distributed.first_failure(ChildFailedError("qwenlink", {f.local_rank: f for f in failures}))[0]
+
+
+def test_first_failure_names_the_rank_that_caused_the_others(tmp_path) -> None:
+    """torchrun gives whole-second ties to rank 0, and lists the ranks it stopped with SIGTERM as failures too;
+    the rank named first must be the cause (a CI run once blamed rank 0's "Connection reset by peer", recorded the
+    same second rank 1 was SIGKILLed, and SIGTERMed by torchrun while it was exiting)."""
+    from qwenlink.errors import QwenlinkError
+
+    reset = RuntimeError("Connection reset by peer")
+    # rank 1 killed (no record); rank 0 recorded losing it, then was stopped by torchrun
+    assert _first(tmp_path, _failure(tmp_path, 0, -15, reset, at=100.5), _failure(tmp_path, 1, -9)) == 1
+    # rank 1 had a data error; rank 0's reset came a moment later within the same second
+    assert _first(tmp_path, _failure(tmp_path, 0, 1, reset, at=100.7),
+                  _failure(tmp_path, 1, 2, QwenlinkError("bad row"), at=100.2)) == 1
+    # the real error's rank was still exiting when torchrun stopped it: its record still counts first
+    assert _first(tmp_path, _failure(tmp_path, 0, -15, QwenlinkError("bad row"), at=100.2),
+                  _failure(tmp_path, 1, 1, reset, at=100.7)) == 0
+    # a rank stopped by torchrun before it recorded anything is never the cause
+    assert _first(tmp_path, _failure(tmp_path, 0, -15), _failure(tmp_path, 1, 1, reset, at=100.7)) == 1

@@ -158,14 +158,24 @@ def rank_record(failure) -> Optional[dict]:
 
 
 def first_failure(exc) -> tuple[int, object]:
-    """torchrun's first failure, unless that rank recorded an error: then the earliest recorded error, by its precise
-    time (torchrun's whole seconds tie a rank's error with its peers' resets a moment later, and ties go to rank 0).
+    """The rank whose failure caused the others. A rank that died without recording an error (killed by a signal,
+    or failed outside the trainer) comes first: it had no chance to record, and its peers record losing it as errors
+    of their own (even a user error, a checkpoint save cut short). Otherwise the earliest recorded error by its
+    precise time: torchrun orders by whole seconds and gives ties to rank 0, so a peer's "Connection reset by peer" a
+    moment after the real failure could win.
 
-    A rank killed by a signal records nothing and stays torchrun's pick; so do its peers' errors, even user errors
-    (a checkpoint save cut short by the lost peer is reported as one), when torchrun saw the kill first."""
-    rank, failure = exc.get_first_failure()
-    if rank_record(failure) is None:
-        return rank, failure
-    records = {r: rec for r, f in exc.failures.items() if (rec := rank_record(f)) is not None}
-    rank = min(records, key=lambda r: records[r]["time"])
-    return rank, exc.failures[rank]
+    An unrecorded SIGTERM is torchrun's own stop (it sends SIGTERM to every rank still running once one failed, and
+    lists them as failures too), so it only counts when nothing else explains the failure (a SIGTERM from outside)."""
+    import signal
+
+    failures = exc.failures
+    unrecorded = {r: f for r, f in failures.items()
+                  if rank_record(f) is None and f.exitcode != -signal.SIGTERM}
+    if unrecorded:
+        rank = min(unrecorded, key=lambda r: (unrecorded[r].timestamp, r))
+        return rank, failures[rank]
+    records = {r: rec for r, f in failures.items() if (rec := rank_record(f)) is not None}
+    if records:
+        rank = min(records, key=lambda r: (records[r]["time"], r))
+        return rank, failures[rank]
+    return exc.get_first_failure()

@@ -79,8 +79,22 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1024**3
     if device.type == "npu":  # pragma: no cover
         return torch.npu.max_memory_allocated(device) / 1024**3  # type: ignore[attr-defined]
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kb * (1 if sys.platform != "darwin" else 1 / 1024) / 1024**2
+    return peak_rss_bytes() / 1024**3
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. On Linux it is read from /proc (VmHWM, the peak of this program's own
+    memory): `ru_maxrss` keeps the peak of the process that forked it across exec, so a job started from a large
+    parent (a test runner) reported that parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux kibibytes
 
 
 @dataclass
