@@ -33,18 +33,17 @@ def _records(path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "loss" in r}
 
 
-def test_pp2_tp2_dp2_equals_one_process(setup, tmp_path):
+def _equal_to_one_process(single_args: list[str], layout_args: list[str], tmp_path, nproc: int,
+                          replicas: int) -> None:
     from qwenlink.train.config import load_config
     from qwenlink.train.trainer import Trainer
 
-    prefix, init = setup
-    Trainer(load_config(None, dpo_args(prefix, tmp_path / "single", init)), stream=io.StringIO()).train()
-    cmd = [sys.executable, "-m", "qwenlink.cli", "train", *dpo_args(prefix, tmp_path / "layout", init),
-           "--parallel.pp=2", "--parallel.tp=2", "--nproc=8"]
+    Trainer(load_config(None, single_args), stream=io.StringIO()).train()
+    cmd = [sys.executable, "-m", "qwenlink.cli", "train", *layout_args, f"--nproc={nproc}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 data-parallel rank(s)" in result.stdout
+    assert f"{replicas} data-parallel rank(s)" in result.stdout
     single, layout = _records(tmp_path / "single" / "metrics.jsonl"), _records(tmp_path / "layout" / "metrics.jsonl")
     assert sorted(layout) == sorted(single) == [1, 2, 3, 4]
     for step in single:
@@ -52,3 +51,26 @@ def test_pp2_tp2_dp2_equals_one_process(setup, tmp_path):
             a, b = layout[step][key], single[step][key]
             assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (step, key, a, b)
     assert any(r["rewards/margin"] != 0 for r in single.values())
+
+
+def test_pp2_tp2_dp2_equals_one_process(setup, tmp_path):
+    prefix, init = setup
+    _equal_to_one_process(dpo_args(prefix, tmp_path / "single", init),
+                          [*dpo_args(prefix, tmp_path / "layout", init), "--parallel.pp=2", "--parallel.tp=2"],
+                          tmp_path, nproc=8, replicas=2)
+
+
+@pytest.mark.parametrize("layout, extra", [
+    (["--parallel.cp=2", "--parallel.tp=2"], ["--dpo.precompute_reference=true"]),
+    (["--parallel.cp=2", "--parallel.pp=2"], []),
+], ids=["cp2-tp2-precomputed-reference", "cp2-pp2-reference-copy"])
+def test_context_parallel_equals_one_process(setup, tmp_path, layout, extra):
+    """Each cp rank scores its own tokens of every row (a head and a tail chunk); the rows' log-probabilities are
+    summed over cp before the pair losses, in the reference pass (computed once up front, or each step through a
+    forward-only pipeline schedule) as in the policy's."""
+    _, init = setup
+    args = []
+    for name in ("single", "layout"):  # own data copies: a precomputed reference is stored next to its data
+        prefix = write_pairs(tmp_path / f"data-{name}", pairs=24, seed=3)
+        args.append([*dpo_args(prefix, tmp_path / name, init), *extra])
+    _equal_to_one_process(args[0], [*args[1], *layout], tmp_path, nproc=4, replicas=1)

@@ -97,8 +97,8 @@ def _ours(models, loss_type: str):
     objective = PreferenceObjective(DpoOptions(beta=BETA, loss_type=loss_type), "copy",
                                     reference_chunks=types.SimpleNamespace(modules=[reference]))
     step = types.SimpleNamespace(layout=types.SimpleNamespace(tp_mesh=None), chunk_size=2, _scale=1.0 / 2,
-                                 plan=types.SimpleNamespace(tp=1, pp=1), device=torch.device("cpu"),
-                                 chunks=types.SimpleNamespace(modules=[policy]))
+                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1), device=torch.device("cpu"),
+                                 chunks=types.SimpleNamespace(modules=[policy]), context_shard=lambda batch: batch)
     batch = PairMicroBatch(ids, labels)
     (batch,) = objective.prepare(step, [batch])
     loss = objective.micro_loss(step, policy, batch, labels)
@@ -142,7 +142,7 @@ def test_simpo_equals_the_paper_formula(models, label_smoothing):
     objective = PreferenceObjective(DpoOptions(beta=beta, loss_type="simpo", gamma=gamma,
                                                label_smoothing=label_smoothing), "none")
     step = types.SimpleNamespace(layout=types.SimpleNamespace(tp_mesh=None), chunk_size=1024, _scale=1.0 / 2,
-                                 plan=types.SimpleNamespace(tp=1, pp=1), device=torch.device("cpu"))
+                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1), device=torch.device("cpu"))
     loss = objective.micro_loss(step, policy, PairMicroBatch(ids, labels), labels)
     with torch.no_grad():
         logps = _plain_logps(policy, ids, labels)

@@ -111,7 +111,6 @@ def test_plot_draws_the_preference_metrics(pairs, init_dir, tmp_path):
     ("--dpo.loss_type=sigmod", "did you mean 'sigmoid'"),
     ("--dpo.label_smoothing=0.1 --dpo.loss_type=hinge", "label_smoothing applies to loss_type sigmoid or simpo"),
     ("--dpo.precompute_reference=true --dpo.loss_type=simpo", "simpo uses no reference model"),
-    ("--parallel.cp=2", "parallel.cp > 1 is not supported"),
 ])
 def test_bad_settings_are_refused(pairs, tmp_path, override, message):
     with pytest.raises(QwenlinkError, match=message):

@@ -80,6 +80,33 @@ def preference_losses(opts: DpoOptions, chosen: Tensor, rejected: Tensor, ref_ch
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+# ---- context parallelism: a row's log-probability is split over the cp ranks' tokens --------------------------------
+class _SumOverContext(torch.autograd.Function):
+    """Sum of every cp rank's partial row log-probabilities [2B], with an identity backward.
+
+    Each cp rank then holds the whole rows' values and computes the same pair losses from them; its backward sends
+    dL/d(row) into its own tokens only. FSDP2 averages the parameter gradients over the cp ranks and each rank's loss
+    carries the factor cp of the step's scale (train/step.py), so the sum over ranks of these partial gradients is
+    the gradient of the whole rows: an all-reduce in backward would count it cp times."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group) -> Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def sum_over_context(step, partial: Tensor) -> Tensor:
+    """This cp rank's partial sums [2B] -> the whole rows' (identity without cp; differentiable)."""
+    if step.plan.cp == 1:
+        return partial
+    return _SumOverContext.apply(partial, step.layout.cp_mesh.get_group())
+
+
 # ---- where the reference log-probabilities come from --------------------------------------------------------------
 @contextlib.contextmanager
 def adapters_off(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
@@ -144,8 +171,8 @@ class PreferenceObjective:
         if self._slot_sums is not None:
             sums = sums + self._slot_sums.sum(0)
         self._sums = self._slot_sums = None
-        # Every tp rank of a replica holds the same sums; under pp only the last stage has them.
-        total = all_reduce_sum(sums) / step.plan.tp
+        # Every tp and cp rank of a replica holds the same sums; under pp only the last stage has them.
+        total = all_reduce_sum(sums) / (step.plan.tp * step.plan.cp)
         return total[:6] / total[6].clamp(min=1)
 
     # ---- the loss of one micro batch ------------------------------------------------------------------------------
@@ -154,6 +181,9 @@ class PreferenceObjective:
         """logps [2B] fp32, labels [2B, T] (host or device), reference [2B] or None -> the scaled summed loss."""
         b = logps.shape[0] // 2
         tokens = (labels != IGNORE_INDEX).sum(-1).to(logps.device, non_blocking=True).float()   # [2B]
+        if step.plan.cp > 1:  # this rank's tokens of each row: the whole rows' sums, on every cp rank
+            logps = sum_over_context(step, logps)
+            tokens = sum_over_context(step, tokens)
         ref = (None, None) if reference is None else (reference[:b].to(logps.device), reference[b:].to(logps.device))
         losses, chosen_reward, rejected_reward = preference_losses(
             self.opts, logps[:b], logps[b:], ref[0], ref[1], tokens[:b], tokens[b:])
@@ -231,9 +261,11 @@ class PreferenceObjective:
                     return self._pipeline_reference(step, chunks, batches)
                 out = []
                 for host in batches:
+                    host = step.context_shard(host)
                     batch = host.to(step.device)
                     with loss_context(step.layout.tp_mesh):
-                        out.append(self._row_logps(step, chunks.modules[0], batch, host.labels).float())
+                        logps = self._row_logps(step, chunks.modules[0], batch, host.labels).float()
+                    out.append(sum_over_context(step, logps))
                 return out
         finally:
             for m, training in zip(chunks.modules, was_training):
@@ -278,7 +310,7 @@ class PreferenceObjective:
 
         saved, self._reference_pass = self._reference_pass, True
         try:
-            padded = pad_to_length(batches, step.seq_length, step.pad_id)
+            padded = [step.context_shard(b) for b in pad_to_length(batches, step.seq_length, step.pad_id)]
             losses = self._run_forward_only(step, chunks, padded)
         finally:
             self._reference_pass = saved
@@ -286,6 +318,7 @@ class PreferenceObjective:
         flat = torch.cat([x.float() for x in losses]) if losses else \
             torch.zeros(rows, dtype=torch.float32, device=step.device)
         dist.all_reduce(flat, group=step.layout.pp_group)  # only the last stage had them
+        flat = sum_over_context(step, flat)  # each cp rank's tokens of the rows
         return list(flat.split([b.input_ids.shape[0] for b in padded]))
 
 

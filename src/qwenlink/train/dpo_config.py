@@ -26,8 +26,5 @@ def validate_section(cfg) -> None:
         raise QwenlinkError("config: dpo.precompute_reference: simpo uses no reference model")
     if cfg.data.pack:
         raise QwenlinkError("config: data.pack is not supported for job.mode = \"dpo\" (each pair is padded)")
-    if getattr(cfg.parallel, "cp", 1) > 1:
-        # A row's log-probability would be split over the cp ranks' sequence chunks; not summed across them yet.
-        raise QwenlinkError("config: parallel.cp > 1 is not supported for job.mode = \"dpo\" yet (use tp / pp / dp)")
     if cfg.data.valid_path:
         raise QwenlinkError("config: data.valid_path is not supported for job.mode = \"dpo\" yet")

@@ -75,9 +75,9 @@ def compute_reference(step, objective, dataset, *, micro_batch_size: int, micro_
     calls = math.ceil(math.ceil(n / plan.dp) / per_call)
     mine += [mine[0] if mine else 0] * (calls * per_call - len(mine))  # padding rows: computed, never written
     real = len(range(layout.dp_rank, n, plan.dp))
-    # One writer per replica (tp rank 0 of the first pipeline stage: every rank has the values), so the sum over
-    # the world counts each pair once, exactly.
-    writer = layout.tp_rank == 0 and layout.pp_rank == 0
+    # One writer per replica (tp and cp rank 0 of the first pipeline stage: every rank has the values), so the sum
+    # over the world counts each pair once, exactly.
+    writer = layout.tp_rank == 0 and layout.pp_rank == 0 and layout.cp_rank == 0
     out = torch.zeros(n, 2, dtype=torch.float32, device=step.device)                  # [pairs, 2]
     for c in range(calls):
         group = mine[c * per_call:(c + 1) * per_call]

@@ -180,7 +180,9 @@ class TrainStep:
         self._sync_tied_gradients()
         # Each replica's (and cp shard's) share is dp x cp x its part of the mean; every tp and pp rank of a replica
         # holds the same value.
-        return all_reduce_sum(share / self.plan.dp_cp) / (self.plan.tp * self.plan.pp)
+        # A preference objective's loss is a function of whole rows, summed over cp first: every cp rank holds all of it.
+        copies = self.plan.cp if self.objective is not None else 1
+        return all_reduce_sum(share / (self.plan.dp_cp * copies)) / (self.plan.tp * self.plan.pp)
 
     def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
         """All micro batches through the schedule at once. Documents and their positions do not cross stage
