@@ -3,8 +3,9 @@
 Why this design (and not torch's `context_parallel`): torch's ring attention dispatches on the SDPA kernel's aten op,
 and the CPU kernel (aten._scaled_dot_product_flash_attention_for_cpu) has no sharding strategy, so it cannot run on a
 CPU / gloo job. Here each rank computes q, k, v for its own tokens and all-gathers k and v over the cp group with a
-functional collective (Llama 3's approach): its autograd rule makes the backward a reduce-scatter of the key/value
-gradients, on gloo, NCCL and HCCL alike, and the attention itself is an ordinary SDPA call on whatever device.
+functional collective (Llama 3's approach); the backward reduce-scatters the key/value gradients, on gloo, NCCL and
+HCCL alike, and the attention itself is an ordinary SDPA call on whatever device. Only the rank's own k and v are
+kept for backward, which gathers them again (`_ContextAttention`), so every part of the activations falls as 1 / cp.
 
 The sequence of length T is cut into 2 x cp chunks of c = T / (2 cp) tokens; rank r holds chunk r and chunk
 2 cp - 1 - r (a head and a tail), so under causal attention every rank attends over the same number of key/query
@@ -68,17 +69,33 @@ def pad_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
 
 
 # ---- attention ------------------------------------------------------------------------------------------------------
+def _rank_major(x: Tensor, cp: int) -> list[Tensor]:
+    """Each rank's tokens of a whole-sequence [B, H, T, D] tensor, rank-major: rank s holds chunk s then chunk
+    2cp-1-s (the layout an all-gather over cp produces and a reduce-scatter over cp expects)."""
+    chunks = x.chunk(2 * cp, dim=2)
+    return [torch.cat([chunks[s], chunks[2 * cp - 1 - s]], dim=2) for s in range(cp)]
+
+
 def gather_sequence(x: Tensor, group, cp: int) -> Tensor:
-    """All ranks' tokens of x [B, H, T/cp, D] in sequence order: [B, H, T, D]. The functional all-gather's backward
-    reduce-scatters the gradient, so each rank receives the sum of every rank's gradient for its own keys/values."""
+    """All ranks' tokens of x [B, H, T/cp, D] in sequence order: [B, H, T, D] (no autograd: the caller's backward
+    reduce-scatters)."""
     from torch.distributed import _functional_collectives as funcol
 
-    # all_gather_single_autograd is the newer name (torch 2.13 deprecates the other); both gather along dim 0 here.
-    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
-    gathered = gather(x.contiguous(), gather_dim=0, group=group)  # [cp x B, H, T/cp, D], rank-major
+    gathered = funcol.all_gather_tensor(x.contiguous(), gather_dim=0, group=group)  # [cp x B, H, T/cp, D]
     held = [block.chunk(2, dim=2) for block in gathered.chunk(cp, dim=0)]  # rank s: (chunk s, chunk 2cp-1-s)
     order = [held[j][0] if j < cp else held[2 * cp - 1 - j][1] for j in range(2 * cp)]
     return torch.cat(order, dim=2)
+
+
+def scatter_sequence_grad(grad: Tensor, group, cp: int) -> Tensor:
+    """The backward of `gather_sequence`: every rank's gradient for the whole sequence [B, H, T, D], summed over the
+    cp ranks, each rank receiving its own tokens' part [B, H, T/cp, D]."""
+    from torch.distributed import _functional_collectives as funcol
+
+    stacked = torch.cat(_rank_major(grad, cp), dim=0)  # [cp x B, H, T/cp, D], rank-major
+    out = funcol.reduce_scatter_tensor(stacked, "sum", scatter_dim=0, group=group)  # [B, H, T/cp, D]
+    # eager: an AsyncCollectiveTensor, waited for here rather than handed to autograd (fake tensors are plain)
+    return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
 def _document_chunk(q: Tensor, keys: Tensor, values: Tensor, docs: DocumentMask, start: int, end: int) -> Tensor:
@@ -101,13 +118,10 @@ def _document_chunk(q: Tensor, keys: Tensor, values: Tensor, docs: DocumentMask,
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
-@torch.compiler.disable
-def context_attention(q: Tensor, k: Tensor, v: Tensor, documents: Optional[DocumentMask], group, cp: int,
-                      rank: int) -> Tensor:
-    """Causal attention (within documents, if given) of this rank's queries over the whole sequence's keys.
-
-    q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D] for this rank's chunks (head, tail) -> [B, Hq, 2c, D]."""
-    keys, values = gather_sequence(k, group, cp), gather_sequence(v, group, cp)  # [B, Hkv, T, D]
+def attend_gathered(q: Tensor, keys: Tensor, values: Tensor, documents: Optional[DocumentMask], cp: int,
+                    rank: int) -> Tensor:
+    """This rank's query chunks (q [B, Hq, 2c, D]: head, tail) over the whole sequence's keys / values
+    [B, Hkv, T, D], causal (within documents, if given) -> [B, Hq, 2c, D]."""
     c = q.shape[2] // 2
     outs = []
     for qj, chunk in zip(q.split(c, dim=2), rank_chunks(cp, rank)):
@@ -117,6 +131,46 @@ def context_attention(q: Tensor, k: Tensor, v: Tensor, documents: Optional[Docum
         else:
             outs.append(_document_chunk(qj, keys, values, documents, start, end))
     return torch.cat(outs, dim=2)
+
+
+class _ContextAttention(torch.autograd.Function):
+    """Attention over all-gathered keys and values that keeps only this rank's own q, k, v for backward.
+
+    Why not autograd through the gather: the attention kernel would save the whole sequence's k and v (2 x T x kv
+    dim per layer on every rank), the one part of a layer's activations that does not fall as 1 / cp. Backward
+    gathers k and v again and recomputes this rank's attention (one extra attention forward and one extra
+    all-gather per layer, as activation checkpointing of attention would cost), then reduce-scatters the key and
+    value gradients to the ranks that own them."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, documents: Optional[DocumentMask], group, cp: int,
+                rank: int) -> Tensor:
+        keys, values = gather_sequence(k, group, cp), gather_sequence(v, group, cp)  # [B, Hkv, T, D]
+        ctx.save_for_backward(q, k, v)
+        ctx.documents, ctx.group, ctx.cp, ctx.rank = documents, group, cp, rank
+        return attend_gathered(q, keys, values, documents, cp, rank)  # [B, Hq, 2c, D]
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v = ctx.saved_tensors
+        keys = gather_sequence(k, ctx.group, ctx.cp).requires_grad_()
+        values = gather_sequence(v, ctx.group, ctx.cp).requires_grad_()
+        q = q.detach().requires_grad_()
+        with torch.enable_grad():
+            out = attend_gathered(q, keys, values, ctx.documents, ctx.cp, ctx.rank)
+        dq, dkeys, dvalues = torch.autograd.grad(out, (q, keys, values), grad_out)
+        dk = scatter_sequence_grad(dkeys, ctx.group, ctx.cp)  # [B, Hkv, 2c, D]: summed over every rank's queries
+        dv = scatter_sequence_grad(dvalues, ctx.group, ctx.cp)
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.compiler.disable
+def context_attention(q: Tensor, k: Tensor, v: Tensor, documents: Optional[DocumentMask], group, cp: int,
+                      rank: int) -> Tensor:
+    """Causal attention (within documents, if given) of this rank's queries over the whole sequence's keys.
+
+    q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D] for this rank's chunks (head, tail) -> [B, Hq, 2c, D]."""
+    return _ContextAttention.apply(q, k, v, documents, group, cp, rank)
 
 
 class ContextAttention:
