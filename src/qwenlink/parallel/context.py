@@ -26,7 +26,7 @@ the trainer divides the summed token loss by the global token count x dp x cp (t
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 from torch import nn
@@ -83,6 +83,18 @@ def gather_sequence(x: Tensor, group, cp: int) -> Tensor:
 
     gathered = funcol.all_gather_tensor(x.contiguous(), gather_dim=0, group=group)  # [cp x B, H, T/cp, D]
     held = [block.chunk(2, dim=2) for block in gathered.chunk(cp, dim=0)]  # rank s: (chunk s, chunk 2cp-1-s)
+    order = [held[j][0] if j < cp else held[2 * cp - 1 - j][1] for j in range(2 * cp)]
+    return torch.cat(order, dim=2)
+
+
+def gather_sequence_autograd(x: Tensor, group, cp: int) -> Tensor:
+    """`gather_sequence` whose backward reduce-scatters (the functional all-gather's autograd rule)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    # all_gather_single_autograd is the newer name (torch 2.13 deprecates the other); both gather along dim 0 here.
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    gathered = gather(x.contiguous(), gather_dim=0, group=group)  # [cp x B, H, T/cp, D], rank-major
+    held = [block.chunk(2, dim=2) for block in gathered.chunk(cp, dim=0)]
     order = [held[j][0] if j < cp else held[2 * cp - 1 - j][1] for j in range(2 * cp)]
     return torch.cat(order, dim=2)
 
@@ -166,10 +178,18 @@ class _ContextAttention(torch.autograd.Function):
 
 @torch.compiler.disable
 def context_attention(q: Tensor, k: Tensor, v: Tensor, documents: Optional[DocumentMask], group, cp: int,
-                      rank: int) -> Tensor:
+                      rank: int, keep_gathered: bool = False) -> Tensor:
     """Causal attention (within documents, if given) of this rank's queries over the whole sequence's keys.
 
-    q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D] for this rank's chunks (head, tail) -> [B, Hq, 2c, D]."""
+    q [B, Hq, 2c, D], k/v [B, Hkv, 2c, D] for this rank's chunks (head, tail) -> [B, Hq, 2c, D].
+
+    `keep_gathered` (a layer under activation checkpointing): autograd through the gather, which saves the whole
+    k and v. Checkpointing discards what the forward saves and what its recomputation saves lives only until the
+    layer's backward ends, so gathering and computing attention once more there would cost an all-gather and an
+    attention forward per layer for no memory."""
+    if keep_gathered:
+        keys, values = gather_sequence_autograd(k, group, cp), gather_sequence_autograd(v, group, cp)
+        return attend_gathered(q, keys, values, documents, cp, rank)
     return _ContextAttention.apply(q, k, v, documents, group, cp, rank)
 
 
@@ -177,33 +197,39 @@ class ContextAttention:
     """What the attention module receives as its mask under context parallelism: the whole sequence's documents (or
     none) and the cp group; `models/qwen2.py` calls its `attend` in place of its own kernel."""
 
-    def __init__(self, documents: Optional[DocumentMask], group, cp: int, rank: int) -> None:
+    def __init__(self, documents: Optional[DocumentMask], group, cp: int, rank: int,
+                 keep_gathered: bool = False) -> None:
         self.documents, self.group, self.cp, self.rank = documents, group, cp, rank
+        self.keep_gathered = keep_gathered
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return context_attention(q, k, v, self.documents, self.group, self.cp, self.rank)
+        return context_attention(q, k, v, self.documents, self.group, self.cp, self.rank, self.keep_gathered)
 
 
 # ---- applying it to a model -----------------------------------------------------------------------------------------
-def apply_context_parallel(model: nn.Module, cp_mesh) -> nn.Module:
+def apply_context_parallel(model: nn.Module, cp_mesh, recomputed_layers: Collection[str] = ()) -> nn.Module:
     """Make every attention module of `model` (a Qwen2Model or a pipeline stage of it) attend over the whole
     sequence split over `cp_mesh`. Apply after tensor parallelism: the hook then sees the attention's input after
-    sequence parallelism's all-gather, i.e. this rank's T / cp tokens."""
+    sequence parallelism's all-gather, i.e. this rank's T / cp tokens. `recomputed_layers`: the names (keys of
+    `model.layers`) of the layers activation checkpointing will recompute (see `context_attention`)."""
     from qwenlink.models.qwen2 import Attention
 
     cp, rank, group = cp_mesh.size(), cp_mesh.get_local_rank(), cp_mesh.get_group()
 
-    def before_attention(module: nn.Module, args: tuple, kwargs: dict):
-        x, rope, mask = args
-        if kwargs.get("kv_cache") is not None:
-            raise RuntimeError("context parallelism is for training whole sequences, not with a KV cache")
-        if mask is not None and not isinstance(mask, DocumentMask):
-            raise RuntimeError("context parallelism takes causal attention or a DocumentMask, not a dense mask")
-        if rope.position_ids is None:  # the model would number this rank's tokens 0..T/cp-1: give the global ones
-            rope.position_ids = local_indices(x.shape[1] * cp, cp, rank, device=x.device)[None]  # [1, T/cp]
-        return (x, rope, ContextAttention(mask, group, cp, rank)), kwargs
+    def hook(keep_gathered: bool):
+        def before_attention(module: nn.Module, args: tuple, kwargs: dict):
+            x, rope, mask = args
+            if kwargs.get("kv_cache") is not None:
+                raise RuntimeError("context parallelism is for training whole sequences, not with a KV cache")
+            if mask is not None and not isinstance(mask, DocumentMask):
+                raise RuntimeError("context parallelism takes causal attention or a DocumentMask, not a dense mask")
+            if rope.position_ids is None:  # the model would number this rank's tokens 0..T/cp-1: give the global ones
+                rope.position_ids = local_indices(x.shape[1] * cp, cp, rank, device=x.device)[None]  # [1, T/cp]
+            return (x, rope, ContextAttention(mask, group, cp, rank, keep_gathered)), kwargs
+        return before_attention
 
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.register_forward_pre_hook(before_attention, with_kwargs=True)
+    for name, layer in model.layers.items():
+        for module in layer.modules():
+            if isinstance(module, Attention):
+                module.register_forward_pre_hook(hook(name in recomputed_layers), with_kwargs=True)
     return model

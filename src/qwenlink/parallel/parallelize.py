@@ -210,16 +210,21 @@ class ParallelizeOptions:
     param_dtype: Optional[torch.dtype] = None  # FSDP2's compute dtype for gathered parameters
 
 
+def checkpointed_layers(model: Qwen2Model, mode: str, every: int) -> list[str]:
+    """The names (keys of `model.layers`) of the layers activation checkpointing recomputes: every layer ("full"),
+    every `every`-th ("every_n") or none."""
+    if mode == "none":
+        return []
+    return [name for i, name in enumerate(model.layers.keys()) if mode == "full" or i % every == 0]
+
+
 def apply_activation_checkpointing(model: Qwen2Model, mode: str, every: int, *,
                                    preserve_rng_state: bool = False) -> None:
     """Recompute layer activations in backward: every layer ("full") or every `every`-th layer ("every_n")."""
-    if mode == "none":
-        return
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, name in enumerate(list(model.layers.keys())):
-        if mode == "full" or i % every == 0:
-            model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=preserve_rng_state)
+    for name in checkpointed_layers(model, mode, every):
+        model.layers[name] = checkpoint_wrapper(model.layers[name], preserve_rng_state=preserve_rng_state)
 
 
 def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) -> Qwen2Model:
@@ -229,7 +234,8 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
     if layout.tp_mesh is not None:
         apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=plan.sequence_parallel)
     if layout.cp_mesh is not None:  # after TP: its hook sees the attention input sequence parallelism gathered
-        apply_context_parallel(model, layout.cp_mesh)
+        apply_context_parallel(model, layout.cp_mesh, checkpointed_layers(
+            model, options.activation_checkpoint, options.activation_checkpoint_every))
     apply_activation_checkpointing(model, options.activation_checkpoint, options.activation_checkpoint_every,
                                    preserve_rng_state=options.preserve_rng_state)
     if options.compile:
