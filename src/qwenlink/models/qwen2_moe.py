@@ -24,7 +24,7 @@ them as transformers' `load_balancing_loss_func` does.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def _cpu_grouped_works(dtype: torch.dtype) -> bool:
     return _CPU_GROUPED[dtype]
 
 
-def _use_grouped(x: Tensor) -> bool:
+def use_grouped_gemm(x: Tensor) -> bool:
     """The grouped GEMM wherever torch has one for the device and dtype: CUDA in bf16, CPU where the build has a
     kernel (about 1.5x faster than the loop on a CPU training step at 60 experts), and compiled code (the engine's
     compiled decode step, CUDA graphs), which cannot read per-expert counts on the host as the loop does, in bf16
@@ -149,6 +149,17 @@ class GroupedExperts(nn.Module):
         self.up_proj = StackedLinear(num_experts, hidden_size, intermediate_size)
         self.down_proj = StackedLinear(num_experts, intermediate_size, hidden_size)
 
+    # Expert parallelism (parallel/experts.py) sets this: a callable (experts, rows, counts) -> outputs that sends the
+    # sorted rows to the ranks holding their experts and brings the results back; None computes them here.
+    exchange: Optional[Callable[["GroupedExperts", Tensor, Tensor], Tensor]] = None
+
+    def run_sorted(self, rows: Tensor, counts: Tensor) -> Tensor:
+        """rows [M, H] sorted by expert (counts [E] rows each) through their experts -> [M, H]."""
+        # The loop needs the counts on the host; the grouped GEMM keeps them on the device.
+        host_counts = None if use_grouped_gemm(rows) else counts.tolist()
+        hidden = F.silu(self.gate_proj(rows, counts, host_counts)) * self.up_proj(rows, counts, host_counts)  # [M, I]
+        return self.down_proj(hidden, counts, host_counts)  # [M, H]
+
     def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor) -> Tensor:
         """x [N, H]; expert_ids, weights [N, k] (each token's experts and their weights) -> [N, H]."""
         num_tokens, k = expert_ids.shape
@@ -159,11 +170,8 @@ class GroupedExperts(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         token = order // k  # [N*k] the token of each sorted slot
-        # The loop needs the counts on the host; the grouped GEMM keeps them on the device.
-        host_counts = None if _use_grouped(x) else counts.tolist()
         rows = x.index_select(0, token)  # [N*k, H]
-        hidden = F.silu(self.gate_proj(rows, counts, host_counts)) * self.up_proj(rows, counts, host_counts)  # [N*k, I]
-        out = self.down_proj(hidden, counts, host_counts)  # [N*k, H]
+        out = self.run_sorted(rows, counts) if self.exchange is None else self.exchange(self, rows, counts)  # [N*k, H]
         out = out * weights.reshape(-1).index_select(0, order)[:, None]
         return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # [N, H] summed over each token's k
 

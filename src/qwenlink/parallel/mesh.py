@@ -28,6 +28,7 @@ class ParallelPlan:
     schedule: str = "1f1b"  # pipeline schedule (interleaved ones need vpp > 1)
     num_layer_list: Optional[list[int]] = None  # explicit layers per pipeline rank (ModelLink's --num-layer-list)
     cp: int = 1  # context parallel: each sequence split over cp ranks (parallel/context.py)
+    ep: int = 1  # expert parallel: routed experts split over ep of the dp_shard ranks (parallel/experts.py)
 
     @property
     def dp(self) -> int:
@@ -55,7 +56,8 @@ def plan_from_sizes(*, world_size: int, tp: int = 1, pp: int = 1, vpp: int = 1,
 
     `layers_per_virtual_stage` (ModelLink's --num-layers-per-virtual-pipeline-stage) is turned into vpp.
     """
-    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp), ("dp_replicate", dp_replicate), ("cp", cp)):
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp), ("dp_replicate", dp_replicate), ("cp", cp),
+                        ("ep", kwargs.get("ep", 1))):
         if value < 1:
             raise QwenlinkError(f"parallel.{name} must be >= 1, got {value}")
     if layers_per_virtual_stage:
@@ -99,6 +101,7 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Opt
     if plan.vpp == 1 and plan.schedule.startswith("interleaved"):
         raise QwenlinkError(f"parallel.schedule {plan.schedule} needs virtual stages (vpp > 1)")
     stage_layers(plan, config.num_hidden_layers)  # raises on a bad split
+    validate_experts(plan, config)
     if plan.sequence_parallel and plan.tp > 1 and seq_length is not None and seq_length % plan.tp:
         raise QwenlinkError(f"parallel: sequence parallelism needs seq_length {seq_length} divisible by tp {plan.tp}")
     if seq_length is not None:
@@ -110,6 +113,23 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Opt
         if plan.vpp > 1 and micro_batches % plan.pp:
             raise QwenlinkError(f"parallel: interleaved schedules need the micro batches per step ({micro_batches}) "
                                 f"to be a multiple of pp ({plan.pp})")
+
+
+def validate_experts(plan: ParallelPlan, config: ModelConfig) -> None:
+    """Expert parallelism's arithmetic: a MoE model, ep dividing the experts (each rank a contiguous equal range) and
+    the dp_shard ranks it borrows (an ep group is ep consecutive dp_shard ranks; FSDP2 shards the experts over the
+    dp_shard / ep groups left)."""
+    if plan.ep == 1:
+        return
+    if not config.is_moe:
+        raise QwenlinkError(f"parallel.ep = {plan.ep}: expert parallelism needs a mixture-of-experts model "
+                            f"(this one is dense)")
+    if config.num_experts % plan.ep:
+        raise QwenlinkError(f"parallel.ep = {plan.ep} does not divide the model's {config.num_experts} experts")
+    if plan.dp_shard % plan.ep:
+        raise QwenlinkError(f"parallel.ep = {plan.ep} does not divide parallel.dp_shard = {plan.dp_shard} (expert "
+                            f"parallelism borrows data-parallel sharding ranks: use a dp_shard that is a multiple "
+                            f"of ep)")
 
 
 def validate_context(plan: ParallelPlan, config: ModelConfig, seq_length: int) -> None:

@@ -24,6 +24,7 @@ from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
 from qwenlink.parallel.context import apply_context_parallel
 from qwenlink.parallel.data import apply_fsdp
+from qwenlink.parallel.experts import apply_expert_parallel, shard_experts
 from qwenlink.parallel.mesh import ParallelPlan
 from qwenlink.parallel.pipeline import split_stages, tied_embedding_group
 from qwenlink.parallel.tensor import apply_tensor_parallel
@@ -42,6 +43,8 @@ class Layout:
     tp_mesh: Optional[object] = None
     cp_mesh: Optional[object] = None  # with cp > 1 (the mesh then has a cp dim)
     dp_mesh: Optional[object] = None
+    ep_mesh: Optional[object] = None  # with ep > 1: the ranks that split the routed experts (part of dp_shard)
+    expert_dp_mesh: Optional[object] = None  # with ep > 1: what FSDP2 shards the experts over (dp / ep ranks)
     pp_group: Optional[object] = None
     tied_group: Optional[object] = None  # first + last pipeline rank, when the head is tied to the embedding
 
@@ -53,7 +56,10 @@ class Layout:
     @property
     def dp_rank(self) -> int:
         """This rank's index among data-parallel replicas (ranks with the same index see the same data)."""
-        return self._coordinate("dp_replicate") * self.plan.dp_shard + self._coordinate("dp_shard")
+        # with ep the mesh splits dp_shard into (dp_shard_mod_ep, ep), flattened back to dp_shard in that order
+        shard = self._coordinate("dp_shard_mod_ep") * self.plan.ep + self._coordinate("ep") \
+            if self.plan.ep > 1 else self._coordinate("dp_shard")
+        return self._coordinate("dp_replicate") * self.plan.dp_shard + shard
 
     @property
     def pp_rank(self) -> int:
@@ -83,12 +89,37 @@ def build_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, 
         ensure_local_process_group(device)
     # A cp dim only when there is context parallelism: every other layout keeps its 4-D mesh.
     cp = (plan.cp,) if plan.cp > 1 else ()
+    if plan.ep > 1:
+        return _expert_layout(plan, device, config, mixed_precision)
     mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard, *cp, plan.tp),
                             mesh_dim_names=("pp", "dp_replicate", "dp_shard", *(("cp",) if cp else ()), "tp"))
     return Layout(plan, device, mesh=mesh,
                   tp_mesh=mesh["tp"] if plan.tp > 1 else None,
                   cp_mesh=mesh["cp"] if cp else None,
                   dp_mesh=_data_parallel_mesh(mesh, plan, mixed_precision),
+                  pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
+                  tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
+
+
+def _expert_layout(plan: ParallelPlan, device: torch.device, config: ModelConfig, mixed_precision: bool) -> Layout:
+    """The mesh with expert parallelism: dp_shard split into (dp_shard_mod_ep, ep), ep the inner (consecutive ranks,
+    torchtitan's layout). Non-expert parameters shard over the two flattened back into dp_shard (x dp_replicate);
+    the experts are Shard(0) over ep and FSDP2-sharded over dp_shard_mod_ep (x dp_replicate). Context parallelism is
+    not combined with ep (refused by train/moe.py)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+    mesh = init_device_mesh(device.type, (plan.pp, plan.dp_replicate, plan.dp_shard // plan.ep, plan.ep, plan.tp),
+                            mesh_dim_names=names)
+    shard = mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
+    if plan.dp_replicate == 1:
+        dp_mesh, expert_dp = shard, mesh["dp_shard_mod_ep"]
+    else:
+        concatenate = getattr(type(mesh), "_concatenate", None)
+        dp_mesh = concatenate([mesh["dp_replicate"], shard]) if concatenate else mesh["dp_replicate", "dp_shard"]
+        expert_dp = mesh["dp_replicate", "dp_shard_mod_ep"]
+    return Layout(plan, device, mesh=mesh, tp_mesh=mesh["tp"] if plan.tp > 1 else None, dp_mesh=dp_mesh,
+                  ep_mesh=mesh["ep"], expert_dp_mesh=expert_dp,
                   pp_group=mesh["pp"].get_group() if plan.pp > 1 else None,
                   tied_group=tied_embedding_group(mesh, plan) if config.tie_word_embeddings else None)
 
@@ -231,6 +262,8 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
     """Apply tensor/sequence parallelism -> context parallelism -> activation checkpointing -> compile -> FSDP2 to a
     (meta) model or pipeline stage, in place. Every step is skipped when its size is 1 or it is switched off."""
     plan = layout.plan
+    if layout.ep_mesh is not None:  # on the meta model, before anything wraps the experts
+        apply_expert_parallel(model, layout.ep_mesh)
     if layout.tp_mesh is not None:
         apply_tensor_parallel(model, layout.tp_mesh, sequence_parallel=plan.sequence_parallel)
     if layout.cp_mesh is not None:  # after TP: its hook sees the attention input sequence parallelism gathered
@@ -246,6 +279,9 @@ def parallelize(model: Qwen2Model, layout: Layout, options: ParallelizeOptions) 
         # all-gather per micro batch. (Freeing them over the precision policy's size-1 mesh was tried and reverted:
         # the pipeline's backward keeps every layer's copy until the last micro batch anyway, so the peak did not
         # fall, and the plan's 2-and-3-layer extrapolation no longer matched a full simulation. Issue #16.)
+        if layout.expert_dp_mesh is not None:  # the experts first: their own units over the dp ranks ep leaves
+            shard_experts(model, layout.expert_dp_mesh, param_dtype=options.param_dtype,
+                          reshard_after_forward=plan.pp == 1)
         apply_fsdp(model, layout.dp_mesh, param_dtype=options.param_dtype, reshard_after_forward=plan.pp == 1)
     return model
 

@@ -121,6 +121,7 @@ class ParallelSection:
     dp_shard: int = -1              # FSDP2 sharding degree (ZeRO-3 like); -1: whatever is left of the world size
     dp_replicate: int = 1           # plain replicas (with dp_shard > 1: HSDP)
     cp: int = 1                     # context parallel: each sequence split over cp ranks (--context-parallel-size)
+    ep: int = 1                     # expert parallel: experts over ep of the dp_shard ranks (--expert-model-parallel-size)
     sequence_parallel: bool = True  # with tp > 1, shard norms / residual activations over the sequence
     schedule: str = "1f1b"          # gpipe | 1f1b | interleaved-1f1b | interleaved-zero-bubble
     compile: Optional[bool] = None  # torch.compile each decoder block; unset: on for CUDA, off elsewhere
@@ -360,7 +361,7 @@ def validate(cfg: JobConfig) -> None:
     if cfg.data.weights and len(cfg.data.weights) != len(cfg.data.path):
         raise QwenlinkError(f"config: data.weights has {len(cfg.data.weights)} entries for {len(cfg.data.path)} "
                             f"data.path entries")
-    for size in ("tp", "pp", "vpp", "dp_replicate", "cp"):
+    for size in ("tp", "pp", "vpp", "dp_replicate", "cp", "ep"):
         if getattr(cfg.parallel, size) < 1:
             raise QwenlinkError(f"config: parallel.{size} must be at least 1")
     from qwenlink.train.lora import validate_section
@@ -387,7 +388,7 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
                             f"`qwenlink train --nproc N` or torchrun --nproc-per-node N)")
     plan = plan_from_sizes(world_size=world_size, tp=p.tp, pp=p.pp, vpp=p.vpp,
                            layers_per_virtual_stage=p.layers_per_virtual_stage, dp_shard=p.dp_shard,
-                           dp_replicate=p.dp_replicate, cp=p.cp,
+                           dp_replicate=p.dp_replicate, cp=p.cp, ep=p.ep,
                            num_layers=model_config.num_hidden_layers if model_config is not None else None,
                            sequence_parallel=p.sequence_parallel, schedule=p.schedule,
                            num_layer_list=list(p.num_layer_list) or None)

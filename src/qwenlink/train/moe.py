@@ -1,5 +1,5 @@
 """Training a mixture of experts (Qwen1.5-MoE): the router's load-balancing loss in the trainer's loss, and what a MoE
-job may not combine yet.
+job may not combine yet (expert parallelism itself is parallel/experts.py).
 
 The loss a MoE step minimises is, as transformers' `Qwen2MoeForCausalLM(labels=..., output_router_logits=True)`
 computes it for one batch, LM loss + router_aux_loss_coef x aux, where aux is the Switch load-balancing loss over all
@@ -70,9 +70,13 @@ def check_moe_job(model_config: ModelConfig, plan, lora_targets: tuple[str, ...]
         size = getattr(plan, name, 1)
         if size > 1:
             raise QwenlinkError(f"parallel.{name} = {size}: a mixture-of-experts model ({model_config.num_experts} "
-                                f"experts) trains with data parallelism only so far (expert, tensor, pipeline and "
+                                f"experts) trains with data and expert parallelism only so far (tensor, pipeline and "
                                 f"context parallelism for MoE are not implemented)")
     mlp = [t for t in lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
+    ep = getattr(plan, "ep", 1)
+    if ep > 1 and mlp:
+        raise QwenlinkError(f"parallel.ep = {ep}: LoRA adapters on the experts ({', '.join(mlp)}) are not "
+                            f"expert-parallel yet; target attention projections only, or use parallel.ep = 1")
     if export_adapter and mlp:
         raise QwenlinkError(f"lora.export_adapter: adapters on a mixture of experts' feed-forward ({', '.join(mlp)}: "
                             f"routed and shared experts) have no PEFT format; export the merged model with "

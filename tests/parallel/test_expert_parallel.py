@@ -1,0 +1,145 @@
+"""Expert parallelism (parallel/experts.py): a Qwen1.5-MoE's routed experts split over ep ranks, tokens exchanged by
+all-to-all, trains exactly like one process.
+
+- ep2 x dp2 (dp_shard 4: the experts FSDP2-sharded over the 2 dp ranks ep leaves), ep4 (every dp rank an ep rank:
+  the experts' FSDP2 mesh has one rank), ep2 under HSDP (dp_replicate 2 x dp_shard 2 = ep) and ep2 x dp2 with
+  activation checkpointing (the all-to-all recomputed in backward) give one process's LM and aux losses and final
+  weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale the weights are 1.7e-4 off, so
+  the comparison decides the scaling;
+- `qwenlink train` at ep2 gives one process's losses, and its step-2 checkpoint resumes at ep1 with the
+  uninterrupted run's losses (DCP reshards the experts' Shard(0));
+- bad layouts are refused before launch, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import write_counting_corpus
+from expert_reference import make_moe_config, reference_run
+
+from qwenlink.errors import QwenlinkError
+from qwenlink.models.presets import get_preset
+from qwenlink.parallel.mesh import ParallelPlan, validate_plan
+from qwenlink.train.config import load_config, parallel_plan
+
+WORKER = Path(__file__).resolve().parent / "expert_layout_worker.py"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+RUNS = {
+    "ep2-dp2": dict(layout=dict(dp_shard=4, ep=2)),
+    "ep4": dict(layout=dict(dp_shard=4, ep=4)),
+    "ep2-hsdp-replicate2": dict(layout=dict(dp_shard=2, dp_replicate=2, ep=2)),
+    "ep2-dp2-checkpointing": dict(layout=dict(dp_shard=4, ep=2), ac=True, micro_batch=2),
+}
+
+
+def _spec(run: dict) -> dict:
+    return {"seed": 3, "global_batch": 8, "micro_batch": 1, "seq": 16, **run}
+
+
+@pytest.fixture(scope="module")
+def four_process_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ep_layouts")
+    runs = {name: _spec(run) for name, run in RUNS.items()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(WORKER), str(out),
+           json.dumps(runs)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_expert_parallel_layout_equals_one_process(four_process_runs, name) -> None:
+    got = torch.load(four_process_runs / name / "result.pt", weights_only=True)
+    ref_losses, ref_state = reference_run(_spec(RUNS[name]))
+    for step, ((loss, aux), (ref_loss, ref_aux)) in enumerate(zip(got["losses"], ref_losses)):
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}: loss {loss} vs one process {ref_loss}"
+        assert abs(aux - ref_aux) <= 1e-5 * abs(ref_aux), f"step {step}: aux {aux} vs one process {ref_aux}"
+    assert got["state"].keys() == ref_state.keys()
+    for key, tensor in got["state"].items():
+        assert tensor.shape == ref_state[key].shape, key  # the experts come back whole: [E, out, in]
+        assert (tensor - ref_state[key]).abs().max().item() <= 1e-5, key
+
+
+# ---- bad layouts ----------------------------------------------------------------------------------------------------
+def test_ep_must_divide_the_experts_and_the_sharding_ranks() -> None:
+    moe = get_preset("qwen1.5-moe-a2.7b")
+    with pytest.raises(QwenlinkError, match=r"^parallel.ep = 8 does not divide the model's 60 experts$"):
+        validate_plan(ParallelPlan(dp_shard=8, ep=8), moe)
+    with pytest.raises(QwenlinkError, match=r"^parallel.ep = 4 does not divide parallel.dp_shard = 2 "):
+        validate_plan(ParallelPlan(dp_shard=2, dp_replicate=2, ep=4), moe)
+    with pytest.raises(QwenlinkError, match=r"^parallel.ep = 2: expert parallelism needs a mixture-of-experts"):
+        validate_plan(ParallelPlan(dp_shard=2, ep=2), get_preset("test-tiny"))
+    validate_plan(ParallelPlan(dp_shard=4, ep=4), moe)  # 60 / 4 = 15 experts per rank
+    with pytest.raises(QwenlinkError, match="^config: parallel.ep must be at least 1$"):
+        load_config(None, ["--train.global_batch_size=8", "--parallel.ep=0"])
+    cfg = load_config(None, ["--train.global_batch_size=8", "--parallel.ep=2"])
+    assert parallel_plan(cfg, 4, make_moe_config({})).ep == 2  # the config key reaches the plan
+
+
+# ---- the train command ----------------------------------------------------------------------------------------------
+MODEL = ["--model.preset=qwen-moe-tiny", "--model.arch.vocab_size=320", "--model.arch.hidden_size=64",
+         "--model.arch.intermediate_size=96", "--model.arch.moe_intermediate_size=32",
+         "--model.arch.shared_expert_intermediate_size=48", "--model.arch.router_aux_loss_coef=0.02"]
+
+
+def _train(corpus: str, out: Path, *extra: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    args = ["train", *MODEL, f"--data.path={corpus}", "--data.seq_length=32", "--train.micro_batch_size=2",
+            "--train.global_batch_size=4", "--train.train_iters=4", "--train.device=cpu", "--optim.lr=1e-3",
+            "--optim.implementation=foreach", "--job.seed=3", f"--job.output_dir={out}",
+            "--metrics.tensorboard=false", "--metrics.progress=lines", "--metrics.log_interval=1",
+            "--checkpoint.interval=2", *extra]
+    cmd = [sys.executable, "-m", "qwenlink.cli", *args] + ([f"--nproc={nproc}"] if nproc else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def _close(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
+    for step in steps:
+        for key in ("loss", "aux_loss"):
+            a, b = got[step][key], ref[step][key]
+            assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {key} {a} vs one process {b}"
+
+
+def test_train_command_at_ep2_equals_one_process_and_resumes_at_ep1(tmp_path) -> None:
+    """`qwenlink train` from a random init (layout-independent) at ep2 and in one process: the same LM and aux losses
+    for 4 steps; the ep2 checkpoint of step 2 resumes in one process with the uninterrupted run's steps 3 and 4."""
+    corpus = write_counting_corpus(tmp_path / "corpus", 80)
+    single = tmp_path / "single"
+    result = _train(corpus, single, "--checkpoint.interval=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = tmp_path / "ep2"
+    result = _train(corpus, first, "--parallel.ep=2", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _close(_rows(first), _rows(single), [1, 2, 3, 4])
+    resumed = tmp_path / "ep1"
+    shutil.copytree(first / "checkpoints", resumed / "checkpoints")
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "checkpoints" / "latest").write_text("step_00000002\n")
+    result = _train(corpus, resumed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step 2" in result.stdout
+    _close(_rows(resumed), _rows(single), [3, 4])
+
+
+def test_bad_expert_layout_is_refused_before_launch(tmp_path) -> None:
+    corpus = write_counting_corpus(tmp_path / "corpus", 10)
+    result = _train(corpus, tmp_path / "run", "--parallel.ep=3", nproc=3)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip() == "error: parallel.ep = 3 does not divide the model's 8 experts" or \
+        "parallel.ep = 3 does not divide the model's 8 experts" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
