@@ -182,3 +182,22 @@ def test_attention_is_planned_as_the_flash_kernel(fake_cuda, checkpointing: str)
     scores = 2 * config.num_attention_heads * 512 * 512 * 2  # one layer's [B, H, T, T] in bf16
     assert rank["activations_bytes"] < scores * config.num_hidden_layers
     assert not [t for t in rank["top"] if "softmax" in t["what"] or "bmm" in t["what"]]
+
+
+def test_plan_counts_the_dpo_reference_model(fake_cuda) -> None:
+    """A full-fine-tuning DPO job holds a frozen copy of the model as its reference: the plan counts its parameters
+    (in the parameter dtype, no gradients or optimizer state). A precomputed reference or LoRA's adapters-off
+    reference holds no copy."""
+    dpo = ("job.mode=dpo", "data.pad_id=0", "train.global_batch_size=4", "train.micro_batch_size=2")
+    cfg = tiny(*dpo)
+    config = resolve_model_config(cfg)
+    copy = plan_job(cfg, 1, DEVICES["h100"], config).to_dict()["ranks"][0]
+    precomputed = plan_job(tiny(*dpo, "dpo.precompute_reference=true"), 1, DEVICES["h100"],
+                           config).to_dict()["ranks"][0]
+    sft = plan_job(tiny("train.global_batch_size=4", "train.micro_batch_size=2"), 1, DEVICES["h100"],
+                   config).to_dict()["ranks"][0]
+    model_bytes = config.num_params() * 4  # fp32 parameters
+    assert copy["params_bytes"] - precomputed["params_bytes"] == pytest.approx(model_bytes, rel=0.01)
+    assert precomputed["params_bytes"] == sft["params_bytes"]
+    assert copy["grads_bytes"] == precomputed["grads_bytes"]
+    assert copy["optimizer_bytes"] == precomputed["optimizer_bytes"]
