@@ -297,6 +297,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                    "get a LoRA checkpoint's base with its adapters merged)")
     p.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="Megatron expert-parallel size (mixture of experts: routed "
+                   "experts split over EP ranks, mp_rank_TT[_PPP]_EEE directories)")
     vpp = p.add_mutually_exclusive_group()
     vpp.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per pipeline rank")
     vpp.add_argument("--layers-per-virtual-stage", type=int, default=None,

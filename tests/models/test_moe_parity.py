@@ -221,14 +221,15 @@ def test_a27b_preset_counts_equal_transformers_and_info_reports_active(capsys):
     assert "Qwen2MoeForCausalLM" in out and "parameters: 14.32B" in out and "active parameters per token: 2.69B" in out
 
 
-def test_megatron_conversion_and_peft_export_of_moe_refused(moe, tmp_path):
+def test_legacy_megatron_conversion_and_peft_export_of_moe_refused(moe, tmp_path):
     from qwenlink.checkpoint.convert import ConvertOptions, convert
     from qwenlink.checkpoint.peft import save_peft_adapter
     from qwenlink.models.lora import LoraConfig
 
     _, path, ours = moe
-    with pytest.raises(QwenlinkError, match=r"a mixture-of-experts model \(8 experts\) has no Megatron conversion"):
-        convert(path, tmp_path / "mg", ConvertOptions(to="megatron"))
+    # megatron-core naming converts (tests/checkpoint/test_megatron_moe.py); legacy ModelLink naming has no MoE layout.
+    with pytest.raises(QwenlinkError, match=r"a mixture-of-experts model \(8 experts\) has no legacy \(ModelLink\)"):
+        convert(path, tmp_path / "mg", ConvertOptions(to="megatron-legacy"))
     assert not (tmp_path / "mg").exists()
     state = {"layers.0.mlp.experts.gate_proj.lora_A": torch.zeros(8, 4, 64),
              "layers.0.mlp.experts.gate_proj.lora_B": torch.zeros(8, 32, 4)}

@@ -51,6 +51,7 @@ class ConvertOptions:
     merge_lora: Optional[str] = None  # a PEFT adapter directory folded into the weights (base + adapter -> merged)
     chat: str = "auto"  # HF output: yes / no = trained with ChatML or not; auto = what the input records
     storage: str = "torch"  # Megatron output: torch (mp_rank_* files) or torch_dist (megatron-core's DCP format)
+    ep: int = 1  # Megatron output: expert-parallel size (a mixture of experts' routed experts split over EP ranks)
 
 
 def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: ConvertOptions,
@@ -74,11 +75,8 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
     if opts.storage != "torch" and opts.to not in ("megatron", "megatron-legacy"):
         raise QwenlinkError(f"--format applies to Megatron output only, not --to {opts.to}")
     if opts.to in ("megatron", "megatron-legacy"):
-        if source.config.is_moe:
-            raise QwenlinkError(f"{input_path}: a mixture-of-experts model ({source.config.num_experts} experts) "
-                                f"has no Megatron conversion yet (--to {opts.to}); --to hf and --to qwenlink work")
         layout = make_layout(source.config, opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage,
-                             opts.num_layer_list)
+                             opts.num_layer_list, ep=opts.ep)
         if opts.storage == "torch_dist":
             megatron_dist.refuse_legacy("core" if opts.to == "megatron" else "legacy")
             return megatron_dist.save_torch_dist(source, output, layout, iteration=opts.iteration,
@@ -87,8 +85,9 @@ def convert(input_path: str | os.PathLike, output: str | os.PathLike, opts: Conv
         return megatron.save_megatron(source, output, layout, naming="core" if opts.to == "megatron" else "legacy",
                                       impl=opts.transformer_impl, iteration=opts.iteration,
                                       divisible_by=opts.divisible_by, dtype=opts.dtype)
-    if (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage, opts.num_layer_list) != (1, 1, None, None, None):
-        raise QwenlinkError(f"--tp/--pp/--vpp/--num-layer-list apply to Megatron output only, not --to {opts.to}")
+    if (opts.tp, opts.pp, opts.vpp, opts.layers_per_virtual_stage, opts.num_layer_list, opts.ep) != \
+            (1, 1, None, None, None, 1):
+        raise QwenlinkError(f"--tp/--pp/--ep/--vpp/--num-layer-list apply to Megatron output only, not --to {opts.to}")
     if opts.to == "hf":
         tokenizer_dir, tokenizer, chat, carried = _hf_metadata(input_path, fmt, opts, source.config.vocab_size)
         # Streamed shard by shard: safetensors serialises one whole file in memory, so 1 GiB shards bound the peak.

@@ -176,6 +176,9 @@ def save_torch_dist(source: TensorSource, directory: str | os.PathLike, layout: 
     from torch.distributed.checkpoint.api import CheckpointException
 
     cfg = source.config
+    if cfg.is_moe:
+        raise QwenlinkError(f"--format torch_dist: a mixture-of-experts model ({cfg.num_experts} experts) is written "
+                            f"in the torch format only (mp_rank_* files; --ep for expert parallelism)")
     padded = ml.padded_vocab_size(cfg.vocab_size, divisible_by, layout.tp)
     out_dtype = dtype or source.get("embed_tokens.weight").dtype
     args = megatron_args(cfg, layout, naming="core", padded_vocab=padded, divisible_by=divisible_by,

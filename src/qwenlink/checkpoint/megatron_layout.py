@@ -7,7 +7,10 @@ Facts (checked against Megatron-LM's converter output in tests/fixtures):
 - o_proj and down_proj are row-parallel (split on the input dimension, dim 1);
 - embedding and output layer are split on the vocab dimension after padding the vocab to a multiple of
   make_vocab_size_divisible_by x TP with copies of the last real row;
-- with virtual pipelining, chunk c of pipeline rank p holds the block of layers numbered c x PP + p.
+- with virtual pipelining, chunk c of pipeline rank p holds the block of layers numbered c x PP + p;
+- a mixture of experts' routed experts are split across EP expert-parallel ranks in contiguous blocks (rank e holds
+  experts e x E/EP .. (e+1) x E/EP - 1, numbered from 0 on each rank), each expert TP-split like a dense MLP; every
+  other tensor is repeated in each EP rank's file.
 All functions work on meta tensors too, so per-rank shapes of a 72B model can be planned without memory.
 """
 
@@ -94,13 +97,14 @@ def split_cols(t: Tensor, tp: int) -> list[Tensor]:
 # ---- parallel sizes and layer placement -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layout:
-    """A Megatron parallel layout: TP x PP ranks, V virtual chunks per pipeline rank, layers per (rank, chunk)."""
+    """A Megatron parallel layout: TP x PP x EP ranks, V virtual chunks per pipeline rank, layers per chunk."""
 
     tp: int
     pp: int
     vpp: int
     # layer_counts[p][c]: number of decoder layers in chunk c of pipeline rank p.
     layer_counts: tuple[tuple[int, ...], ...]
+    ep: int = 1  # expert-parallel size (mixture of experts only)
 
     @property
     def num_layers(self) -> int:
@@ -124,23 +128,30 @@ class Layout:
         return p == self.pp - 1 and c == self.vpp - 1
 
 
+def local_experts(num_experts: int, ep: int, ep_rank: int) -> range:
+    """The global expert numbers expert-parallel rank `ep_rank` holds (Megatron: a contiguous block per rank)."""
+    per_rank = num_experts // ep
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
 def make_layout(config: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
                 layers_per_virtual_stage: Optional[int] = None,
-                num_layer_list: Optional[Sequence[int]] = None) -> Layout:
+                num_layer_list: Optional[Sequence[int]] = None, ep: int = 1) -> Layout:
     """Validate the requested parallel sizes against the model and place the layers.
 
     Messages say which constraint failed, as megatron-core's own checks do.
     """
     n = config.num_hidden_layers
-    for name, value in (("--tp", tp), ("--pp", pp)):
-        if not isinstance(value, int) or value < 1:
+    for name, value in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise QwenlinkError(f"{name} must be a positive integer, got {value!r}")
+    _check_moe_sizes(config, tp, ep)
     if config.num_attention_heads % tp:
         raise QwenlinkError(f"--tp {tp} does not divide num_attention_heads {config.num_attention_heads}")
     if config.num_key_value_heads % tp:
         raise QwenlinkError(f"--tp {tp} does not divide the number of query groups (num_key_value_heads "
                             f"{config.num_key_value_heads}); Megatron gives each TP rank whole groups")
-    if config.intermediate_size % tp:
+    if any(not config.is_moe_layer(i) for i in range(n)) and config.intermediate_size % tp:
         raise QwenlinkError(f"--tp {tp} does not divide intermediate_size {config.intermediate_size}")
     if vpp is not None and layers_per_virtual_stage is not None:
         raise QwenlinkError("give --vpp or --layers-per-virtual-stage, not both")
@@ -153,7 +164,7 @@ def make_layout(config: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int
         if any(int(x) < 1 for x in num_layer_list) or sum(num_layer_list) != n:
             raise QwenlinkError(f"--num-layer-list {','.join(map(str, num_layer_list))} must be positive and sum to "
                                 f"num_hidden_layers {n}")
-        return Layout(tp, pp, 1, tuple((int(x),) for x in num_layer_list))
+        return Layout(tp, pp, 1, tuple((int(x),) for x in num_layer_list), ep)
     if layers_per_virtual_stage is not None:
         if layers_per_virtual_stage < 1 or n % (pp * layers_per_virtual_stage):
             raise QwenlinkError(f"--layers-per-virtual-stage {layers_per_virtual_stage} x --pp {pp} does not divide "
@@ -168,4 +179,18 @@ def make_layout(config: ModelConfig, tp: int = 1, pp: int = 1, vpp: Optional[int
     if vpp > 1 and pp == 1:
         raise QwenlinkError("virtual pipeline stages need --pp > 1")
     per_chunk = n // (pp * vpp)
-    return Layout(tp, pp, vpp, tuple(tuple(per_chunk for _ in range(vpp)) for _ in range(pp)))
+    return Layout(tp, pp, vpp, tuple(tuple(per_chunk for _ in range(vpp)) for _ in range(pp)), ep)
+
+
+def _check_moe_sizes(config: ModelConfig, tp: int, ep: int) -> None:
+    """Expert parallelism needs experts to split evenly; TP splits each expert's and the shared expert's width."""
+    if not config.is_moe:
+        if ep != 1:
+            raise QwenlinkError(f"--ep {ep} applies to a mixture-of-experts model only (this model is dense)")
+        return
+    if config.num_experts % ep:
+        raise QwenlinkError(f"--ep {ep} does not divide num_experts {config.num_experts} (each expert-parallel "
+                            f"rank holds the same number of experts)")
+    for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if getattr(config, name) % tp:
+            raise QwenlinkError(f"--tp {tp} does not divide {name} {getattr(config, name)}")

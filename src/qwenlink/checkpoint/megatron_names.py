@@ -3,6 +3,12 @@
 A *role* is what a tensor is, independent of naming: per layer `input_norm`, `qkv.weight`, `qkv.bias`, `proj`,
 `post_norm`, `fc1`, `fc2`; per model `embed`, `final_norm`, `head` (and `head_copy`, legacy's tied
 `word_embeddings_for_head`). Reading maps every known alias to a role; writing picks one spelling per naming.
+
+A mixture-of-experts layer (megatron-core naming only: legacy ModelLink had no MoE layout qwenlink writes) has
+`router`, `shared.fc1`, `shared.fc2`, `shared.gate` and per routed expert `experts.{i}.fc1` / `experts.{i}.fc2`, where
+i is the expert's number inside its file (megatron-core's `local_experts.{i}`: local to the expert-parallel rank) in
+place of `fc1` / `fc2`. Names are those of megatron-core's `MoELayer` with `SequentialMLP` experts (the local spec
+with moe_grouped_gemm off) and `SharedExpertMLP` with moe_shared_expert_gate.
 """
 
 from __future__ import annotations
@@ -34,6 +40,18 @@ _CORE_TE_NORMS = {
 }
 # Modules that carry an `_extra_state` entry in megatron-core's local spec (written as None, like Megatron does).
 _CORE_EXTRA_STATE = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
+# megatron-core MoE layer: key suffix after `decoder.layers.{j}.`; routed experts are matched by _CORE_EXPERT.
+_CORE_MOE = {
+    "router": "mlp.router.weight",
+    "shared.gate": "mlp.shared_experts.gate_weight",
+    "shared.fc1": "mlp.shared_experts.linear_fc1.weight",
+    "shared.fc2": "mlp.shared_experts.linear_fc2.weight",
+}
+MOE_ROLES = tuple(_CORE_MOE)
+_CORE_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+_EXPERT_ROLE = re.compile(r"^experts\.(\d+)\.(fc[12])$")
+# Grouped-GEMM expert weights (GroupedMLP / TEGroupedMLP): a different layout, named in the refusal.
+_GROUPED_EXPERTS = re.compile(r"^mlp\.experts\.(weight[12]|linear_fc[12]\.weight\d+)$")
 _CORE_TOP = {"embed": "embedding.word_embeddings.weight", "final_norm": "decoder.final_layernorm.weight",
              "head": "output_layer.weight"}
 
@@ -53,6 +71,7 @@ _LEGACY_FINAL = ("final_norm.weight", "final_layernorm.weight")
 _READ_LAYER: dict[str, str] = {}
 for _role, _suffix in list(_CORE_LAYER.items()) + list(_CORE_TE_NORMS.items()):
     _READ_LAYER[_suffix] = _role
+_READ_MOE: dict[str, str] = {suffix: role for role, suffix in _CORE_MOE.items()}
 _READ_LEGACY_LAYER: dict[str, str] = {suffix: role for role, suffix in _LEGACY_LAYER.items()} | _LEGACY_ALIASES
 _LAYER_KEY = re.compile(r"^(?:decoder\.)?layers\.(\d+)\.(.+)$")
 
@@ -60,13 +79,44 @@ Key = tuple[str, Optional[int]]  # (role, local layer number or None)
 
 
 class UnknownKey(Exception):
-    """A checkpoint entry that no role matches (reported with its file by the caller)."""
+    """A checkpoint entry that no role matches (reported with its file by the caller); args[1], when given, says
+    why it is not supported."""
+
+
+def expert_role(index: int, kind: str) -> str:
+    """The role of routed expert `index` (local to its file) and projection `kind` ('fc1' or 'fc2')."""
+    return f"experts.{index}.{kind}"
+
+
+def parse_expert_role(role: str) -> Optional[tuple[int, str]]:
+    """(local expert number, 'fc1' | 'fc2') of a routed expert's role; None for any other role."""
+    match = _EXPERT_ROLE.match(role)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def is_moe_role(role: str) -> bool:
+    return role in _CORE_MOE or parse_expert_role(role) is not None
 
 
 def _role_of(suffix: str, table: dict[str, str], key: str) -> str:
     if suffix not in table:
         raise UnknownKey(key)
     return table[suffix]
+
+
+def _core_role_of(suffix: str, key: str) -> str:
+    """A megatron-core layer key suffix -> its role (dense or mixture of experts)."""
+    if suffix in _READ_LAYER:
+        return _READ_LAYER[suffix]
+    if suffix in _READ_MOE:
+        return _READ_MOE[suffix]
+    match = _CORE_EXPERT.match(suffix)
+    if match:
+        return expert_role(int(match.group(1)), f"fc{match.group(2)}")
+    if _GROUPED_EXPERTS.match(suffix):
+        raise UnknownKey(key, "grouped-GEMM experts are not supported; save with moe_grouped_gemm off, whose "
+                              "SequentialMLP names each expert mlp.experts.local_experts.N")
+    raise UnknownKey(key)
 
 
 def flatten_chunk(chunk: dict[str, Any]) -> tuple[str, dict[Key, torch.Tensor]]:
@@ -103,12 +153,17 @@ def flatten_chunk(chunk: dict[str, Any]) -> tuple[str, dict[Key, torch.Tensor]]:
         match = _LAYER_KEY.match(key)
         if not match or not key.startswith("decoder."):
             raise UnknownKey(key)
-        out[(_role_of(match.group(2), _READ_LAYER, key), int(match.group(1)))] = tensor
+        out[(_core_role_of(match.group(2), key), int(match.group(1)))] = tensor
     return "core", out
 
 
 def key_name(naming: str, role: str, layer: Optional[int]) -> str:
-    """A readable name of a role for messages, in the given naming."""
+    """A readable name of a role for messages, in the given naming (MoE roles exist in core naming only)."""
+    if layer is not None and is_moe_role(role):
+        expert = parse_expert_role(role)
+        if expert is not None:
+            return f"decoder.layers.{layer}.mlp.experts.local_experts.{expert[0]}.linear_{expert[1]}.weight"
+        return f"decoder.layers.{layer}.{_CORE_MOE[role]}"
     if naming == "legacy":
         if layer is not None:
             return f"language_model.encoder.layers.{layer}.{_LEGACY_LAYER[role]}"
@@ -155,13 +210,18 @@ def build_chunk(roles: dict[Key, torch.Tensor], naming: str, impl: str = "local"
         flat[_CORE_TOP["embed"]] = roles[("embed", None)]
     for j in layers:
         prefix = f"decoder.layers.{j}."
+        moe = ("router", j) in roles
         for role in order:
+            if moe and role in ("post_norm", "fc1", "fc2"):
+                continue  # written with the MoE block below
             if (role, j) in roles:
                 flat[prefix + names[role]] = roles[(role, j)]
             module = names[role].rsplit(".", 1)[0]
             # The module's extra state follows its last tensor (proj after weight, qkv after bias, ...).
             if module in _CORE_EXTRA_STATE and _is_last_of_module(role, j, roles, names):
                 flat[prefix + module + "._extra_state"] = None
+        if moe:
+            _put_moe_layer(flat, prefix, roles, j)
     if ("final_norm", None) in roles:
         flat[_CORE_TOP["final_norm"]] = roles[("final_norm", None)]
     if ("head", None) in roles or ("head_copy", None) in roles:
@@ -169,6 +229,26 @@ def build_chunk(roles: dict[Key, torch.Tensor], naming: str, impl: str = "local"
     if holds_head:
         flat["output_layer._extra_state"] = None
     return flat
+
+
+def _put_moe_layer(flat: dict[str, Any], prefix: str, roles: dict[Key, torch.Tensor], j: int) -> None:
+    """One MoE layer's norm, router, routed experts and gated shared expert, in megatron-core's state_dict order.
+
+    The pre-MLP norm keeps its own module under Transformer Engine too: megatron-core's TE spec cannot fuse it into
+    a router."""
+    flat[prefix + "pre_mlp_layernorm.weight"] = roles[("post_norm", j)]
+    flat[prefix + _CORE_MOE["router"]] = roles[("router", j)]
+    experts = sorted({e[0] for (role, jj) in roles if jj == j and (e := parse_expert_role(role)) is not None})
+    for i in experts:
+        for kind in ("fc1", "fc2"):
+            module = f"mlp.experts.local_experts.{i}.linear_{kind}"
+            flat[prefix + module + ".weight"] = roles[(expert_role(i, kind), j)]
+            flat[prefix + module + "._extra_state"] = None
+    flat[prefix + _CORE_MOE["shared.gate"]] = roles[("shared.gate", j)]
+    for kind in ("fc1", "fc2"):
+        module = f"mlp.shared_experts.linear_{kind}"
+        flat[prefix + module + ".weight"] = roles[(f"shared.{kind}", j)]
+        flat[prefix + module + "._extra_state"] = None
 
 
 def _is_last_of_module(role: str, j: int, roles: dict[Key, torch.Tensor], names: dict[str, str]) -> bool:

@@ -29,7 +29,7 @@ def run_convert(args: argparse.Namespace) -> int:
         divisible_by=args.make_vocab_size_divisible_by, transformer_impl=args.transformer_impl,
         config_from=args.config_from, tokenizer_dir=args.tokenizer, overwrite=args.overwrite,
         merge_lora=getattr(args, "merge_lora", None), chat=getattr(args, "chat", "auto"),
-        storage=getattr(args, "format", "torch"))
+        storage=getattr(args, "format", "torch"), ep=getattr(args, "ep", 1))
     start = time.perf_counter()
     out = convert(args.input, args.output, opts)
     print(f"wrote {args.to} checkpoint to {out} in {time.perf_counter() - start:.1f}s")
