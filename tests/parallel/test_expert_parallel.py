@@ -3,8 +3,8 @@ all-to-all, trains exactly like one process.
 
 - ep2 x dp2 (dp_shard 4: the experts FSDP2-sharded over the 2 dp ranks ep leaves), ep4 (every dp rank an ep rank:
   the experts' FSDP2 mesh has one rank), ep2 under HSDP (dp_replicate 2 x dp_shard 2 = ep) and ep2 x dp2 with
-  activation checkpointing (the all-to-all recomputed in backward) give one process's LM and aux losses and final
-  weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale the weights are 1.7e-4 off, so
+  activation checkpointing (the all-to-all recomputed in backward) give one process's LM and aux losses, tokens per
+  expert and final weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale the weights are 1.7e-4 off, so
   the comparison decides the scaling;
 - `qwenlink train` at ep2 gives one process's losses, and its step-2 checkpoint resumes at ep1 with the
   uninterrupted run's losses (DCP reshards the experts' Shard(0));
@@ -61,9 +61,10 @@ def four_process_runs(tmp_path_factory) -> Path:
 def test_expert_parallel_layout_equals_one_process(four_process_runs, name) -> None:
     got = torch.load(four_process_runs / name / "result.pt", weights_only=True)
     ref_losses, ref_state = reference_run(_spec(RUNS[name]))
-    for step, ((loss, aux), (ref_loss, ref_aux)) in enumerate(zip(got["losses"], ref_losses)):
+    for step, ((loss, aux, load), (ref_loss, ref_aux, ref_load)) in enumerate(zip(got["losses"], ref_losses)):
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), f"step {step}: loss {loss} vs one process {ref_loss}"
         assert abs(aux - ref_aux) <= 1e-5 * abs(ref_aux), f"step {step}: aux {aux} vs one process {ref_aux}"
+        assert load == ref_load, f"step {step}: tokens per expert {load} vs one process {ref_load}"
     assert got["state"].keys() == ref_state.keys()
     for key, tensor in got["state"].items():
         assert tensor.shape == ref_state[key].shape, key  # the experts come back whole: [E, out, in]
@@ -109,7 +110,9 @@ def _rows(out: Path) -> dict[int, dict]:
 
 def _close(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
     for step in steps:
-        for key in ("loss", "aux_loss"):
+        keys = [k for k in ref[step] if k in ("loss", "aux_loss") or k.startswith("moe/load_max_over_mean")]
+        assert len(keys) == 5, keys  # loss, aux, the worst layer's expert load and both layers'
+        for key in keys:
             a, b = got[step][key], ref[step][key]
             assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {key} {a} vs one process {b}"
 

@@ -88,6 +88,40 @@ def test_pretrain_cli_dp2_equals_one_process_and_logs_aux_apart(make_config, hf_
     for row, ref in zip(rows, single.history):
         assert abs(row["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
         assert abs(row["aux_loss"] - ref["aux_loss"]) <= 1e-5 and row["aux_loss"] >= 1.0 - 1e-6
+        # expert load summed over both ranks' tokens: the one-process step's, per layer and worst
+        loads = [k for k in ref if k.startswith("moe/load_max_over_mean")]
+        assert sorted(loads) == ["moe/load_max_over_mean", "moe/load_max_over_mean/layer_0",
+                                 "moe/load_max_over_mean/layer_1"]
+        for key in loads:
+            assert abs(row[key] - ref[key]) <= 1e-6 and 1.0 <= row[key] <= 8 / 2, key
+    assert " | load " in result.stdout
+
+
+def test_expert_load_counts_transformers_top_k_choices(make_config, hf_moe) -> None:
+    """The step's per-layer tokens per expert (real tokens only) are the counts of transformers' top-k router choices,
+    and the metric is each layer's max / mean of them."""
+    hf, path = hf_moe
+    t = _quiet(make_config(f"model.init_from={path}", "model.preset=", "train.global_batch_size=2",
+                           "checkpoint.save_final=false"))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[1, 10:] = -100
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0  # right padding: left out of the load as of aux
+    step = t.step_fn
+    batch = MicroBatch(ids, labels, token_mask=mask)
+    total = step.count_valid([batch])
+    step.forward_backward([batch], total)
+    step.router_aux.step_mean(total)
+    with torch.no_grad():
+        logits = hf(ids, attention_mask=mask, output_router_logits=True).router_logits  # per layer [B x T, E]
+    keep = mask.reshape(-1).bool()
+    for layer, got in zip(step.router_aux.layers, step.router_aux.step_load):
+        chosen = logits[layer].softmax(-1).topk(2, dim=-1).indices[keep]
+        expected = torch.bincount(chosen.reshape(-1), minlength=8).float()
+        assert torch.equal(got, expected), layer
+    ratio = step.router_aux.load_max_over_mean()
+    assert torch.allclose(ratio, step.router_aux.step_load.amax(1) / step.router_aux.step_load.mean(1))
 
 
 def test_sft_leaves_padding_out_of_aux(make_config, sft_prefix: str, hf_moe) -> None:

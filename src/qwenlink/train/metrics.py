@@ -235,6 +235,8 @@ def format_line(r: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {r['step']}/{total_steps}", f"loss {r['loss']:.4f}"]
     if "aux_loss" in r:  # a mixture of experts' load-balancing loss, apart from the LM loss
         parts.append(f"aux {r['aux_loss']:.4f}")
+    if "moe/load_max_over_mean" in r:  # the busiest expert's tokens over the mean, in the worst sparse layer
+        parts.append(f"load {r['moe/load_max_over_mean']:.2f}")
     parts += [f"lr {r['lr']:.3g}", f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s",
               f"{r['tokens_per_s_per_device']:.0f} tok/s/p", f"{r['tflops']:.3g} TFLOP/s"]
     if math.isfinite(r.get("mfu", math.nan)):

@@ -9,6 +9,12 @@ tokens in that batch, so one micro batch gives exactly transformers' loss and gr
 the way it averages the LM loss. The LM loss and aux are reported separately (`loss`, `aux_loss`); the reported
 aux is that token-weighted mean, without the coefficient. Padding (right-padded SFT rows) is left out of aux through
 the batch's token mask, as transformers leaves it out through the attention mask.
+
+Expert load: every sparse layer's tokens per expert (top-k assignments of real tokens) are summed on the device over
+the step's micro batches and, in the same all-reduce as aux, over all ranks; the metrics report per layer the busiest
+expert's load over the mean load (1.0 = perfectly balanced; E / k = every token on the same k experts), read with the
+loss once per log interval. Under expert parallelism the busiest expert's rank computes that many times the average
+rows, which is what bounds an ep step's time.
 """
 
 from __future__ import annotations
@@ -21,17 +27,48 @@ from torch import nn
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
-from qwenlink.models.qwen2_moe import load_balancing_loss, record_routing
+from qwenlink.models.qwen2_moe import SparseMoeBlock, load_balancing_loss, record_routing
 
 Tensor = torch.Tensor
 
 
-class RouterAuxLoss:
-    """The aux term of each micro batch's loss, and the step's token-weighted mean aux for the metrics."""
+def layer_index(module_name: str) -> int:
+    """The decoder layer of a module name: `layers.3.mlp` (wrappers in between allowed) -> 3."""
+    parts = module_name.split(".")
+    return int(parts[parts.index("layers") + 1])
 
-    def __init__(self, coef: float) -> None:
+
+@torch.no_grad()
+def expert_load(model: nn.Module, token_mask: Optional[Tensor], layers: list[int], num_experts: int) -> Tensor:
+    """Tokens routed to each expert in the last forward, per sparse layer: [len(layers), E] fp32 on the device (a
+    layer this module does not hold stays 0). `token_mask` [B, T] (1 = real token) leaves padding out."""
+    row = {layer: i for i, layer in enumerate(layers)}
+    load = None
+    for name, block in model.named_modules():
+        if not isinstance(block, SparseMoeBlock) or block.routing is None:
+            continue
+        _, expert_ids = block.routing  # [N, k]
+        if load is None:
+            load = torch.zeros(len(layers), num_experts, dtype=torch.float32, device=expert_ids.device)
+        ones = torch.ones(expert_ids.numel(), dtype=torch.float32, device=expert_ids.device)
+        if token_mask is not None:  # non_blocking: the loader's host mask, no wait for the device
+            ones = token_mask.reshape(-1).to(expert_ids.device, non_blocking=True).to(torch.float32) \
+                .repeat_interleave(expert_ids.shape[1])
+        load[row[layer_index(name)]].scatter_add_(0, expert_ids.reshape(-1), ones)
+    return load
+
+
+class RouterAuxLoss:
+    """The aux term of each micro batch's loss, the step's token-weighted mean aux and the step's expert load for the
+    metrics."""
+
+    def __init__(self, coef: float, layers: Optional[list[int]] = None, num_experts: int = 0) -> None:
         self.coef = coef
+        self.layers = list(layers or [])  # the model's sparse layers (global indices)
+        self.num_experts = num_experts
         self._weighted: Optional[Tensor] = None  # this rank's sum over micro batches of aux x valid tokens
+        self._load: Optional[Tensor] = None  # [len(layers), E] this rank's tokens per expert, summed over the step
+        self.step_load: Optional[Tensor] = None  # the same summed over all ranks, after `step_mean`
 
     @classmethod
     def for_model(cls, model: nn.Module, config: ModelConfig) -> Optional["RouterAuxLoss"]:
@@ -39,10 +76,12 @@ class RouterAuxLoss:
         if not config.is_moe:
             return None
         record_routing(model)
-        return cls(config.router_aux_loss_coef)
+        layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        return cls(config.router_aux_loss_coef, layers, config.num_experts)
 
     def begin_step(self, device: torch.device) -> None:
         self._weighted = torch.zeros((), dtype=torch.float32, device=device)
+        self._load = torch.zeros(len(self.layers), self.num_experts, dtype=torch.float32, device=device)
 
     def term(self, model: nn.Module, token_mask: Optional[Tensor], valid: int, scale: Tensor | float) -> Tensor:
         """coef x aux x valid x scale for the forward just run (scale: the trainer's dp / valid tokens in the global
@@ -52,14 +91,24 @@ class RouterAuxLoss:
         if aux is None:
             return torch.zeros((), dtype=torch.float32, device=self._weighted.device)
         self._weighted = self._weighted + aux.detach() * valid
+        if self.layers:
+            self._load += expert_load(model, token_mask, self.layers, self.num_experts)
         return aux * (self.coef * valid) * scale
 
     def step_mean(self, total_valid: Tensor) -> Tensor:
-        """The step's aux (token-weighted mean over the global batch's micro batches), a device tensor."""
-        total = self._weighted.clone()
+        """The step's aux (token-weighted mean over the global batch's micro batches), a device tensor. The same
+        all-reduce sums the expert load over the ranks (`step_load`, `load_max_over_mean`)."""
+        packed = torch.cat([self._weighted.reshape(1), self._load.flatten()])  # [1 + layers x E]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return total / total_valid.clamp(min=1)
+            dist.all_reduce(packed)
+        self.step_load = packed[1:].view(len(self.layers), self.num_experts)
+        return packed[0] / total_valid.clamp(min=1)
+
+    def load_max_over_mean(self) -> Tensor:
+        """Per sparse layer, the busiest expert's tokens over the mean tokens per expert in the step just reduced:
+        [len(layers)] on the device (1.0 balanced; 0 for a layer that saw no token)."""
+        load = self.step_load
+        return load.amax(dim=1) / load.mean(dim=1).clamp(min=1e-9) * (load.sum(dim=1) > 0)
 
 
 def check_moe_job(model_config: ModelConfig, plan, lora_targets: tuple[str, ...], export_adapter: str) -> None:

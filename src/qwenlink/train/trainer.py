@@ -141,19 +141,32 @@ class StepResult:
     finite: torch.Tensor  # False: the update was skipped (loss or gradient norm not finite)
     metrics: Optional[torch.Tensor] = None  # job.mode = "dpo": train/dpo.py's METRIC_NAMES, [6]
     aux_loss: Optional[torch.Tensor] = None  # a mixture of experts' load-balancing loss (train/moe.py), not in `loss`
+    expert_load: Optional[torch.Tensor] = None  # MoE: per sparse layer, busiest expert's tokens / mean, [layers]
 
 
-def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool, list[float], Optional[float]]]:
-    """(loss, gradient norm, finite, objective metrics, MoE aux loss or None) of each step, read from the device in
-    one copy (one host synchronisation)."""
+def read_results(results: Sequence[StepResult]) -> list[tuple[float, float, bool, list[float], Optional[float],
+                                                                 Optional[list[float]]]]:
+    """(loss, gradient norm, finite, objective metrics, MoE aux loss or None, MoE per-layer expert load or None) of
+    each step, read from the device in one copy (one host synchronisation)."""
     if not results:
         return []
-    values = torch.stack([torch.cat([torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]),
-                                     r.metrics.float() if r.metrics is not None else r.loss.new_zeros(0),
-                                     r.aux_loss.float().reshape(1) if r.aux_loss is not None else r.loss.new_zeros(0)])
-                          for r in results])
-    return [(row[0], row[1], row[2] == 1.0, row[3:-1] if r.aux_loss is not None else row[3:],
-             row[-1] if r.aux_loss is not None else None) for r, row in zip(results, values.tolist())]
+
+    def parts(r: StepResult) -> list[torch.Tensor]:
+        none = r.loss.new_zeros(0)
+        return [torch.stack([r.loss.float(), r.grad_norm.float(), r.finite.float()]),
+                r.metrics.float() if r.metrics is not None else none,
+                r.aux_loss.float().reshape(1) if r.aux_loss is not None else none,
+                r.expert_load.float() if r.expert_load is not None else none]
+
+    values = torch.stack([torch.cat(parts(r)) for r in results]).tolist()
+    out = []
+    for r, row in zip(results, values):
+        n_metrics = r.metrics.numel() if r.metrics is not None else 0
+        aux_at = 3 + n_metrics
+        load_at = aux_at + (1 if r.aux_loss is not None else 0)
+        out.append((row[0], row[1], row[2] == 1.0, row[3:aux_at], row[aux_at] if r.aux_loss is not None else None,
+                    row[load_at:] if r.expert_load is not None else None))
+    return out
 
 
 # ---- one rank's model and step, from the job alone -----------------------------------------------------------------
@@ -247,12 +260,13 @@ def run_step(parts: StepParts, batches: Sequence[MicroBatch], step: int, *, clip
     total_valid = step_fn.count_valid(batches)
     loss = step_fn.forward_backward(batches, total_valid)
     aux = step_fn.router_aux.step_mean(total_valid) if step_fn.router_aux is not None else None
+    load = step_fn.router_aux.load_max_over_mean() if step_fn.router_aux is not None else None
     grad_norm = step_fn.clip_grad_norm_(clip_grad if clip_grad > 0 else math.inf)
     finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
     step_if_finite(parts.optimizer, finite)
     parts.optimizer.zero_grad(set_to_none=True)
     metrics = step_fn.objective.step_metrics(step_fn) if step_fn.objective is not None else None
-    return StepResult(step, loss, grad_norm, lr, finite, metrics, aux)
+    return StepResult(step, loss, grad_norm, lr, finite, metrics, aux, load)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
@@ -354,10 +368,15 @@ class Trainer:
         (every rank reads the same values, so all take the same decision)."""
         done = list(pending)
         pending.clear()
-        for (record, result), (loss, grad_norm, finite, extra, aux) in zip(done, read_results([r for _, r in done])):
+        for (record, result), (loss, grad_norm, finite, extra, aux, load) in zip(
+                done, read_results([r for _, r in done])):
             record.update(loss=loss, grad_norm=grad_norm)
             if aux is not None:  # a mixture of experts' load-balancing loss (its coefficient not applied)
                 record["aux_loss"] = aux
+            if load:  # per sparse layer, the busiest expert's tokens over the mean (train/moe.py); the worst layer
+                record["moe/load_max_over_mean"] = max(load)
+                layers = self.parts.step_fn.router_aux.layers
+                record.update({f"moe/load_max_over_mean/layer_{i}": v for i, v in zip(layers, load)})
             if extra:  # dpo: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/...
                 from qwenlink.train.dpo import METRIC_NAMES
 
