@@ -6,6 +6,7 @@ all-to-all, trains exactly like one process.
   activation checkpointing (the all-to-all recomputed in backward) give one process's LM and aux losses, tokens per
   expert and final weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale the weights are 1.7e-4 off, so
   the comparison decides the scaling;
+- the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation);
 - `qwenlink train` at ep2 gives one process's losses, and its step-2 checkpoint resumes at ep1 with the
   uninterrupted run's losses (DCP reshards the experts' Shard(0));
 - bad layouts are refused before launch, in one line.
@@ -69,6 +70,29 @@ def test_expert_parallel_layout_equals_one_process(four_process_runs, name) -> N
     for key, tensor in got["state"].items():
         assert tensor.shape == ref_state[key].shape, key  # the experts come back whole: [E, out, in]
         assert (tensor - ref_state[key]).abs().max().item() <= 1e-5, key
+
+
+# ---- the GPU path, on fake CUDA tensors ----------------------------------------------------------------------------
+def test_expert_parallel_step_on_fake_cuda() -> None:
+    """ep2 x dp2 in bf16 on fake CUDA devices (qwenlink.train.simulate): the grouped GEMM, rows exchanged with
+    all-to-all on device tensors, and no host synchronisation besides the counts' copy, which a fake tensor cannot
+    make (it has no values: the simulation assumes a balanced router there, parallel/experts.py)."""
+    from qwenlink.parallel.simulate import SimulationError, stand_in_library
+    from qwenlink.train.simulate import simulate_training
+
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        pytest.skip("a CUDA build of torch without a visible GPU has no room for the fake CUDA runtime")
+    try:
+        stand_in_library("cuda")
+    except SimulationError as exc:
+        pytest.skip(str(exc))
+    cfg = load_config(None, [*MODEL, "--data.path=unused", "--data.seq_length=16", "--train.micro_batch_size=1",
+                             "--train.global_batch_size=8", "--train.device=cuda", "--optim.lr=1e-3",
+                             "--train.dtype=bf16", "--parallel.ep=2"])
+    [summary] = simulate_training(cfg, world_size=4, ranks=[3])
+    assert summary["loss"] == ["cuda:0", "torch.float32", []]
+    assert summary["parameter_devices"] == ["cuda:0"]
+    assert "_c10d_functional.all_to_all_single.default" in set(summary["collectives"]), summary["collectives"]
 
 
 # ---- bad layouts ----------------------------------------------------------------------------------------------------

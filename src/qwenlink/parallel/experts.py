@@ -59,6 +59,23 @@ def _all_to_all(x: Tensor, output_splits: list[int], input_splits: list[int], gr
     return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
+def _is_fake(t: Tensor) -> bool:
+    """A fake tensor of `qwenlink plan`'s simulation (parallel/simulate.py), which has shapes but no values."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
+
+
+def _balanced(rows: int, ep: int, local: int) -> Tensor:
+    """The host counts a simulated step assumes, [2, ep, local] (send / receive): routing spread evenly over the
+    experts (what the load-balancing loss drives towards; a fake tensor has no routing to read). `qwenlink plan`'s
+    memory and all-to-all bytes for expert parallelism are therefore those of a balanced router."""
+    per_expert = torch.full((ep * local,), rows // (ep * local), dtype=torch.int64)
+    per_expert[: rows % (ep * local)] += 1
+    grid = per_expert.view(ep, local)
+    return torch.stack([grid, grid])
+
+
 class ExpertExchange:
     """The `GroupedExperts.exchange` of an expert-parallel model: all-to-all to the experts' ranks and back."""
 
@@ -75,12 +92,16 @@ class ExpertExchange:
         received = funcol.all_to_all_single(counts, None, None, self.group)  # [E] = [ep sources x local experts]
         received = funcol.wait_tensor(received) if isinstance(received, funcol.AsyncCollectiveTensor) else received
         # The one device-to-host copy of the layer: the all-to-all's splits (and the loop's counts) as host integers.
-        host = torch.cat([counts, received]).to("cpu").view(2, ep, local)  # [send / receive, ranks, local experts]
+        host = _balanced(rows.shape[0], ep, local) if _is_fake(counts) else \
+            torch.cat([counts, received]).to("cpu").view(2, ep, local)  # [send / receive, ranks, local experts]
         send, recv = host[0].sum(1).tolist(), host[1].sum(1).tolist()  # rows to / from each ep rank
         arrived = _all_to_all(rows, recv, send, self.group)  # [R, H]: source-major, then by local expert
         # Regroup by local expert (sources in rank order within each, so an expert sees rows as one process would).
-        expert_of_row = torch.arange(local, device=rows.device).repeat(ep).repeat_interleave(
-            received, output_size=sum(recv))  # [R]
+        # Segment (source s, local expert e) = s x local + e of each arrived row, by a search in the segments' ends
+        # (a fixed-size op: repeat_interleave's output size would depend on the values).
+        ends = received.cumsum(0)  # [ep x local]
+        segment = torch.searchsorted(ends, torch.arange(sum(recv), device=rows.device), right=True)  # [R]
+        expert_of_row = segment % local  # [R]
         order = expert_of_row.argsort(stable=True)  # [R]
         local_counts = received.view(ep, local).sum(0)  # [local]
         host_counts = None if use_grouped_gemm(rows) else host[1].sum(0).tolist()
