@@ -1,26 +1,46 @@
-"""megatron-core's own MoE GPTModel, in a child process: load one `model_optim_rng.pt` that qwenlink wrote into it with
-`load_state_dict(strict=True)` and write its logits.
+"""megatron-core's own MoE GPTModel, in child processes: each rank loads the `model_optim_rng.pt` qwenlink wrote for
+its (tensor, expert) rank with `load_state_dict(strict=True)` and writes its logits (gathered over the vocab).
 
-Run as `python mcore_moe_gpt.py SPEC.json` (spec: file, model shape, tokens, logits output). The model is megatron-
-core's local layer spec with SequentialMLP experts (moe_grouped_gemm off), configured as Qwen2-MoE computes: softmax
-over all experts before top-k (moe_router_pre_softmax, no renormalisation: norm_topk_prob false), a shared expert
-scaled by sigmoid(gate_weight . x) (moe_shared_expert_gate), q/k/v bias, SwiGLU, RMSNorm, rotary, untied head. The
-setup (gloo world of one, CPU stubs) is mcore_gpt.py's.
+Run as `python mcore_moe_gpt.py SPEC.json` (spec: checkpoint dir, tp, ep, model shape, tokens, logits output), once
+per rank with RANK / WORLD_SIZE = tp x ep / MASTER_PORT set (one process: rank 0 of 1). The model is megatron-core's
+local layer spec with SequentialMLP experts (moe_grouped_gemm off), configured as Qwen2-MoE computes: softmax over all
+experts before top-k (moe_router_pre_softmax; without it, a softmax over the k chosen: norm_topk_prob true), a shared
+expert scaled by sigmoid(gate_weight . x) (moe_shared_expert_gate), q/k/v bias, SwiGLU, RMSNorm, rotary, untied head;
+tokens reach the experts of other expert ranks through the allgather dispatcher. CPU stubs as in mcore_gpt.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mcore_gpt import _logits, _setup  # noqa: E402
+from mcore_gpt import _logits  # noqa: E402
 
 
-def _model(m: dict):
+def _setup(tp: int, ep: int) -> None:
+    """gloo over RANK / WORLD_SIZE, megatron-core's parallel state for TP x EP, and mcore_gpt.py's CPU stubs."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + os.getpid() % 20000))
+    dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)),
+                            world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    torch.cuda.current_device = lambda: "cpu"  # megatron-core moves rotary frequencies to "the current device"
+    torch.cuda.synchronize = lambda *a, **k: None
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
+    tensor_parallel.get_cuda_rng_tracker().fork = lambda *a, **k: contextlib.nullcontext()  # no dropout in eval
+
+
+def _model(m: dict, tp: int, ep: int):
     from megatron.core.transformer.moe import moe_utils
 
     # megatron-core 0.16 reads `te_general_gemm` in the router's gating GEMM but only defines it when Transformer
@@ -42,21 +62,30 @@ def _model(m: dict):
         moe_shared_expert_intermediate_size=m["shared_ffn"], moe_shared_expert_gate=True,
         moe_router_pre_softmax=m["pre_softmax"], moe_router_score_function="softmax",
         moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False)
+        moe_grouped_gemm=False, tensor_model_parallel_size=tp, expert_model_parallel_size=ep)
     spec = get_gpt_layer_local_spec(num_experts=m["experts"], moe_grouped_gemm=False, normalization="RMSNorm")
     return GPTModel(cfg, spec, vocab_size=m["padded_vocab"], max_sequence_length=128, position_embedding_type="rope",
-                    rotary_base=m["theta"], share_embeddings_and_output_weights=False).eval()
+                    rotary_base=m["theta"], share_embeddings_and_output_weights=False,
+                    parallel_output=False).eval()
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
-    _setup()
+    tp, ep = spec["tp"], spec["ep"]
+    _setup(tp, ep)
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from qwenlink.checkpoint.megatron import MODEL_FILE, rank_dir_name
     from qwenlink.checkpoint.safe_load import safe_torch_load
 
-    model = _model(spec["model"])
-    state = safe_torch_load(spec["file"], mmap=False)["model"]
-    model.load_state_dict(state, strict=True)
-    torch.save(_logits(model, torch.tensor(spec["tokens"])), spec["logits"])
+    model = _model(spec["model"], tp, ep)
+    t, e = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank()
+    file = Path(spec["dir"]) / "iter_0000001" / rank_dir_name(t, 0, 1, e, ep) / MODEL_FILE
+    model.load_state_dict(safe_torch_load(file, mmap=False)["model"], strict=True)
+    torch.save(_logits(model, torch.tensor(spec["tokens"])), f"{spec['logits']}.{dist.get_rank()}")
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

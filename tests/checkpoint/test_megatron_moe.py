@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,10 @@ def _rope_theta(hf_config) -> float:
     return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
 
 
-def _megatron_core_logits(tmp_path: Path, file: Path, hf_config, padded: int) -> torch.Tensor:
-    """megatron-core's MoE GPTModel (mcore_moe_gpt.py, a child process) loaded with `file`; its logits for TOKENS."""
+def _megatron_core_logits(tmp_path: Path, directory: Path, hf_config, padded: int, tp: int = 1,
+                          ep: int = 1) -> list[torch.Tensor]:
+    """megatron-core's MoE GPTModel at TP x EP (mcore_moe_gpt.py, one child process per rank) loaded with the rank
+    files of `directory`; each rank's logits for TOKENS."""
     model = dict(layers=hf_config.num_hidden_layers, hidden=hf_config.hidden_size,
                  heads=hf_config.num_attention_heads, groups=hf_config.num_key_value_heads,
                  ffn=hf_config.intermediate_size, eps=hf_config.rms_norm_eps, theta=_rope_theta(hf_config),
@@ -51,31 +54,54 @@ def _megatron_core_logits(tmp_path: Path, file: Path, hf_config, padded: int) ->
                  pre_softmax=not hf_config.norm_topk_prob, padded_vocab=padded)
     logits = tmp_path / "mcore-logits.pt"
     spec_file = tmp_path / "mcore-spec.json"
-    spec_file.write_text(json.dumps(dict(file=str(file), model=model, tokens=TOKENS, logits=str(logits))))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("mcore_moe_gpt.py")), str(spec_file)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(logits, weights_only=True)
+    spec_file.write_text(json.dumps(dict(dir=str(directory), tp=tp, ep=ep, model=model, tokens=TOKENS,
+                                         logits=str(logits))))
+    with socket.socket() as s:  # a free port for the ranks' gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = tp * ep
+    logs = [tmp_path / f"mcore-rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as log:  # files, not pipes: a rank blocked on a full pipe would hang the others
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("mcore_moe_gpt.py")), str(spec_file)],
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(r), "WORLD_SIZE": str(world),
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}))
+    for proc in procs:
+        try:
+            proc.wait(timeout=400)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            proc.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log.read_text()[-2000:] for log in logs)
+    return [torch.load(f"{logits}.{r}", weights_only=True) for r in range(world)]
 
 
-@pytest.mark.parametrize("norm_topk_prob", [False, True], ids=["qwen1.5-moe-routing", "renormalised-top-k"])
-def test_megatron_core_moe_model_gives_transformers_logits(tmp_path, cli_main, norm_topk_prob):
+@pytest.mark.parametrize("tp,ep,norm_topk_prob", [(1, 1, False), (1, 1, True), (2, 2, False)],
+                         ids=["qwen1.5-moe-routing", "renormalised-top-k", "tp2-ep2"])
+def test_megatron_core_moe_model_gives_transformers_logits(tmp_path, cli_main, tp, ep, norm_topk_prob):
     """transformers' Qwen2MoeForCausalLM -> `qwenlink convert --to megatron` -> megatron-core's own GPTModel (MoE
-    local spec, SequentialMLP, gated shared expert; load_state_dict strict) computes the same logits in fp32.
+    local spec, SequentialMLP, gated shared expert; load_state_dict strict) computes the same logits in fp32: in one
+    process from mp_rank_00, and at TP 2 x EP 2 in four gloo processes each loading its own mp_rank_TT_EEE file.
     Qwen1.5-MoE routes without renormalising (norm_topk_prob false = moe_router_pre_softmax); the other case checks
     that args carry the routing, not a constant."""
     hf, hf_dir = make_hf_moe_model(tmp_path / "hf", hidden=64, layers=3, heads=4, kv_heads=2, experts=8, top_k=2,
                                    moe_ffn=32, shared_ffn=48, ffn=96, norm_topk_prob=norm_topk_prob, seed=4)
-    rc, _, err = cli_main("convert", "--input", hf_dir, "--output", tmp_path / "meg", "--to", "megatron")
+    rc, _, err = cli_main("convert", "--input", hf_dir, "--output", tmp_path / "meg", "--to", "megatron",
+                          "--tp", tp, "--ep", ep)
     assert rc == 0, err
-    file = tmp_path / "meg" / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
-    args = safe_torch_load(file)["args"]
+    first = "mp_rank_00" if ep == 1 else "mp_rank_00_000"
+    args = safe_torch_load(tmp_path / "meg" / "iter_0000001" / first / "model_optim_rng.pt")["args"]
     assert (args.num_experts, args.moe_router_topk, args.moe_router_pre_softmax, args.moe_shared_expert_gate) == \
         (8, 2, not norm_topk_prob, True)
-    got = _megatron_core_logits(tmp_path, file, hf.config, args.padded_vocab_size)
+    assert (args.tensor_model_parallel_size, args.expert_model_parallel_size) == (tp, ep)
     want = _hf_logits(hf)
-    assert got.shape[-1] == 384 and want.shape[-1] == VOCAB
-    torch.testing.assert_close(got[..., :VOCAB], want, atol=2e-5, rtol=1e-5)
+    for got in _megatron_core_logits(tmp_path, tmp_path / "meg", hf.config, args.padded_vocab_size, tp, ep):
+        assert got.shape[-1] == args.padded_vocab_size == (384 if tp == 1 else 512)  # 320 padded to 128 x TP
+        torch.testing.assert_close(got[..., :VOCAB], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture
@@ -122,11 +148,15 @@ def _random_moe(**kw) -> tuple:
     return cfg, model
 
 
-@pytest.mark.parametrize("tp,pp,vpp,ep,kw", [(1, 1, None, 2, {}), (2, 1, None, 4, dict(decoder_sparse_step=2)),
-                                              (1, 2, 2, 8, dict(mlp_only_layers=[0])), (2, 4, None, 1, {})])
-def test_roundtrip_layouts_bitwise(tmp_path, tp, pp, vpp, ep, kw):
+@pytest.mark.parametrize("tp,pp,vpp,ep,kw,impl", [(1, 1, None, 2, {}, "local"),
+                                                   (2, 1, None, 4, dict(decoder_sparse_step=2), "local"),
+                                                   (1, 2, 2, 8, dict(mlp_only_layers=[0]), "local"),
+                                                   (2, 4, None, 1, {}, "local"),
+                                                   (2, 2, None, 2, dict(mlp_only_layers=[1]), "transformer_engine")])
+def test_roundtrip_layouts_bitwise(tmp_path, tp, pp, vpp, ep, kw, impl):
+    """Expert-parallel splits with TP, PP and virtual stages, dense layers among sparse ones, both norm namings."""
     cfg, model = _random_moe(**kw)
-    out = save_megatron(ModelSource(model), tmp_path / "m", make_layout(cfg, tp, pp, vpp, ep=ep))
+    out = save_megatron(ModelSource(model), tmp_path / "m", make_layout(cfg, tp, pp, vpp, ep=ep), impl=impl)
     source = MegatronSource(out)
     assert source.layout.ep == ep and source.config == cfg
     assert_same_tensors(params(model_from_source(source)), params(model))
