@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from expert_reference import make_moe_config, make_moe_initial_state, train_moe  # noqa: E402
 from layout_worker import load_full_state_dict  # noqa: E402
 
+from qwenlink.models.qwen2_moe import set_expert_impl  # noqa: E402
 from qwenlink.parallel.mesh import ParallelPlan, validate_plan  # noqa: E402
 from qwenlink.parallel.parallelize import (ParallelizeOptions, build_layout, build_model_chunks,  # noqa: E402
                                            full_state_dict)
@@ -27,6 +28,7 @@ from qwenlink.train.step import TrainStep  # noqa: E402
 
 
 def run(out: Path, spec: dict) -> None:
+    set_expert_impl(spec.get("impl", "auto"))  # "loop": the experts' host-count path instead of the grouped GEMM
     config = make_moe_config(spec)
     plan = ParallelPlan(**spec["layout"])
     validate_plan(plan, config)

@@ -9,6 +9,7 @@ from parallel_reference import optimizer_for
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import build_model
+from qwenlink.models.qwen2_moe import set_expert_impl
 from qwenlink.train.data import MicroBatch
 
 STEPS = 3
@@ -23,13 +24,16 @@ def make_moe_config(spec: dict) -> ModelConfig:
 
 
 def make_moe_initial_state(spec: dict) -> dict[str, torch.Tensor]:
-    """Random weights with a sharper router (so tokens spread unevenly over the experts and over the ep ranks)."""
+    """Random weights with a sharper router (so tokens spread unevenly over the experts and over the ep ranks).
+    spec["router"] = "zeros": a router of zeros, whose tied probabilities send every token to experts 5 and 6 in the
+    first step (at ep2 both on rank 1: rank 0 receives no row at all)."""
     model = build_model(make_moe_config(spec), seed=spec["seed"])
     gen = torch.Generator().manual_seed(spec["seed"] + 7)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                sharp = torch.randn(p.shape, generator=gen) * 0.5
+                p.copy_(torch.zeros(p.shape) if spec.get("router") == "zeros" else sharp)
             elif name.endswith("norm.weight"):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -77,6 +81,7 @@ def reference_run(spec: dict) -> tuple[list[tuple[float, float, list]], dict[str
     from qwenlink.train.moe import RouterAuxLoss
     from qwenlink.train.step import TrainStep
 
+    set_expert_impl(spec.get("impl", "auto"))
     config = make_moe_config(spec)
     layout = build_layout(ParallelPlan(), torch.device("cpu"), config)
     chunks = build_model_chunks(config, layout, ParallelizeOptions())

@@ -3,9 +3,10 @@ all-to-all, trains exactly like one process.
 
 - ep2 x dp2 (dp_shard 4: the experts FSDP2-sharded over the 2 dp ranks ep leaves), ep4 (every dp rank an ep rank:
   the experts' FSDP2 mesh has one rank), ep2 under HSDP (dp_replicate 2 x dp_shard 2 = ep) and ep2 x dp2 with
-  activation checkpointing (the all-to-all recomputed in backward) give one process's LM and aux losses, tokens per
-  expert and final weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale the weights are 1.7e-4 off, so
-  the comparison decides the scaling;
+  activation checkpointing (the all-to-all recomputed in backward), with the experts' loop instead of the grouped
+  GEMM, and with a router that sends every token to one ep rank's experts give one process's LM and aux losses,
+  tokens per expert and final weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale
+  the weights are 1.7e-4 off, so the comparison decides the scaling;
 - the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation);
 - `qwenlink train` at ep2 gives one process's losses, and its step-2 checkpoint resumes at ep1 with the
   uninterrupted run's losses (DCP reshards the experts' Shard(0));
@@ -40,6 +41,9 @@ RUNS = {
     "ep4": dict(layout=dict(dp_shard=4, ep=4)),
     "ep2-hsdp-replicate2": dict(layout=dict(dp_shard=2, dp_replicate=2, ep=2)),
     "ep2-dp2-checkpointing": dict(layout=dict(dp_shard=4, ep=2), ac=True, micro_batch=2),
+    "ep2-dp2-loop": dict(layout=dict(dp_shard=4, ep=2), impl="loop"),  # the experts' loop over host counts
+    # every token on experts 5 and 6 at first: ep rank 0 receives no row (empty all-to-all parts, empty GEMMs)
+    "ep2-dp2-one-rank-busy": dict(layout=dict(dp_shard=4, ep=2), router="zeros"),
 }
 
 
