@@ -136,10 +136,10 @@ def test_cli_roundtrip_tp2_pp2_ep2_bitwise(tmp_path, cli_main, moe_hf):
 
 
 def _random_moe(**kw) -> tuple:
-    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, model_type="qwen2_moe",
-                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-                      shared_expert_intermediate_size=24, **kw)
+    shape = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, model_type="qwen2_moe",
+                 num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24)
+    cfg = ModelConfig(**(shape | kw))
     model = build_model(cfg, dtype=torch.float32, seed=0)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -252,3 +252,34 @@ def test_damaged_expert_parallel_checkpoints_are_one_line(tmp_path, cli_main):
     rc, _, err = cli_main("convert", "--input", out, "--output", tmp_path / "hf", "--to", "hf")
     _one_line(rc, err)
     assert "decoder.layers.0.mlp.experts.weight1" in err and "moe_grouped_gemm off" in err
+
+
+def _rewrite_args(out: Path, **changes) -> None:
+    """Edit `args` in every rank file (as another writer would have recorded them); None deletes an entry."""
+    for file in out.glob("iter_0000001/*/model_optim_rng.pt"):
+        ckpt = torch.load(file, weights_only=False)
+        for name, value in changes.items():
+            if value is None:
+                delattr(ckpt["args"], name)
+            else:
+                setattr(ckpt["args"], name, value)
+        torch.save(ckpt, file)
+
+
+def test_config_from_megatron_args_alone_and_routing_qwen2_moe_lacks_refused(tmp_path):
+    """Without qwenlink's own record (a Megatron-LM-written checkpoint) the MoE config comes from the tensors and
+    Megatron's MoE args; args asking for routing Qwen2-MoE does not have, or a reference config that disagrees, are
+    refused in one line."""
+    cfg, model = _random_moe(mlp_only_layers=[1])
+    out = save_megatron(ModelSource(model), tmp_path / "m", make_layout(cfg, 2, 2, ep=2))
+    _rewrite_args(out, qwenlink_hf_config=None)
+    source = MegatronSource(out)
+    assert source.config == cfg
+    assert_same_tensors(params(model_from_source(source)), params(model))
+    other, _ = _random_moe(num_experts_per_tok=3)
+    with pytest.raises(QwenlinkError, match=r"reference config: num_experts_per_tok is 3 but the Megatron checkpoint"):
+        MegatronSource(out, reference=other)
+    _rewrite_args(out, moe_router_score_function="sigmoid")
+    with pytest.raises(QwenlinkError, match=r"mp_rank_00_000_000/model_optim_rng.pt: args.moe_router_score_function="
+                                            r"'sigmoid' is not supported \(Qwen2-MoE has a softmax router\)"):
+        MegatronSource(out)
