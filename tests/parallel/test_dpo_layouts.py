@@ -55,14 +55,15 @@ def _equal_to_one_process(single_args: list[str], layout_args: list[str], tmp_pa
 
 def test_pp2_tp2_dp2_equals_one_process(setup, tmp_path):
     prefix, init = setup
-    _equal_to_one_process(dpo_args(prefix, tmp_path / "single", init),
-                          [*dpo_args(prefix, tmp_path / "layout", init), "--parallel.pp=2", "--parallel.tp=2"],
+    ftx = "--dpo.ftx=0.5"  # the chosen replies' NLL: a token mean over the global batch, whatever the layout
+    _equal_to_one_process([*dpo_args(prefix, tmp_path / "single", init), ftx],
+                          [*dpo_args(prefix, tmp_path / "layout", init), ftx, "--parallel.pp=2", "--parallel.tp=2"],
                           tmp_path, nproc=8, replicas=2)
 
 
 @pytest.mark.parametrize("layout, extra", [
     (["--parallel.cp=2", "--parallel.tp=2"], ["--dpo.precompute_reference=true"]),
-    (["--parallel.cp=2", "--parallel.pp=2"], []),
+    (["--parallel.cp=2", "--parallel.pp=2"], ["--dpo.ftx=0.5"]),
 ], ids=["cp2-tp2-precomputed-reference", "cp2-pp2-reference-copy"])
 def test_context_parallel_equals_one_process(setup, tmp_path, layout, extra):
     """Each cp rank scores its own tokens of every row (a head and a tail chunk); the rows' log-probabilities are

@@ -74,9 +74,11 @@ def trl_trainer(models):
                           train_dataset=Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}]))
 
 
-def _trl(trainer, loss_type: str):
-    """TRL's loss, its logged metrics and the policy's gradients for our batch."""
-    trainer.loss_types = [loss_type]
+def _trl(trainer, loss_type: str, ftx: float = 0.0):
+    """TRL's loss, its logged metrics and the policy's gradients for our batch (with ftx: its "sft" loss type added
+    with that weight)."""
+    trainer.loss_types = [loss_type, "sft"] if ftx else [loss_type]
+    trainer.loss_weights = [1.0, ftx] if ftx else [1.0]
     ids, attention, completion = _batch()
     trainer.model.train()
     trainer.model.zero_grad()
@@ -88,16 +90,16 @@ def _trl(trainer, loss_type: str):
     return float(loss.detach()), metrics, grads
 
 
-def _ours(models, loss_type: str):
+def _ours(models, loss_type: str, ftx: float = 0.0):
     """The trainer's objective on qwenlink models loaded from the same HF directories."""
     _, _, policy_dir, reference_dir = models
     policy, reference = load_hf_model(policy_dir).train(), load_hf_model(reference_dir)
     ids, _, completion = _batch()
     labels = _shifted_labels(ids, completion)
-    objective = PreferenceObjective(DpoOptions(beta=BETA, loss_type=loss_type), "copy",
+    objective = PreferenceObjective(DpoOptions(beta=BETA, loss_type=loss_type, ftx=ftx), "copy",
                                     reference_chunks=types.SimpleNamespace(modules=[reference]))
     step = types.SimpleNamespace(layout=types.SimpleNamespace(tp_mesh=None), chunk_size=2, _scale=1.0 / 2,
-                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1), device=torch.device("cpu"),
+                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1, dp_cp=1), device=torch.device("cpu"),
                                  chunks=types.SimpleNamespace(modules=[policy]), context_shard=lambda batch: batch)
     batch = PairMicroBatch(ids, labels)
     (batch,) = objective.prepare(step, [batch])
@@ -123,6 +125,18 @@ def test_loss_rewards_logps_and_gradients_equal_trl(models, trl_trainer, loss_ty
         assert (grad - trl_grads[name]).abs().max() <= 1e-5 * max(1.0, trl_grads[name].abs().max()), name
 
 
+def test_chosen_nll_term_equals_trl_sft_loss_type(models, trl_trainer):
+    """dpo.ftx = TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, ftx]: the chosen replies' NLL as a token
+    mean (the two chosen replies have 3 and 2 tokens, so a per-reply mean would differ)."""
+    trl_loss, _, trl_grads = _trl(trl_trainer, "sigmoid", ftx=0.5)
+    loss, _, grads = _ours(models, "sigmoid", ftx=0.5)
+    plain, _, _ = _ours(models, "sigmoid")
+    assert loss == pytest.approx(trl_loss, rel=1e-5, abs=1e-6)
+    assert loss > plain + 0.1  # the NLL term is there (about 0.5 x 5.8 nats per token here)
+    for name, grad in grads.items():
+        assert (grad - trl_grads[name]).abs().max() <= 1e-5 * max(1.0, trl_grads[name].abs().max()), name
+
+
 def _plain_logps(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed label log-probabilities from the full logits (the textbook formulation)."""
     logits = model(ids).float()
@@ -142,7 +156,7 @@ def test_simpo_equals_the_paper_formula(models, label_smoothing):
     objective = PreferenceObjective(DpoOptions(beta=beta, loss_type="simpo", gamma=gamma,
                                                label_smoothing=label_smoothing), "none")
     step = types.SimpleNamespace(layout=types.SimpleNamespace(tp_mesh=None), chunk_size=1024, _scale=1.0 / 2,
-                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1), device=torch.device("cpu"))
+                                 plan=types.SimpleNamespace(tp=1, pp=1, cp=1, dp_cp=1), device=torch.device("cpu"))
     loss = objective.micro_loss(step, policy, PairMicroBatch(ids, labels), labels)
     with torch.no_grad():
         logps = _plain_logps(policy, ids, labels)

@@ -182,6 +182,9 @@ class DpoSection:
     loss_type: str = "sigmoid"      # "sigmoid" (DPO), "ipo", "hinge" (SLiC), "simpo" (reference-free)
     label_smoothing: float = 0.0    # sigmoid / simpo: assumed probability that a pair's preference is flipped (cDPO)
     gamma: float = 0.5              # simpo: the target reward margin (the SimPO paper's gamma)
+    # Weight of the chosen replies' negative log-likelihood (token mean) added to the loss: TRL's "sft" loss type,
+    # LLaMA-Factory's pref_ftx. Keeps the right answers likely while the rejected ones are pushed down.
+    ftx: float = 0.0
     # Reference log-probabilities computed once, in a pass over the data before the first step, and stored next to
     # the data; false: computed every step by a frozen copy (full fine-tuning) or the base with adapters off (LoRA).
     precompute_reference: bool = False

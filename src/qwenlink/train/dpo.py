@@ -12,6 +12,9 @@ model's:
 
 and the step's loss is the mean over the global batch's pairs (scaled per micro batch by dp / pairs, as the token
 loss is by dp / tokens). Rewards are beta x the log-ratio (SimPO: beta x the length-normalised log-probability).
+`dpo.ftx` adds ftx x the chosen replies' negative log-likelihood, a token mean over the global batch (TRL's
+loss_type ["sigmoid", "sft"] with loss_weights [1, ftx]; LLaMA-Factory's pref_ftx, the RPO paper's NLL term): the
+pair losses alone may lower the chosen replies' likelihood too, as long as the rejected ones fall faster.
 
 Where the reference log-probabilities come from (`reference_kind`):
 - "precomputed" (dpo.precompute_reference): one forward pass over the data before the first step, stored next to
@@ -53,6 +56,7 @@ class DpoOptions:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
     gamma: float = 0.5
+    ftx: float = 0.0  # weight of the chosen replies' negative log-likelihood (token mean over the global batch)
 
 
 def preference_losses(opts: DpoOptions, chosen: Tensor, rejected: Tensor, ref_chosen: Optional[Tensor],
@@ -144,6 +148,7 @@ class PreferenceObjective:
         self._slot_sums: Optional[Tensor] = None  # under pp: [micro batches, 7], one row per micro batch
         self._reference_pass = False
         self._ref_schedules: dict[int, object] = {}
+        self._ftx_scale: Tensor | float = 0.0  # dp x cp / chosen tokens in the global batch (dpo.ftx)
 
     # ---- units and metrics ----------------------------------------------------------------------------------------
     def units(self, batches: Sequence[MicroBatch]) -> int:
@@ -188,7 +193,10 @@ class PreferenceObjective:
         losses, chosen_reward, rejected_reward = preference_losses(
             self.opts, logps[:b], logps[b:], ref[0], ref[1], tokens[:b], tokens[b:])
         self._accumulate(logps[:b], logps[b:], chosen_reward, rejected_reward, slot)
-        return losses.sum() * step._scale
+        loss = losses.sum() * step._scale
+        if self.opts.ftx:
+            loss = loss - self.opts.ftx * logps[:b].sum() * self._ftx_scale
+        return loss
 
     def _row_logps(self, step, module, batch: MicroBatch, host_labels: Tensor) -> Tensor:
         """[2B] summed reply log-probabilities of one micro batch through `module` (pp = 1)."""
@@ -233,6 +241,8 @@ class PreferenceObjective:
     def prepare(self, step, batches: Sequence[MicroBatch]) -> list[MicroBatch]:
         """The step's micro batches with their reference log-probabilities attached (computed now unless they were
         precomputed or the objective needs none)."""
+        if self.opts.ftx:
+            self._ftx_scale = self._chosen_token_scale(step, batches)
         if self.kind in ("none", "precomputed"):
             if self.kind == "precomputed" and any(getattr(b, "reference", None) is None for b in batches):
                 raise QwenlinkError("dpo.precompute_reference: a micro batch came without its reference "
@@ -241,6 +251,17 @@ class PreferenceObjective:
         refs = self.reference_logps(step, batches)
         return [PairMicroBatch(**{f.name: getattr(b, f.name) for f in dataclasses.fields(MicroBatch)}, reference=r)
                 for b, r in zip(batches, refs)]
+
+    @staticmethod
+    def _chosen_token_scale(step, batches: Sequence[MicroBatch]) -> Tensor:
+        """dp x cp / (chosen reply tokens in the whole global batch), like the step's scale for pairs: counted on
+        the loader's host labels (whole rows), summed on the device (every tp / pp / cp rank counts its replica's)."""
+        from qwenlink.train.step import all_reduce_sum
+
+        mine = sum(int((b.labels[:b.labels.shape[0] // 2] != IGNORE_INDEX).sum()) for b in batches)
+        total = all_reduce_sum(torch.full((), mine, dtype=torch.int64, device=step.device)).to(torch.float32)
+        total = total / (step.plan.tp * step.plan.pp * step.plan.cp)
+        return step.plan.dp_cp / total.clamp(min=1)
 
     @torch.no_grad()
     def reference_logps(self, step, batches: Sequence[MicroBatch], *, policy: bool = False) -> list[Tensor]:
@@ -324,7 +345,7 @@ class PreferenceObjective:
 
 def options_of(cfg) -> DpoOptions:
     return DpoOptions(beta=cfg.dpo.beta, loss_type=cfg.dpo.loss_type, label_smoothing=cfg.dpo.label_smoothing,
-                      gamma=cfg.dpo.gamma)
+                      gamma=cfg.dpo.gamma, ftx=cfg.dpo.ftx)
 
 
 def build_objective(cfg, lora: Optional[object], make_reference: Callable[[], object]) -> PreferenceObjective:

@@ -19,6 +19,8 @@ def validate_section(cfg) -> None:
         raise QwenlinkError(f"config: dpo.beta must be positive, got {d.beta}")
     if not 0.0 <= d.label_smoothing < 0.5:
         raise QwenlinkError(f"config: dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+    if d.ftx < 0:
+        raise QwenlinkError(f"config: dpo.ftx (the chosen replies' NLL weight) must be >= 0, got {d.ftx}")
     if d.label_smoothing and d.loss_type not in ("sigmoid", "simpo"):
         raise QwenlinkError(f"config: dpo.label_smoothing applies to loss_type sigmoid or simpo, not "
                             f"{d.loss_type!r}")
