@@ -254,6 +254,31 @@ def test_damaged_expert_parallel_checkpoints_are_one_line(tmp_path, cli_main):
     assert "decoder.layers.0.mlp.experts.weight1" in err and "moe_grouped_gemm off" in err
 
 
+def test_transformer_engine_grouped_gemm_names_read(tmp_path):
+    """TEGroupedMLP (Megatron-LM with --moe-grouped-gemm under Transformer Engine) names expert i's weights
+    mlp.experts.linear_fc1.weight{i} / linear_fc2.weight{i}, laid out as SequentialMLP's: read bit for bit."""
+    import re
+
+    cfg, model = _random_moe()
+    out = save_megatron(ModelSource(model), tmp_path / "m", make_layout(cfg, 2, 1, ep=2),
+                        impl="transformer_engine")
+    for file in out.glob("iter_0000001/*/model_optim_rng.pt"):
+        ckpt = torch.load(file, weights_only=False)
+        renamed = {}
+        for key, value in ckpt["model"].items():
+            match = re.match(r"(.*mlp\.experts\.)local_experts\.(\d+)\.linear_fc([12])\.(weight|_extra_state)$", key)
+            if match is None:
+                renamed[key] = value
+            elif match.group(4) == "weight":
+                renamed[f"{match.group(1)}linear_fc{match.group(3)}.weight{match.group(2)}"] = value
+            else:
+                renamed[f"{match.group(1)}linear_fc{match.group(3)}._extra_state"] = None
+        assert "decoder.layers.0.mlp.experts.linear_fc1.weight3" in renamed
+        ckpt["model"] = renamed
+        torch.save(ckpt, file)
+    assert_same_tensors(params(model_from_source(MegatronSource(out))), params(model))
+
+
 def _rewrite_args(out: Path, **changes) -> None:
     """Edit `args` in every rank file (as another writer would have recorded them); None deletes an entry."""
     for file in out.glob("iter_0000001/*/model_optim_rng.pt"):

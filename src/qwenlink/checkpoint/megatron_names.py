@@ -49,9 +49,12 @@ _CORE_MOE = {
 }
 MOE_ROLES = tuple(_CORE_MOE)
 _CORE_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.linear_fc([12])\.weight$")
+# Transformer Engine's grouped GEMM (TEGroupedMLP, Megatron-LM's default with --moe-grouped-gemm under TE) keeps each
+# local expert's weight as its own parameter `weight{i}`, laid out as SequentialMLP's: read, not written.
+_TE_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.linear_fc([12])\.weight(\d+)$")
 _EXPERT_ROLE = re.compile(r"^experts\.(\d+)\.(fc[12])$")
-# Grouped-GEMM expert weights (GroupedMLP / TEGroupedMLP): a different layout, named in the refusal.
-_GROUPED_EXPERTS = re.compile(r"^mlp\.experts\.(weight[12]|linear_fc[12]\.weight\d+)$")
+# The legacy GroupedMLP's experts fused into two tensors: another layout, named in the refusal.
+_GROUPED_EXPERTS = re.compile(r"^mlp\.experts\.weight[12]$")
 _CORE_TOP = {"embed": "embedding.word_embeddings.weight", "final_norm": "decoder.final_layernorm.weight",
              "head": "output_layer.weight"}
 
@@ -113,9 +116,13 @@ def _core_role_of(suffix: str, key: str) -> str:
     match = _CORE_EXPERT.match(suffix)
     if match:
         return expert_role(int(match.group(1)), f"fc{match.group(2)}")
+    match = _TE_GROUPED_EXPERT.match(suffix)
+    if match:
+        return expert_role(int(match.group(2)), f"fc{match.group(1)}")
     if _GROUPED_EXPERTS.match(suffix):
-        raise UnknownKey(key, "grouped-GEMM experts are not supported; save with moe_grouped_gemm off, whose "
-                              "SequentialMLP names each expert mlp.experts.local_experts.N")
+        raise UnknownKey(key, "the legacy GroupedMLP's fused expert weights are not supported; save with "
+                              "moe_grouped_gemm off (SequentialMLP: mlp.experts.local_experts.N) or Transformer "
+                              "Engine's grouped GEMM (mlp.experts.linear_fc1.weightN)")
     raise UnknownKey(key)
 
 
