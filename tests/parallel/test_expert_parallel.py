@@ -113,6 +113,12 @@ def test_ep_must_divide_the_experts_and_the_sharding_ranks() -> None:
         load_config(None, ["--train.global_batch_size=8", "--parallel.ep=0"])
     cfg = load_config(None, ["--train.global_batch_size=8", "--parallel.ep=2"])
     assert parallel_plan(cfg, 4, make_moe_config({})).ep == 2  # the config key reaches the plan
+    # adapters on the experts are not sharded by ep: refused with the layout (before launch), aliases resolved
+    cfg = load_config(None, ["--train.global_batch_size=8", "--parallel.ep=2", "--model.init_from=/base",
+                             "--lora.enabled=true", "--lora.target_modules=[\"q_proj\", \"dense_h_to_4h\"]"])
+    with pytest.raises(QwenlinkError, match=r"^parallel.ep = 2: LoRA adapters on the experts \(gate_proj, up_proj\) "
+                                            r"are not expert-parallel yet"):
+        parallel_plan(cfg, 4, make_moe_config({}))
 
 
 # ---- the train command ----------------------------------------------------------------------------------------------

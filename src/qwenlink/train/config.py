@@ -398,6 +398,12 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
     if model_config is None:
         return plan
     validate_plan(plan, model_config, micro_batches=accumulation_steps(cfg, plan.dp), seq_length=cfg.data.seq_length)
+    if model_config.is_moe:  # what a mixture-of-experts job cannot combine (parallel.ep with expert LoRA, tp / pp / cp)
+        from qwenlink.train.lora import lora_of
+        from qwenlink.train.moe import check_moe_job
+
+        lora = lora_of(cfg)
+        check_moe_job(model_config, plan, lora.targets() if lora else (), cfg.lora.export_adapter)
     if plan.pp > 1 and cfg.data.valid_path and cfg.metrics.eval_interval:
         raise QwenlinkError("config: validation (metrics.eval_interval with data.valid_path) is not supported "
                             "with pipeline parallelism yet; evaluate a saved checkpoint instead")
