@@ -8,7 +8,7 @@ all-to-all, trains exactly like one process.
   tokens per expert and final weights (1e-5), in one 4-process launch. Without the experts' 1 / ep gradient scale
   the weights are 1.7e-4 off, so the comparison decides the scaling;
 - the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation);
-- `qwenlink train` at ep2 gives one process's losses, and its step-2 checkpoint resumes at ep1 with the
+- `qwenlink train` at ep2 gives one process's losses and HF export, and its step-2 checkpoint resumes at ep1 with the
   uninterrupted run's losses (DCP reshards the experts' Shard(0));
 - bad layouts are refused before launch, in one line.
 """
@@ -154,14 +154,21 @@ def _close(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
 def test_train_command_at_ep2_equals_one_process_and_resumes_at_ep1(tmp_path) -> None:
     """`qwenlink train` from a random init (layout-independent) at ep2 and in one process: the same LM and aux losses
     for 4 steps; the ep2 checkpoint of step 2 resumes in one process with the uninterrupted run's steps 3 and 4."""
+    from export_helpers import hf_tensors
+
     corpus = write_counting_corpus(tmp_path / "corpus", 80)
     single = tmp_path / "single"
-    result = _train(corpus, single, "--checkpoint.interval=0")
+    result = _train(corpus, single, "--checkpoint.interval=0", f"--checkpoint.export_hf={single / 'hf'}")
     assert result.returncode == 0, result.stderr[-3000:]
     first = tmp_path / "ep2"
-    result = _train(corpus, first, "--parallel.ep=2", nproc=2)
+    result = _train(corpus, first, "--parallel.ep=2", f"--checkpoint.export_hf={first / 'hf'}", nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     _close(_rows(first), _rows(single), [1, 2, 3, 4])
+    # the HF export gathers every expert (HF's per-expert names) from both ep ranks
+    ours, ref = hf_tensors(first / "hf"), hf_tensors(single / "hf")
+    assert ours.keys() == ref.keys() and "model.layers.1.mlp.experts.7.down_proj.weight" in ref
+    for name in ref:
+        assert (ours[name] - ref[name]).abs().max() <= 1e-5, name
     resumed = tmp_path / "ep1"
     shutil.copytree(first / "checkpoints", resumed / "checkpoints")
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
