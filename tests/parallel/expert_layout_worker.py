@@ -38,7 +38,7 @@ def run(out: Path, spec: dict) -> None:
     chunks.materialize(torch.device("cpu"))
     load_full_state_dict(chunks, make_moe_initial_state(spec))
     step = TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
-    step.router_aux = RouterAuxLoss.for_model(chunks.state_module, config)
+    step.router_aux = RouterAuxLoss.for_model(chunks.state_module, config, plan.tp)
     losses = train_moe(step, chunks, layout, spec)
     state = full_state_dict(chunks)
     if dist.get_rank() == 0:

@@ -54,9 +54,9 @@ def make_moe_batches(spec: dict) -> list[list[MicroBatch]]:
     return out
 
 
-def train_moe(step, chunks, layout, spec: dict) -> list[tuple[float, float, list]]:
+def train_moe(step, chunks, layout, spec: dict) -> list[tuple[float, float, list, float]]:
     """The spec's optimizer steps through a TrainStep (any layout: each dp replica takes its slice of every global
-    batch); returns (LM loss, aux loss, expert load [layers][E]) per step, the same on every rank."""
+    batch); returns (LM loss, aux loss, expert load [layers][E], gradient norm) per step, the same on every rank."""
     optimizer = optimizer_for([p for p in chunks.parameters() if p.requires_grad])
     out = []
     for batches in make_moe_batches(spec):
@@ -67,13 +67,13 @@ def train_moe(step, chunks, layout, spec: dict) -> list[tuple[float, float, list
         loss = step.forward_backward(mine, total)
         aux = step.router_aux.step_mean(total)
         load = step.router_aux.step_load.tolist()  # tokens per expert per sparse layer, summed over all ranks
-        step.clip_grad_norm_(1.0)
+        norm = step.clip_grad_norm_(1.0)  # every gradient counted once, whichever ranks hold copies of it
         optimizer.step()
-        out.append((float(loss), float(aux), load))
+        out.append((float(loss), float(aux), load, float(norm)))
     return out
 
 
-def reference_run(spec: dict) -> tuple[list[tuple[float, float, list]], dict[str, torch.Tensor]]:
+def reference_run(spec: dict) -> tuple[list[tuple[float, float, list, float]], dict[str, torch.Tensor]]:
     """Losses and final weights in one process, through the trainer's step (tests/train/test_moe_train.py holds that
     step to transformers' loss + coef x aux)."""
     from qwenlink.parallel.mesh import ParallelPlan

@@ -116,9 +116,12 @@ def validate_plan(plan: ParallelPlan, config: ModelConfig, *, micro_batches: Opt
 
 
 def validate_experts(plan: ParallelPlan, config: ModelConfig) -> None:
-    """Expert parallelism's arithmetic: a MoE model, ep dividing the experts (each rank a contiguous equal range) and
-    the dp_shard ranks it borrows (an ep group is ep consecutive dp_shard ranks; FSDP2 shards the experts over the
-    dp_shard / ep groups left)."""
+    """A mixture of experts' arithmetic: tp dividing the shared expert's width (split like the dense MLP); ep dividing
+    the experts (each rank a contiguous equal range) and the dp_shard ranks it borrows (an ep group is ep
+    consecutive dp_shard ranks; FSDP2 shards the experts over the dp_shard / ep groups left)."""
+    if config.is_moe and config.shared_expert_intermediate_size % plan.tp:
+        raise QwenlinkError(f"parallel: tp {plan.tp} does not divide shared_expert_intermediate_size "
+                            f"{config.shared_expert_intermediate_size}")
     if plan.ep == 1:
         return
     if not config.is_moe:

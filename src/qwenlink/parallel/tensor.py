@@ -5,7 +5,8 @@ down are row-parallel, the embedding and lm_head are split over the vocabulary. 
 stream and the RMSNorms hold 1/tp of the sequence between blocks (all-gather before attention/MLP, reduce-scatter
 after), as ModelLink always runs. The lm_head returns this rank's vocabulary slice of the logits; `vocab_parallel_loss`
 computes cross entropy on it with `loss_parallel`, never gathering the full [tokens x vocab] logits.
-LoRA adapters (models/lora.py) follow their base projection: column-parallel bases split B on the output dim and
+A mixture of experts' sparse block splits only its shared expert this way; router and routed experts see the whole
+sequence on every tp rank (`_moe_plan`). LoRA adapters (models/lora.py) follow their base projection: column-parallel bases split B on the output dim and
 replicate A; row-parallel bases split A on the input dim and replicate B.
 """
 
@@ -17,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                               SequenceParallel, loss_parallel, parallelize_module)
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput,
+                                               RowwiseParallel, SequenceParallel, loss_parallel, parallelize_module)
 
 from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.models.qwen2_moe import SparseMoeBlock
 
 IGNORE_INDEX = -100
 
@@ -99,15 +101,43 @@ def _shard_model(model: Qwen2Model, tp_mesh, sequence_parallel: bool, full_logit
             "self_attn.k_proj": LoraColwiseParallel(),
             "self_attn.v_proj": LoraColwiseParallel(),
             "self_attn.o_proj": LoraRowwiseParallel(output_layouts=residual),
-            "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": LoraColwiseParallel(),
-            "mlp.up_proj": LoraColwiseParallel(),
-            "mlp.down_proj": LoraRowwiseParallel(output_layouts=residual),
         }
+        if isinstance(layer.mlp, SparseMoeBlock):
+            layer_plan.update(_moe_plan(residual))
+        else:
+            layer_plan.update({
+                "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
+                "mlp.gate_proj": LoraColwiseParallel(),
+                "mlp.up_proj": LoraColwiseParallel(),
+                "mlp.down_proj": LoraRowwiseParallel(output_layouts=residual),
+            })
         if sequence_parallel:
             layer_plan["input_layernorm"] = SequenceParallel()
             layer_plan["post_attention_layernorm"] = SequenceParallel()
         parallelize_module(layer, tp_mesh, layer_plan)
+
+
+def _moe_plan(residual) -> dict[str, object]:
+    """A mixture of experts' sparse block under tp: the shared expert is split like the dense MLP (gate/up
+    column-parallel, down row-parallel, all-reduced to the whole sequence); the router, the shared expert's gate and the
+    routed experts (split by expert parallelism, if at all, never by tp) see the whole gathered sequence as a plain
+    tensor and compute the same values on every tp rank, so routing and the load-balancing loss are one process's.
+    The block's output is cut back to this rank's part of the sequence (its backward all-gathers the gradient, which
+    makes every tp rank's copy of the router and experts receive the same, whole gradient). Why not route only this
+    rank's T / tp tokens: the aux loss is not a sum over tokens (it needs the counts of all of them), and the router's
+    and experts' gradients would then need a sum over tp - kept for later; the routed experts' work is repeated tp
+    times instead."""
+    return {
+        "mlp": PrepareModuleInputOutput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                        use_local_input=True, output_layouts=(Replicate(),),
+                                        desired_output_layouts=(residual,), use_local_output=True),
+        # the plain (whole-sequence) input as a replicated DTensor: its partial gradient from the column-parallel
+        # projections is all-reduced on the way back
+        "mlp.shared_expert": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),)),
+        "mlp.shared_expert.gate_proj": LoraColwiseParallel(),
+        "mlp.shared_expert.up_proj": LoraColwiseParallel(),
+        "mlp.shared_expert.down_proj": LoraRowwiseParallel(output_layouts=Replicate()),
+    }
 
 
 def vocab_parallel_loss(local_logits: torch.Tensor, labels: torch.Tensor, tp_mesh, *, scale: float) -> torch.Tensor:

@@ -62,8 +62,11 @@ class RouterAuxLoss:
     """The aux term of each micro batch's loss, the step's token-weighted mean aux and the step's expert load for the
     metrics."""
 
-    def __init__(self, coef: float, layers: Optional[list[int]] = None, num_experts: int = 0) -> None:
+    def __init__(self, coef: float, layers: Optional[list[int]] = None, num_experts: int = 0, copies: int = 1) -> None:
         self.coef = coef
+        # ranks that route the same tokens (tp: every tp rank routes the whole sequence, parallel/tensor.py), whose
+        # identical sums the all-reduce adds `copies` times
+        self.copies = copies
         self.layers = list(layers or [])  # the model's sparse layers (global indices)
         self.num_experts = num_experts
         self._weighted: Optional[Tensor] = None  # this rank's sum over micro batches of aux x valid tokens
@@ -71,13 +74,14 @@ class RouterAuxLoss:
         self.step_load: Optional[Tensor] = None  # the same summed over all ranks, after `step_mean`
 
     @classmethod
-    def for_model(cls, model: nn.Module, config: ModelConfig) -> Optional["RouterAuxLoss"]:
-        """None for a dense model; for a MoE model, also makes its sparse layers keep their routing."""
+    def for_model(cls, model: nn.Module, config: ModelConfig, copies: int = 1) -> Optional["RouterAuxLoss"]:
+        """None for a dense model; for a MoE model, also makes its sparse layers keep their routing. `copies`: the
+        tensor-parallel size (tp ranks route the same tokens)."""
         if not config.is_moe:
             return None
         record_routing(model)
         layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-        return cls(config.router_aux_loss_coef, layers, config.num_experts)
+        return cls(config.router_aux_loss_coef, layers, config.num_experts, copies)
 
     def begin_step(self, device: torch.device) -> None:
         self._weighted = torch.zeros((), dtype=torch.float32, device=device)
@@ -101,6 +105,8 @@ class RouterAuxLoss:
         packed = torch.cat([self._weighted.reshape(1), self._load.flatten()])  # [1 + layers x E]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(packed)
+        if self.copies > 1:
+            packed = packed / self.copies
         self.step_load = packed[1:].view(len(self.layers), self.num_experts)
         return packed[0] / total_valid.clamp(min=1)
 
@@ -115,11 +121,11 @@ def check_moe_job(model_config: ModelConfig, plan, lora_targets: tuple[str, ...]
     """Refuse, before anything is built, what a MoE job cannot run yet (one line naming the setting)."""
     if not model_config.is_moe:
         return
-    for name in ("tp", "pp", "cp"):
+    for name in ("pp", "cp"):
         size = getattr(plan, name, 1)
         if size > 1:
             raise QwenlinkError(f"parallel.{name} = {size}: a mixture-of-experts model ({model_config.num_experts} "
-                                f"experts) trains with data and expert parallelism only so far (tensor, pipeline and "
+                                f"experts) trains with data, expert and tensor parallelism only so far (pipeline and "
                                 f"context parallelism for MoE are not implemented)")
     mlp = [t for t in lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
     ep = getattr(plan, "ep", 1)

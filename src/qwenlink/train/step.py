@@ -268,6 +268,8 @@ class TrainStep:
                 for size, placement in zip(grad.device_mesh.shape, grad.placements):
                     if isinstance(placement, Replicate):
                         weight /= size
+                if self.plan.tp > 1 and "tp" not in (grad.device_mesh.mesh_dim_names or ()):
+                    weight /= self.plan.tp  # FSDP2 over dp only, the same on every tp rank (MoE router, experts)
                 grad = grad.to_local()
             elif self.plan.world_size > 1:
                 weight /= self.plan.tp  # a plain tensor under tp (a norm without sequence parallelism): on every tp rank

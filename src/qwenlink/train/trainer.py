@@ -247,7 +247,7 @@ def build_step_parts(cfg: JobConfig, model_config: ModelConfig, plan: ParallelPl
                                                                     load_weights=load_weights))
     step_fn = TrainStep(chunks, layout, chunk_size=cfg.train.loss_chunk_size, seq_length=cfg.data.seq_length,
                         pad_id=cfg.data.pad_id, objective=objective)
-    step_fn.router_aux = RouterAuxLoss.for_model(chunks.state_module, model_config)  # None for a dense model
+    step_fn.router_aux = RouterAuxLoss.for_model(chunks.state_module, model_config, plan.tp)  # None if dense
     optimizer = build_optimizer(chunks.state_module, cfg.optim)
     return StepParts(layout, chunks, step_fn, optimizer, Scheduler(optimizer, cfg))
 
