@@ -110,7 +110,9 @@ class ExpertExchange:
         hidden = F.silu(grouped_linear(sorted_rows, gate, local_counts, host_counts)) * \
             grouped_linear(sorted_rows, up, local_counts, host_counts)  # [R, I]
         out = grouped_linear(hidden, down, local_counts, host_counts)  # [R, H]
-        out = out.index_select(0, order.argsort())  # back to arrival order
+        # back to arrival order: the inverse permutation by one scatter (no second sort)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        out = out.index_select(0, inverse)  # [R, H]
         return _all_to_all(out, send, recv, self.group)  # [M, H]
 
     def _local_weight(self, proj: StackedLinear) -> Tensor:
