@@ -175,6 +175,8 @@ class MemoryTracker(TorchDispatchMode):
         self._handles: list[Any] = []
         self._resize = None
         self._post_backward = None
+        self._propagation = None
+        self._propagating = 0                         # > 0 inside DTensor's shape derivation (nothing is allocated)
         self._fake = False
 
     # ---- counting -----------------------------------------------------------------------------------------------
@@ -230,6 +232,8 @@ class MemoryTracker(TorchDispatchMode):
         from torch.distributed._tools.fake_collectives import collective_ops
 
         out = func(*args, **kwargs)
+        if self._propagating:
+            return out
         if func in collective_ops and func not in _NOT_SENDING:
             self._count_collective(func, args, out)
         label = self._stack[-1] if self._stack else ("backward" if torch._C._current_graph_task_id() != -1
@@ -354,6 +358,32 @@ class MemoryTracker(TorchDispatchMode):
 
         self._post_backward = (FSDPParamGroup, post_backward)
         FSDPParamGroup.post_backward = wrapped  # type: ignore[method-assign]
+        self._patch_sharding_propagation()
+
+    def _patch_sharding_propagation(self) -> None:
+        """Ignore what DTensor's sharding propagation makes: to learn an op's output shape it runs the op on fake
+        tensors of the *global* shapes (e.g. the whole vocabulary's [tokens, V] log-softmax of a vocabulary-parallel
+        loss). On a real device those allocate nothing; in a simulation they looked like tensors tp times the size
+        of the real local ones, and the plan of a tp job counted them at its peak."""
+        try:
+            from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        except ImportError:  # pragma: no cover - a torch without it has nothing to ignore
+            return
+        name = "_propagate_tensor_meta_non_cached"
+        original = getattr(ShardingPropagator, name, None)
+        if original is None:  # pragma: no cover
+            return
+        tracker = self
+
+        def propagate(prop: Any, *args: Any, **kwargs: Any) -> Any:
+            tracker._propagating += 1
+            try:
+                return original(prop, *args, **kwargs)
+            finally:
+                tracker._propagating -= 1
+
+        self._propagation = (ShardingPropagator, name, original)
+        setattr(ShardingPropagator, name, propagate)
 
     def _unpatch(self) -> None:
         if self._resize is not None:
@@ -363,6 +393,10 @@ class MemoryTracker(TorchDispatchMode):
             cls, original = self._post_backward
             cls.post_backward = original
             self._post_backward = None
+        if self._propagation is not None:
+            cls, name, original = self._propagation
+            setattr(cls, name, original)
+            self._propagation = None
 
     # ---- the result ---------------------------------------------------------------------------------------------
     def report(self, top: int = 8) -> MemoryReport:
