@@ -201,3 +201,13 @@ def test_plan_counts_the_dpo_reference_model(fake_cuda) -> None:
     assert precomputed["params_bytes"] == sft["params_bytes"]
     assert copy["grads_bytes"] == precomputed["grads_bytes"]
     assert copy["optimizer_bytes"] == precomputed["optimizer_bytes"]
+
+
+def test_plan_of_a_pipelined_lora_dpo_job(fake_cuda) -> None:
+    """LoRA DPO under pp2: the reference pass (the policy with adapters off, through a forward-only schedule) loads
+    its own micro batches' stage inputs; it once indexed the previous step's, and the plan's second step, which has
+    more micro batches than its first, failed with an IndexError (configs/qwen1.5-72b-lora-dpo.toml)."""
+    cfg = tiny("job.mode=dpo", "data.pad_id=0", "train.global_batch_size=8", "train.micro_batch_size=1",
+               "parallel.pp=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "model.init_from=unread-base")
+    plan = plan_job(cfg, 2, DEVICES["h100"], resolve_model_config(cfg))
+    assert [r.pp_rank for r in plan.roles] == [0, 1] and plan.fits

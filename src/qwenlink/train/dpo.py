@@ -332,6 +332,9 @@ class PreferenceObjective:
         saved, self._reference_pass = self._reference_pass, True
         try:
             padded = [step.context_shard(b) for b in pad_to_length(batches, step.seq_length, step.pad_id)]
+            # The policy's stages select per micro batch inputs; they must be this pass's, not the previous step's
+            # (a step with more micro batches than the last one indexed past them: qwenlink plan's second step).
+            step.load_stage_inputs(padded)
             losses = self._run_forward_only(step, chunks, padded)
         finally:
             self._reference_pass = saved

@@ -184,6 +184,14 @@ class TrainStep:
         copies = self.plan.cp if self.objective is not None else 1
         return all_reduce_sum(share / (self.plan.dp_cp * copies)) / (self.plan.tp * self.plan.pp)
 
+    def load_stage_inputs(self, batches: Sequence[MicroBatch]) -> None:
+        """Documents and positions reach every stage from its own copy of the micro batches (parallel/pipeline.py):
+        load those of the schedule about to run, one entry per micro batch."""
+        self._stage_inputs.load([{k: v.to(self.device, non_blocking=True)
+                                  for k, v in (("attention_mask", b.attention_mask), ("position_ids", b.position_ids))
+                                  if v is not None}
+                                 for b in batches])
+
     def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
         """All micro batches through the schedule at once. Documents and their positions do not cross stage
         boundaries: every stage gets them from this rank's copy of the micro batch it computes; right padding needs no
@@ -191,11 +199,7 @@ class TrainStep:
         rank)."""
         batches = [self.context_shard(b) for b in pad_to_length(batches, self.seq_length, self.pad_id,
                                                                  keep_documents=True)]
-        # Documents and positions reach every stage from its own copy of the micro batches (parallel/pipeline.py).
-        self._stage_inputs.load([{k: v.to(self.device, non_blocking=True)
-                                  for k, v in (("attention_mask", b.attention_mask), ("position_ids", b.position_ids))
-                                  if v is not None}
-                                 for b in batches])
+        self.load_stage_inputs(batches)
         input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
         labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True) \
             if self.objective is None else self.objective.pipeline_target(batches, self.device)
