@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=1200, help="training prompts turned into pairs")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--ftx", type=float, default=1.0, help="dpo.ftx: weight of the chosen answers' NLL")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -123,13 +124,14 @@ def main() -> int:
     print(f"\n== 2/4 held-out exact match BEFORE DPO: {100 * before:.1f}% "
           + ", ".join(f"{t} {100 * a:.0f}%" for t, a in before_tasks.items()))
 
-    print(f"\n== 3/4 DPO: {args.steps} steps x 16 pairs, beta {args.beta}, lr {args.lr:g}, frozen reference copy")
+    print(f"\n== 3/4 DPO: {args.steps} steps x 16 pairs, beta {args.beta}, ftx {args.ftx:g}, lr {args.lr:g}, "
+          f"frozen reference copy")
     overrides = ["--job.mode=dpo", f"--model.init_from={sft}", f"--data.path={out / 'data' / 'pairs'}",
                  f"--job.output_dir={out / 'run'}", f"--checkpoint.export_hf={out / 'hf'}",
                  f"--train.train_iters={args.steps}", f"--optim.lr={args.lr}", f"--optim.min_lr={args.lr / 10}",
                  "--optim.warmup_iters=10", "--optim.weight_decay=0.0", f"--dpo.beta={args.beta}",
-                 "--metrics.progress=lines", f"--metrics.log_interval={max(1, args.steps // 20)}",
-                 "--checkpoint.interval=0"]
+                 f"--dpo.ftx={args.ftx}", "--metrics.progress=lines",
+                 f"--metrics.log_interval={max(1, args.steps // 20)}", "--checkpoint.interval=0"]
     cfg = load_config(REPO / "configs" / "tiny-sft-cpu.toml", overrides)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
@@ -150,7 +152,8 @@ def main() -> int:
                "train_reward_accuracy_first": history[0]["rewards/accuracy"],
                "train_reward_accuracy_last": history[-1]["rewards/accuracy"],
                "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"], "steps": len(history),
-               "pairs": len(pairs), "beta": args.beta, "lr": args.lr, "dpo_seconds": round(train_seconds, 1),
+               "pairs": len(pairs), "beta": args.beta, "ftx": args.ftx, "lr": args.lr,
+               "dpo_seconds": round(train_seconds, 1),
                "total_seconds": round(time.perf_counter() - started, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
