@@ -154,6 +154,12 @@ class MetricsSection:
     eval_interval: int = 0          # 0: no validation during training
     eval_iters: int = 10
     peak_tflops: float = 0.0        # override the per-device peak used for MFU (0: table or measured)
+    # Weights & Biases (`pip install 'qwenlink[wandb]'`): the TensorBoard scalars, same steps, one run per output_dir
+    # across restarts; offline when WANDB_MODE says so or no API key / no network (docs/training.md#metrics).
+    wandb: bool = False
+    wandb_project: str = "qwenlink"
+    wandb_name: str = ""            # "": job.name
+    wandb_entity: str = ""          # "": the account's default entity
 
 
 @dataclass

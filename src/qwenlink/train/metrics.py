@@ -1,4 +1,5 @@
-"""Training metrics: throughput (tokens/s, tokens/s per device), TFLOP/s and MFU, memory; console, JSONL, TensorBoard.
+"""Training metrics: throughput (tokens/s, tokens/s per device), TFLOP/s and MFU, memory; console, JSONL, TensorBoard,
+Weights & Biases (optional, train/wandb_log.py).
 
 FLOPs per token come from `ModelConfig.flops_per_token` (the single place that counts them). MFU divides achieved
 FLOP/s by the device's peak: a table for known accelerators, or on a CPU the measured rate of a large fp32 matmul
@@ -15,9 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 import torch
+
+if TYPE_CHECKING:
+    from qwenlink.train.wandb_log import WandbOptions, WandbSink
 
 # Dense peak TFLOP/s per device (bf16 / fp32-as-TF32), matched by substring of the device name, most specific first.
 PEAK_TFLOPS: list[tuple[str, float, float]] = [
@@ -147,21 +151,30 @@ def format_seconds(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The plottable part of a record under its dashboard name: finite numbers, `train/` prefixed unless the key has
+    a group of its own (`moe/...`, `rewards/...`). TensorBoard and W&B both get exactly this, so they agree."""
+    return {key if "/" in key else f"train/{key}": value for key, value in record.items()
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
 class MetricsLogger:
-    """Writes each record to the console, `metrics.jsonl` and TensorBoard (only rank 0 writes anything).
+    """Writes each record to the console, `metrics.jsonl`, TensorBoard and optionally W&B (only rank 0 writes anything).
 
     On resume the JSONL keeps the lines up to the resumed step and drops later ones (they belong to the abandoned
-    continuation), so `qwenlink plot` shows one consistent curve.
+    continuation), so `qwenlink plot` shows one consistent curve; TensorBoard purges the same steps, and W&B continues
+    the same run (train/wandb_log.py).
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, total_steps: int, jsonl: bool = True,
                  tensorboard: bool = True, progress: str = "auto", enabled: bool = True,
-                 resume_step: int = 0, stream: TextIO = sys.stdout) -> None:
+                 resume_step: int = 0, stream: TextIO = sys.stdout, wandb: Optional["WandbOptions"] = None) -> None:
         self.enabled = enabled
         self.stream = stream
         self.jsonl_path = Path(run_dir) / "metrics.jsonl" if jsonl else None
         self._jsonl: Optional[TextIO] = None
         self._tb = None
+        self._wandb: Optional["WandbSink"] = None
         use_bar = progress == "bar" or (progress == "auto" and stream.isatty())
         self._bar = _ProgressBar(total_steps, stream) if use_bar and enabled else None
         if not enabled:
@@ -178,6 +191,10 @@ class MetricsLogger:
             except ImportError:
                 self.info("tensorboard is not installed: TensorBoard logging is off "
                           "(pip install tensorboard; metrics.jsonl is still written)")
+        if wandb is not None:
+            from qwenlink.train.wandb_log import WandbSink
+
+            self._wandb = WandbSink.start(run_dir, wandb, resume_step=resume_step, info=self.info)
 
     def _truncate_after(self, step: int) -> None:
         if self.jsonl_path is None or not self.jsonl_path.is_file():
@@ -208,11 +225,13 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
             self._jsonl.flush()
-        if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self._tb is not None or self._wandb is not None:
+            step, values = record["step"], scalars(record)
+            if self._tb is not None:
+                for key, value in values.items():
+                    self._tb.add_scalar(key, value, step)
+            if self._wandb is not None:
+                self._wandb.log(step, values)
         if self._bar is not None:
             self._bar.update(record["step"], line)
         else:
@@ -228,6 +247,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def format_line(r: dict[str, Any], total_steps: int) -> str:

@@ -70,3 +70,7 @@ def check_outputs(cfg: JobConfig) -> None:
             continue
         refuse_clobbering(path, inputs, option=option)
         check_export_target(path, option=option)
+    if cfg.metrics.wandb:  # the W&B run is an output too: its package must be there before the model is built
+        from qwenlink.train.wandb_log import require_wandb
+
+        require_wandb()

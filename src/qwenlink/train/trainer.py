@@ -46,6 +46,7 @@ from qwenlink.train.metrics import MetricsLogger, format_line, peak_memory_gb, p
 from qwenlink.train.optim import Scheduler, build_optimizer
 from qwenlink.train.plan import check_fits
 from qwenlink.train.output_paths import check_outputs
+from qwenlink.train import wandb_log
 from qwenlink.train.resume_guard import check_unchanged
 from qwenlink.train.step import TrainStep, all_reduce_sum, step_if_finite
 
@@ -470,7 +471,8 @@ class Trainer:
         total = cfg.train.train_iters
         metrics = MetricsLogger(cfg.job.output_dir, total_steps=total, jsonl=cfg.metrics.jsonl,
                                 tensorboard=cfg.metrics.tensorboard, progress=cfg.metrics.progress,
-                                enabled=self.rank == 0, resume_step=self.state.step, stream=self.stream)
+                                enabled=self.rank == 0, resume_step=self.state.step, stream=self.stream,
+                                wandb=wandb_log.options_from_config(cfg))
         peak, peak_source = peak_tflops(self.device, cfg.train.dtype, cfg.metrics.peak_tflops)
         n_params = self.model_config.num_params()
         metrics.info(f"model: {n_params / 1e6:.1f}M parameters; device {self.device}; {self.dp_size} data-parallel "
