@@ -1,5 +1,5 @@
-"""Train expert_reference's steps under several expert-parallel layouts in one torchrun launch; write each one's
-(LM loss, aux loss) per step and full final weights.
+"""Train expert_reference's steps under several expert-parallel (and pipeline) layouts in one torchrun launch; write
+each one's (LM loss, aux loss, expert load, gradient norm) per step and full final weights (all pipeline stages).
 
 Usage: torchrun --nproc-per-node N expert_layout_worker.py OUT_DIR JSON_RUNS
 JSON_RUNS maps a run name to its spec (layout, activation checkpointing, seed, batch). All runs share the world size
@@ -40,7 +40,11 @@ def run(out: Path, spec: dict) -> None:
     step = TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)
     step.router_aux = RouterAuxLoss.for_model(chunks.state_module, config, plan.tp)
     losses = train_moe(step, chunks, layout, spec)
-    state = full_state_dict(chunks)
+    state = full_state_dict(chunks)  # this rank's stages' weights, gathered over its dp / ep / tp ranks
+    if plan.pp > 1:  # every pipeline rank's stages, into one state
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, state)
+        state = {k: v for part in parts for k, v in part.items()}
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"losses": losses, "state": state}, out / "result.pt")

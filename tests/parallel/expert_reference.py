@@ -41,16 +41,24 @@ def make_moe_initial_state(spec: dict) -> dict[str, torch.Tensor]:
 
 def make_moe_batches(spec: dict) -> list[list[MicroBatch]]:
     """STEPS global batches of spec["global_batch"] rows x spec["seq"] tokens in micro batches of spec["micro_batch"]
-    rows, 20% of the labels ignored."""
+    rows, 20% of the labels ignored. spec["padded"]: right-padded SFT rows instead, 4 tokens narrower than seq (a
+    pipeline pads them to seq) and each row's last 0-5 tokens pads (no label, token mask 0: left out of aux)."""
     gen = torch.Generator().manual_seed(spec["seed"] + 1)
     rows, seq, micro = spec["global_batch"], spec["seq"], spec["micro_batch"]
+    width = seq - 4 if spec.get("padded") else seq
     out = []
     for _ in range(STEPS):
-        ids = torch.randint(0, 256, (rows, seq + 1), generator=gen)
+        ids = torch.randint(0, 256, (rows, width + 1), generator=gen)
         labels = ids[:, 1:].clone()
         labels[torch.rand(labels.shape, generator=gen) < 0.2] = -100
         ids = ids[:, :-1].contiguous()
-        out.append([MicroBatch(ids[i:i + micro], labels[i:i + micro]) for i in range(0, rows, micro)])
+        mask = None
+        if spec.get("padded"):
+            pads = torch.randint(0, 6, (rows, 1), generator=gen)  # [rows, 1]
+            mask = (torch.arange(width)[None] < width - pads).long()  # [rows, width] 1 = real token
+            ids[mask == 0], labels[mask == 0] = 0, -100
+        out.append([MicroBatch(ids[i:i + micro], labels[i:i + micro],
+                               token_mask=None if mask is None else mask[i:i + micro]) for i in range(0, rows, micro)])
     return out
 
 

@@ -7,10 +7,12 @@ all-to-all, trains exactly like one process.
   GEMM, and with a router that sends every token to one ep rank's experts give one process's LM and aux losses,
   tokens per expert, gradient norms and final weights (1e-5), in one 4-process launch; so do ep2 x tp2 and tp2 x dp2
   (attention and the shared expert split by tp with sequence parallelism, routed experts by ep or replicated). Without the experts' 1 / ep gradient scale
-  the weights are 1.7e-4 off, so the comparison decides the scaling;
-- the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation);
-- `qwenlink train` at ep2 gives one process's losses and HF export, and its step-2 checkpoint resumes at ep1 with the
-  uninterrupted run's losses (DCP reshards the experts' Shard(0));
+  the weights are 1.7e-4 off, so the comparison decides the scaling; so do pp2 x dp2 and ep2 x pp2 (1F1B, the aux
+  loss from routing totals carried through the pipeline, train/moe.py RoutingCarry), the latter on right-padded rows;
+- the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation), also
+  under pp;
+- `qwenlink train` at ep2 and at ep2 x pp2 gives one process's losses and HF export, and the ep2 step-2 checkpoint
+  resumes at ep1 with the uninterrupted run's losses (DCP reshards the experts' Shard(0));
 - bad layouts are refused before launch, in one line.
 """
 
@@ -51,6 +53,13 @@ RUNS = {
     # for the experts' smallest gradients, leaves 8.9e-6 of the 1e-5 (4.4e-6 at seed 5).
     "ep2-tp2": dict(layout=dict(dp_shard=2, ep=2, tp=2), seed=5),
     "tp2-dp2": dict(layout=dict(dp_shard=2, tp=2), seed=5),
+    # MoE under pipeline parallelism: a stage per sparse layer, aux from routing totals carried from stage to stage
+    # (train/moe.py RoutingCarry; without its gradient back to stage 0's router the weights are 5.6e-3 off). ep2 x pp2
+    # also on right-padded SFT rows narrower than the pipeline's seq_length: the pads it adds stay out of aux.
+    "pp2-dp2": dict(layout=dict(dp_shard=2, pp=2)),
+    "ep2-pp2-padded": dict(layout=dict(dp_shard=2, pp=2, ep=2), padded=True),
+    # two chunks per pipeline rank (4 layers), the carry crossing ranks three times
+    "pp2-vpp2-interleaved": dict(layout=dict(dp_shard=2, pp=2, vpp=2, schedule="interleaved-1f1b"), layers=4),
 }
 
 
@@ -86,8 +95,11 @@ def test_expert_parallel_layout_equals_one_process(four_process_runs, name) -> N
 
 
 # ---- the GPU path, on fake CUDA tensors ----------------------------------------------------------------------------
-def test_expert_parallel_step_on_fake_cuda() -> None:
-    """ep2 x dp2 in bf16 on fake CUDA devices (qwenlink.train.simulate): the grouped GEMM, rows exchanged with
+@pytest.mark.parametrize("layout", [["--parallel.ep=2"], ["--parallel.ep=2", "--parallel.pp=2"]],
+                         ids=["ep2-dp2", "ep2-pp2"])
+def test_expert_parallel_step_on_fake_cuda(layout) -> None:
+    """ep2 x dp2 and ep2 x pp2 in bf16 on fake CUDA devices (qwenlink.train.simulate; rank 3: under pp the last
+    stage, whose loss reads the routing totals carried from stage 0): the grouped GEMM, rows exchanged with
     all-to-all on device tensors, and no host synchronisation besides the counts' copy, which a fake tensor cannot
     make (it has no values: the simulation assumes a balanced router there, parallel/experts.py)."""
     from qwenlink.parallel.simulate import SimulationError, stand_in_library
@@ -101,11 +113,13 @@ def test_expert_parallel_step_on_fake_cuda() -> None:
         pytest.skip(str(exc))
     cfg = load_config(None, [*MODEL, "--data.path=unused", "--data.seq_length=16", "--train.micro_batch_size=1",
                              "--train.global_batch_size=8", "--train.device=cuda", "--optim.lr=1e-3",
-                             "--train.dtype=bf16", "--parallel.ep=2"])
+                             "--train.dtype=bf16", *layout])
     [summary] = simulate_training(cfg, world_size=4, ranks=[3])
     assert summary["loss"] == ["cuda:0", "torch.float32", []]
     assert summary["parameter_devices"] == ["cuda:0"]
     assert "_c10d_functional.all_to_all_single.default" in set(summary["collectives"]), summary["collectives"]
+    if "--parallel.pp=2" in layout:  # the hidden states and the routing totals came from stage 0
+        assert summary["stages"] == [1] and "c10d.recv_.default" in summary["collectives"], summary
 
 
 # ---- bad layouts ----------------------------------------------------------------------------------------------------
@@ -160,9 +174,10 @@ def _close(got: dict[int, dict], ref: dict[int, dict], steps) -> None:
             assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: {key} {a} vs one process {b}"
 
 
-def test_train_command_at_ep2_equals_one_process_and_resumes_at_ep1(tmp_path) -> None:
-    """`qwenlink train` from a random init (layout-independent) at ep2 and in one process: the same LM and aux losses
-    for 4 steps; the ep2 checkpoint of step 2 resumes in one process with the uninterrupted run's steps 3 and 4."""
+def test_train_command_at_ep2_and_ep2_pp2_equals_one_process_and_resumes_at_ep1(tmp_path) -> None:
+    """`qwenlink train` from a random init (layout-independent) at ep2, at ep2 x pp2 and in one process: the same LM
+    and aux losses and expert load for 4 steps and the same exported weights; the ep2 checkpoint of step 2 resumes
+    in one process with the uninterrupted run's steps 3 and 4."""
     from export_helpers import hf_tensors
 
     corpus = write_counting_corpus(tmp_path / "corpus", 80)
@@ -172,12 +187,21 @@ def test_train_command_at_ep2_equals_one_process_and_resumes_at_ep1(tmp_path) ->
     first = tmp_path / "ep2"
     result = _train(corpus, first, "--parallel.ep=2", f"--checkpoint.export_hf={first / 'hf'}", nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    _close(_rows(first), _rows(single), [1, 2, 3, 4])
-    # the HF export gathers every expert (HF's per-expert names) from both ep ranks
-    ours, ref = hf_tensors(first / "hf"), hf_tensors(single / "hf")
-    assert ours.keys() == ref.keys() and "model.layers.1.mlp.experts.7.down_proj.weight" in ref
-    for name in ref:
-        assert (ours[name] - ref[name]).abs().max() <= 1e-5, name
+    # ep2 x pp2 x dp2 (2 rows per dp rank: one micro batch of the single run's size, so GPipe; the worker test above
+    # runs 1F1B over 4 micro batches)
+    piped = tmp_path / "ep2-pp2"
+    result = _train(corpus, piped, "--parallel.ep=2", "--parallel.pp=2", "--parallel.schedule=gpipe",
+                    "--checkpoint.interval=0", f"--checkpoint.export_hf={piped / 'hf'}", nproc=4)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = hf_tensors(single / "hf")
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in ref
+    for run in (first, piped):
+        _close(_rows(run), _rows(single), [1, 2, 3, 4])
+        # the HF export gathers every expert (HF's per-expert names) from both ep ranks (and both stages)
+        ours = hf_tensors(run / "hf")
+        assert ours.keys() == ref.keys(), run.name
+        for name in ref:
+            assert (ours[name] - ref[name]).abs().max() <= 1e-5, (run.name, name)
     resumed = tmp_path / "ep1"
     shutil.copytree(first / "checkpoints", resumed / "checkpoints")
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")

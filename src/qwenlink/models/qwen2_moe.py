@@ -221,6 +221,25 @@ def record_routing(model: nn.Module, enabled: bool = True) -> None:
             block.routing = None
 
 
+def block_routing(block: SparseMoeBlock, token_mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One sparse layer's last recorded forward: tokens routed to each expert [E] (top-k assignments), router
+    probability summed per expert [E] (differentiable) and the rows counted (0-dim). `token_mask` [B, T] (1 = real
+    token) leaves padding out of all three."""
+    probs, expert_ids = block.routing  # [N, E], [N, k]
+    ones = torch.ones(expert_ids.numel(), dtype=torch.float32, device=probs.device)
+    if token_mask is not None:
+        # non_blocking: the trainer's mask comes from the loader's host tensors (no wait for the device)
+        mask = token_mask.reshape(-1).to(probs.device, non_blocking=True).to(torch.float32)  # [N]
+        ones = mask.repeat_interleave(expert_ids.shape[1])
+        probs = probs * mask[:, None]
+        n = mask.sum()
+    else:
+        n = torch.full((), float(probs.shape[0]), device=probs.device)  # written by a kernel, not copied
+    counts = torch.zeros(block.num_experts, dtype=torch.float32, device=probs.device) \
+        .scatter_add_(0, expert_ids.reshape(-1), ones)
+    return counts, probs.sum(0), n
+
+
 def routing_totals(model: nn.Module, token_mask: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """Summed over the sparse layers of the last forward: tokens routed to each expert [E], router probability per
     expert [E] and the rows counted (a 0-dim tensor). `token_mask` [B, T] (1 = real token) leaves padding out.
@@ -229,24 +248,20 @@ def routing_totals(model: nn.Module, token_mask: Optional[Tensor] = None) -> Opt
     for block in moe_blocks(model):
         if block.routing is None:
             continue
-        probs, expert_ids = block.routing  # [N, E], [N, k]
-        ones = torch.ones(expert_ids.numel(), dtype=torch.float32, device=probs.device)
-        if token_mask is not None:
-            # non_blocking: the trainer's mask comes from the loader's host tensors (no wait for the device)
-            mask = token_mask.reshape(-1).to(probs.device, non_blocking=True).to(torch.float32)  # [N]
-            ones = mask.repeat_interleave(expert_ids.shape[1])
-            probs = probs * mask[:, None]
-            n = mask.sum()
-        else:
-            n = torch.full((), float(probs.shape[0]), device=probs.device)  # written by a kernel, not copied
-        layer_counts = torch.zeros(block.num_experts, dtype=torch.float32, device=probs.device) \
-            .scatter_add_(0, expert_ids.reshape(-1), ones)
+        layer_counts, layer_probs, n = block_routing(block, token_mask)
         counts = layer_counts if counts is None else counts + layer_counts
-        probs_sum = probs.sum(0) if probs_sum is None else probs_sum + probs.sum(0)
+        probs_sum = layer_probs if probs_sum is None else probs_sum + layer_probs
         rows = n if rows is None else rows + n
     if counts is None:
         return None
     return counts, probs_sum, rows
+
+
+def balance_loss(counts: Tensor, probs_sum: Tensor, rows: Tensor) -> Tensor:
+    """E x sum_e (counts_e / rows) x (probs_sum_e / rows) from totals over all sparse layers (`routing_totals`;
+    a pipeline carries them from stage to stage, train/moe.py)."""
+    rows = rows.clamp(min=1.0)
+    return counts.shape[0] * torch.sum((counts / rows) * (probs_sum / rows))
 
 
 def load_balancing_loss(model: nn.Module, token_mask: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -254,9 +269,4 @@ def load_balancing_loss(model: nn.Module, token_mask: Optional[Tensor] = None) -
     E x sum_e (fraction of top-k assignments to e) x (mean router probability of e), both taken over every layer's
     (unmasked) tokens together. Differentiable through the router probabilities; None without recorded routing."""
     totals = routing_totals(model, token_mask)
-    if totals is None:
-        return None
-    counts, probs_sum, rows = totals
-    rows = rows.clamp(min=1.0)
-    num_experts = counts.shape[0]
-    return num_experts * torch.sum((counts / rows) * (probs_sum / rows))
+    return None if totals is None else balance_loss(*totals)

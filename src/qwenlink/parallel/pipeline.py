@@ -8,7 +8,7 @@ hold the same keys. Virtual stages are placed like Megatron (stage = chunk x pp 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,20 +48,29 @@ class MicroBatchInputs:
     inputs of the micro batch they are computing: the stage (`_stage_class`) selects micro batch i before its forward
     of chunk i, and a forward pre-hook on the module adds the selection to the call. The selection stays put for
     anything else that runs the module (the schedule's first-step shape inference: micro batch 0's inputs, same
-    shapes), and activation checkpointing recomputes a layer from the arguments it was called with."""
+    shapes), and activation checkpointing recomputes a layer from the arguments it was called with.
+
+    `extras`: per micro batch values that stage hooks read but the module is not called with (a mixture of experts'
+    token mask and labelled tokens, train/moe.py `RoutingCarry`), selected with the inputs."""
 
     def __init__(self) -> None:
         self.items: list[dict] = []
         self.current: dict = {}
+        self.extras: list[dict] = []
+        self.extra: dict = {}
 
-    def load(self, items: list[dict]) -> None:
+    def load(self, items: list[dict], extras: Optional[list[dict]] = None) -> None:
         """This step's inputs, one dict of keyword arguments per micro batch (empty dicts: nothing to add)."""
         self.items = list(items)
         self.current = self.items[0] if self.items else {}
+        self.extras = list(extras or [])
+        self.extra = self.extras[0] if self.extras else {}
 
     def select(self, index: int) -> None:
         if self.items:
             self.current = self.items[index]
+        if self.extras:
+            self.extra = self.extras[index]
 
     def attach(self, module: nn.Module) -> None:
         """Add the selected inputs to every call of `module`, replacing what an earlier attach installed there (a

@@ -27,7 +27,9 @@ from torch import nn
 
 from qwenlink.errors import QwenlinkError
 from qwenlink.models.config import ModelConfig
-from qwenlink.models.qwen2_moe import SparseMoeBlock, load_balancing_loss, record_routing
+from qwenlink.models.qwen2_moe import (SparseMoeBlock, balance_loss, block_routing, load_balancing_loss,
+                                       record_routing)
+from qwenlink.parallel.pipeline import MicroBatchInputs
 
 Tensor = torch.Tensor
 
@@ -58,6 +60,11 @@ def expert_load(model: nn.Module, token_mask: Optional[Tensor], layers: list[int
     return load
 
 
+def sparse_layers(config: ModelConfig) -> list[int]:
+    """The global indices of the model's sparse (mixture-of-experts) layers."""
+    return [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+
+
 class RouterAuxLoss:
     """The aux term of each micro batch's loss, the step's token-weighted mean aux and the step's expert load for the
     metrics."""
@@ -80,8 +87,7 @@ class RouterAuxLoss:
         if not config.is_moe:
             return None
         record_routing(model)
-        layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-        return cls(config.router_aux_loss_coef, layers, config.num_experts, copies)
+        return cls(config.router_aux_loss_coef, sparse_layers(config), config.num_experts, copies)
 
     def begin_step(self, device: torch.device) -> None:
         self._weighted = torch.zeros((), dtype=torch.float32, device=device)
@@ -98,6 +104,20 @@ class RouterAuxLoss:
         if self.layers:
             self._load += expert_load(model, token_mask, self.layers, self.num_experts)
         return aux * (self.coef * valid) * scale
+
+    def carried_term(self, carry: Tensor, scale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+        """The pipeline's last stage: (coef x aux x valid x scale, aux x valid detached, expert load [layers, E]) of
+        one micro batch from the totals every stage added to its carry (`RoutingCarry`). Pure: the schedule also
+        calls the loss once on uninitialised tensors to learn shapes, so the step adds only its micro batches'
+        results (`add`)."""
+        probs_sum, load, rows, valid = RoutingCarry.unpack(carry, len(self.layers), self.num_experts)
+        aux = balance_loss(load.sum(0), probs_sum, rows)
+        return aux * (self.coef * valid) * scale, aux.detach() * valid, load.detach()
+
+    def add(self, weighted: Tensor, load: Tensor) -> None:
+        """Count one micro batch's `carried_term` results in the step."""
+        self._weighted = self._weighted + weighted
+        self._load += load
 
     def step_mean(self, total_valid: Tensor) -> Tensor:
         """The step's aux (token-weighted mean over the global batch's micro batches), a device tensor. The same
@@ -117,16 +137,90 @@ class RouterAuxLoss:
         return load.amax(dim=1) / load.mean(dim=1).clamp(min=1e-9) * (load.sum(dim=1) > 0)
 
 
+class RoutingCarry:
+    """Pipeline parallelism: a micro batch's routing totals so far, sent from stage to stage with the hidden states.
+
+    aux is not a sum of per-layer terms: it multiplies totals over all sparse layers of the forward, and each stage
+    holds some of the layers. So every stage adds its layers' totals to the ones it received and sends the sum on as
+    a second output next to the hidden states; the last stage computes aux from the whole model's totals in its
+    loss (`RouterAuxLoss.carried_term`), and the schedule's backward returns d loss / d totals to the earlier stages
+    with the hidden states' gradient, reaching their routers through the probability sums (the counts and rows are
+    not differentiable, as in transformers). Exact: the stages add layer by layer in the order one process does.
+
+    The carry is one fp32 tensor [E + L x E + 2] (L: the model's sparse layers): router probability summed per expert
+    [E] | tokens per expert per sparse layer [L, E] (summed over layers: aux's counts; per layer: the expert load
+    metrics, so they reach the last stage too and nothing is counted twice) | rows | the micro batch's labelled
+    tokens (aux's weight in the step, counted on the host by the first stage).
+
+    Forward hooks on the stage module after FSDP2, not model arguments: FSDP2 casts a module's floating inputs to
+    its compute dtype, and bf16 would round the counts; the pre-hook is prepended, so it takes the carry off the
+    arguments before FSDP2 sees them. `inputs` (the step's per micro batch selection) gives the token mask and the
+    labelled tokens of the micro batch being computed."""
+
+    def __init__(self, layers: list[int], num_experts: int, inputs: MicroBatchInputs) -> None:
+        self.row = {layer: i for i, layer in enumerate(layers)}
+        self.num_experts = num_experts
+        self.inputs = inputs
+
+    @property
+    def size(self) -> int:
+        return self.num_experts * (1 + len(self.row)) + 2
+
+    @staticmethod
+    def unpack(carry: Tensor, layers: int, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(probs_sum [E], load [L, E], rows, valid) views of a carry."""
+        e = num_experts
+        return carry[:e], carry[e:e * (1 + layers)].view(layers, e), carry[-2], carry[-1]
+
+    def attach(self, module: nn.Module) -> None:
+        """Make a stage module take (hidden, carry) - or token ids on the first stage - and return (output, carry)."""
+        first = getattr(module, "embed_tokens", None) is not None
+        received: list[Tensor] = []
+
+        def take(_module: nn.Module, args: tuple, kwargs: dict):
+            if first:
+                return None
+            hidden, carry = args  # [B, T, H], [size]
+            received.append(carry)
+            return (hidden,), kwargs
+
+        def add(_module: nn.Module, _args: tuple, _kwargs: dict, output: Tensor):
+            carry = received.pop() if received else None
+            return output, self.add_stage(_module, carry, output.device)
+
+        module.register_forward_pre_hook(take, prepend=True, with_kwargs=True)
+        module.register_forward_hook(add, with_kwargs=True)
+
+    def add_stage(self, module: nn.Module, carry: Optional[Tensor], device: torch.device) -> Tensor:
+        """`carry` (None on the first stage) plus the routing of `module`'s sparse layers in their last forward."""
+        e, layers = self.num_experts, len(self.row)
+        token_mask = self.inputs.extra.get("token_mask")
+        if carry is None:
+            carry = torch.zeros(self.size, dtype=torch.float32, device=device)
+            valid = torch.full((1,), float(self.inputs.extra.get("valid", 0)), device=device)  # a kernel, no copy
+        else:
+            valid = carry[-1:]
+        probs_sum, load, rows, _ = self.unpack(carry, layers, e)
+        own = torch.zeros(layers, e, dtype=torch.float32, device=device)  # this stage's layers' rows
+        for name, block in module.named_modules():
+            if not isinstance(block, SparseMoeBlock) or block.routing is None:
+                continue
+            counts, layer_probs, n = block_routing(block, token_mask)
+            own[self.row[layer_index(name)]] = counts
+            probs_sum = probs_sum + layer_probs
+            rows = rows + n
+        return torch.cat([probs_sum, (load + own).flatten(), rows.reshape(1), valid])  # [size]
+
+
 def check_moe_job(model_config: ModelConfig, plan, lora_targets: tuple[str, ...], export_adapter: str) -> None:
     """Refuse, before anything is built, what a MoE job cannot run yet (one line naming the setting)."""
     if not model_config.is_moe:
         return
-    for name in ("pp", "cp"):
-        size = getattr(plan, name, 1)
-        if size > 1:
-            raise QwenlinkError(f"parallel.{name} = {size}: a mixture-of-experts model ({model_config.num_experts} "
-                                f"experts) trains with data, expert and tensor parallelism only so far (pipeline and "
-                                f"context parallelism for MoE are not implemented)")
+    cp = getattr(plan, "cp", 1)
+    if cp > 1:
+        raise QwenlinkError(f"parallel.cp = {cp}: a mixture-of-experts model ({model_config.num_experts} experts) "
+                            f"trains with data, expert, tensor and pipeline parallelism only so far (context "
+                            f"parallelism for MoE is not implemented)")
     mlp = [t for t in lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
     ep = getattr(plan, "ep", 1)
     if ep > 1 and mlp:

@@ -22,14 +22,16 @@ import torch
 
 from qwenlink.models.config import ModelConfig
 from qwenlink.models.qwen2 import Qwen2Model
+from qwenlink.models.qwen2_moe import record_routing
 from qwenlink.parallel.mesh import stages_of_rank
 from qwenlink.parallel.parallelize import Layout, parallelize
-from qwenlink.parallel.pipeline import split_stages
+from qwenlink.parallel.pipeline import MicroBatchInputs, split_stages
 from qwenlink.parallel.simulate import pipeline_handshake, run_simulation, simulated_rank
 from qwenlink.train import lora as lora_train
 from qwenlink.train.config import JobConfig, accumulation_steps, load_config, parallel_plan
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import IGNORE_INDEX
+from qwenlink.train.moe import RoutingCarry, sparse_layers
 from qwenlink.train.step import pad_to_length
 from qwenlink.train.trainer import (build_step_parts, parallelize_options, resolve_model_config,
                                     resolve_pad_id, run_step)
@@ -85,16 +87,23 @@ def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora
     hook = lora_train.adapter_hook(lora, cfg.lora.base_dtype)
     if hook is not None:
         hook(full)
-    x: Any = micro_ids.to(device, non_blocking=True)
+    # a mixture of experts' stages also send their routing totals on (train/moe.py RoutingCarry)
+    carry = RoutingCarry(sparse_layers(model_config), model_config.num_experts, MicroBatchInputs()) \
+        if model_config.is_moe else None
+    x: tuple = (micro_ids.to(device, non_blocking=True),)
     for stage in range(stage_index):
         owner = next(p for p in range(plan.pp) if stage in stages_of_rank(plan, p))
         module = dict(split_stages(full, plan, owner))[stage]
         parallelize(module, layout, parallelize_options(cfg, lora))
         module.to_empty(device=device)
         module.tie_weights()
+        if carry is not None:
+            record_routing(module)
+            carry.attach(module)
         with torch.enable_grad():
-            x = module(x)
-    return (x,)
+            out = module(*x)
+        x = out if isinstance(out, tuple) else (out,)
+    return x
 
 
 def simulate_step(cfg: JobConfig, world_size: int, rank: int, *, device_type: str = "cuda") -> dict[str, Any]:

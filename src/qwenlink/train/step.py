@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from qwenlink.errors import QwenlinkError
 from qwenlink.models.documents import DocumentMask
 from qwenlink.parallel.context import pad_multiple, shard_sequence
 from qwenlink.parallel.data import set_gradient_sync
@@ -34,7 +35,7 @@ from qwenlink.parallel.pipeline import MicroBatchInputs, build_schedule
 from qwenlink.parallel.tensor import loss_context, vocab_parallel_loss
 from qwenlink.train.data import MicroBatch
 from qwenlink.train.loss import IGNORE_INDEX, model_loss
-from qwenlink.train.moe import RouterAuxLoss
+from qwenlink.train.moe import RouterAuxLoss, RoutingCarry
 
 Tensor = torch.Tensor
 
@@ -52,21 +53,26 @@ def pad_to_length(batches: Sequence[MicroBatch], length: int, pad_id: int, *,
     batches and its stages fix their send/receive shapes at the first step, so every step must have the same shape.
     Columns past `length` (SFT rounds widths up to data.pad_to_multiple_of) hold only padding and are cut.
     keep_documents: a `DocumentMask` and positions are padded / cut along (the pads form a document of their own);
-    otherwise both are dropped (right padding needs no mask: causal attention never looks ahead at the pads)."""
+    otherwise both are dropped (right padding needs no mask: causal attention never looks ahead at the pads).
+    The token mask (what a mixture of experts' aux loss counts) leaves the added pads out."""
     out = []
     for b in batches:
         extra = length - b.input_ids.shape[1]
         ids, labels = b.input_ids[:, :length], b.labels[:, :length]
+        token_mask = b.token_mask[:, :length] if b.token_mask is not None else None
         if extra > 0:
             ids = F.pad(ids, (0, extra), value=pad_id)
             labels = F.pad(labels, (0, extra), value=IGNORE_INDEX)
+            real = token_mask if token_mask is not None else torch.ones(b.input_ids.shape, dtype=torch.long)
+            token_mask = F.pad(real, (0, extra), value=0)  # [B, length]
         docs = b.attention_mask if keep_documents and isinstance(b.attention_mask, DocumentMask) else None
         positions = b.position_ids if keep_documents else None
         if docs is not None:
             docs = pad_documents(docs, length)
         if positions is not None:
             positions = F.pad(positions[:, :length], (0, max(extra, 0)), value=0)
-        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=positions, attention_mask=docs))
+        out.append(dataclasses.replace(b, input_ids=ids, labels=labels, position_ids=positions, attention_mask=docs,
+                                       token_mask=token_mask))
     return out
 
 
@@ -98,6 +104,10 @@ class TrainStep:
         self._scale: Tensor | float = 1.0
         # A mixture of experts' load-balancing term (train/moe.py), set by the trainer for MoE models.
         self.router_aux: Optional[RouterAuxLoss] = None
+        # Under a pipeline: the routing totals the stages carry (attached at the first pipelined step), and per call
+        # of the last stage's loss its (LM loss, aux x valid, expert load)
+        self._routing_carry: Optional[RoutingCarry] = None
+        self._carried: list[tuple[Tensor, Tensor, Tensor]] = []
 
     # ---- the loss ---------------------------------------------------------------------------------------------------
     def count_valid(self, batches: Sequence[MicroBatch]) -> Tensor:
@@ -186,11 +196,38 @@ class TrainStep:
 
     def load_stage_inputs(self, batches: Sequence[MicroBatch]) -> None:
         """Documents and positions reach every stage from its own copy of the micro batches (parallel/pipeline.py):
-        load those of the schedule about to run, one entry per micro batch."""
+        load those of the schedule about to run, one entry per micro batch. A mixture of experts' stages also read
+        each micro batch's token mask and labelled tokens (host values: no synchronisation) for the routing carry."""
+        move = lambda t: None if t is None else t.to(self.device, non_blocking=True)  # noqa: E731
+        extras = [{"token_mask": move(b.token_mask), "valid": int((b.labels != IGNORE_INDEX).sum())}
+                  for b in batches] if self.router_aux is not None else None
         self._stage_inputs.load([{k: v.to(self.device, non_blocking=True)
                                   for k, v in (("attention_mask", b.attention_mask), ("position_ids", b.position_ids))
                                   if v is not None}
-                                 for b in batches])
+                                 for b in batches], extras)
+
+    def carry_routing(self) -> None:
+        """A mixture of experts under a pipeline: make every stage module send its routing totals on with the hidden
+        states (train/moe.py `RoutingCarry`), once, before the first schedule runs."""
+        if self.router_aux is None or self._routing_carry is not None:
+            return
+        if self.objective is not None:
+            raise QwenlinkError("parallel.pp > 1: a preference objective (job.mode = dpo) on a mixture-of-experts "
+                                "model is not pipelined yet; use parallel.pp = 1")
+        self._routing_carry = RoutingCarry(self.router_aux.layers, self.router_aux.num_experts, self._stage_inputs)
+        for module in self.chunks.modules:
+            self._routing_carry.attach(module)
+
+    def _stage_loss(self, output: Tensor | tuple[Tensor, Tensor], target: Tensor) -> Tensor:
+        """The pipeline's loss on the last stage: the head's, plus a mixture of experts' aux term from the routing
+        totals the stages carried to it. Each call's LM loss and aux parts are kept for `_pipeline`."""
+        if not isinstance(output, tuple):
+            return self._head_loss(output, target)
+        output, carry = output
+        loss = self._head_loss(output, target)
+        term, weighted, load = self.router_aux.carried_term(carry, self._scale)
+        self._carried.append((loss.detach().float(), weighted, load))
+        return loss + term
 
     def _pipeline(self, batches: Sequence[MicroBatch]) -> Tensor:
         """All micro batches through the schedule at once. Documents and their positions do not cross stage
@@ -199,6 +236,8 @@ class TrainStep:
         rank)."""
         batches = [self.context_shard(b) for b in pad_to_length(batches, self.seq_length, self.pad_id,
                                                                  keep_documents=True)]
+        self.carry_routing()
+        self._carried.clear()
         self.load_stage_inputs(batches)
         input_ids = torch.cat([b.input_ids for b in batches]).to(self.device, non_blocking=True)  # [n x b, T]
         labels = torch.cat([b.labels for b in batches]).to(self.device, non_blocking=True) \
@@ -216,6 +255,14 @@ class TrainStep:
                 schedule.step(target=labels, losses=losses, **keep)
             else:
                 schedule.step(**keep)
+        if self._routing_carry is not None and self.chunks.has_last_stage:
+            # the schedule's first step also ran the loss once on uninitialised tensors (shape inference), before
+            # the micro batches: only the last len(batches) calls are theirs
+            calls = self._carried[-len(batches):]
+            for _, weighted, load in calls:
+                self.router_aux.add(weighted, load)
+            losses = [lm for lm, _, _ in calls]  # the LM loss alone (aux is reported apart)
+            self._carried.clear()
         total = torch.stack([loss.detach().float() for loss in losses]).sum() if losses else \
             torch.zeros((), dtype=torch.float32, device=self.device)
         dist.all_reduce(total, group=self.layout.pp_group)  # only the last stage had it
@@ -227,7 +274,7 @@ class TrainStep:
         if schedule is None:
             stages = list(zip(self.chunks.stage_ids, self.chunks.modules))
             schedule = build_schedule(self.plan, stages, device=self.device, pp_group=self.layout.pp_group,
-                                      n_microbatches=n, loss_fn=self._head_loss, inputs=self._stage_inputs)
+                                      n_microbatches=n, loss_fn=self._stage_loss, inputs=self._stage_inputs)
             self._schedules[n] = schedule
         return schedule
 
