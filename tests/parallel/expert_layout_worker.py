@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from expert_reference import make_moe_config, make_moe_initial_state, train_moe  # noqa: E402
+from expert_reference import adapt, make_moe_config, make_moe_initial_state, train_moe  # noqa: E402
 from layout_worker import load_full_state_dict  # noqa: E402
 
 from qwenlink.models.qwen2_moe import set_expert_impl  # noqa: E402
@@ -34,7 +34,7 @@ def run(out: Path, spec: dict) -> None:
     validate_plan(plan, config)
     layout = build_layout(plan, torch.device("cpu"), config)
     options = ParallelizeOptions(activation_checkpoint="full" if spec.get("ac") else "none")
-    chunks = build_model_chunks(config, layout, options)
+    chunks = build_model_chunks(config, layout, options, adapt=adapt(spec))  # LoRA, as the trainer adds it
     chunks.materialize(torch.device("cpu"))
     load_full_state_dict(chunks, make_moe_initial_state(spec))
     step = TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)

@@ -3,11 +3,14 @@ own step (LM loss + router aux loss, train/moe.py) in one process without any pa
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from parallel_reference import optimizer_for
 
 from qwenlink.models.config import ModelConfig
+from qwenlink.models.lora import LoraConfig, apply_lora, iter_lora_modules
 from qwenlink.models.qwen2 import build_model
 from qwenlink.models.qwen2_moe import set_expert_impl
 from qwenlink.train.data import MicroBatch
@@ -23,10 +26,18 @@ def make_moe_config(spec: dict) -> ModelConfig:
                        moe_intermediate_size=32, shared_expert_intermediate_size=48, router_aux_loss_coef=0.02)
 
 
+def adapt(spec: dict) -> Optional[Callable[[torch.nn.Module], None]]:
+    """spec["lora"] (LoraConfig fields): LoRA adapters added to the meta model as the trainer adds them."""
+    if "lora" not in spec:
+        return None
+    return lambda model: apply_lora(model, LoraConfig(**spec["lora"]))
+
+
 def make_moe_initial_state(spec: dict) -> dict[str, torch.Tensor]:
     """Random weights with a sharper router (so tokens spread unevenly over the experts and over the ep ranks).
     spec["router"] = "zeros": a router of zeros, whose tied probabilities send every token to experts 5 and 6 in the
-    first step (at ep2 both on rank 1: rank 0 receives no row at all)."""
+    first step (at ep2 both on rank 1: rank 0 receives no row at all). With spec["lora"], random adapters A and B
+    (B not 0, so the experts' adapters change the forward from the first step)."""
     model = build_model(make_moe_config(spec), seed=spec["seed"])
     gen = torch.Generator().manual_seed(spec["seed"] + 7)
     with torch.no_grad():
@@ -36,6 +47,11 @@ def make_moe_initial_state(spec: dict) -> dict[str, torch.Tensor]:
                 p.copy_(torch.zeros(p.shape) if spec.get("router") == "zeros" else sharp)
             elif name.endswith("norm.weight"):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        if "lora" in spec:
+            adapt(spec)(model)
+            for _, module in iter_lora_modules(model):
+                module.lora_A.copy_(torch.randn(module.lora_A.shape, generator=gen) * 0.1)
+                module.lora_B.copy_(torch.randn(module.lora_B.shape, generator=gen) * 0.1)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -92,7 +108,7 @@ def reference_run(spec: dict) -> tuple[list[tuple[float, float, list, float]], d
     set_expert_impl(spec.get("impl", "auto"))
     config = make_moe_config(spec)
     layout = build_layout(ParallelPlan(), torch.device("cpu"), config)
-    chunks = build_model_chunks(config, layout, ParallelizeOptions())
+    chunks = build_model_chunks(config, layout, ParallelizeOptions(), adapt=adapt(spec))
     chunks.materialize(torch.device("cpu"))
     chunks.modules[0].load_state_dict(make_moe_initial_state(spec))
     step = TrainStep(chunks, layout, chunk_size=1024, seq_length=spec["seq"], pad_id=0)

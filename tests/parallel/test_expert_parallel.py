@@ -8,7 +8,8 @@ all-to-all, trains exactly like one process.
   tokens per expert, gradient norms and final weights (1e-5), in one 4-process launch; so do ep2 x tp2 and tp2 x dp2
   (attention and the shared expert split by tp with sequence parallelism, routed experts by ep or replicated). Without the experts' 1 / ep gradient scale
   the weights are 1.7e-4 off, so the comparison decides the scaling; so do pp2 x dp2 and ep2 x pp2 (1F1B, the aux
-  loss from routing totals carried through the pipeline, train/moe.py RoutingCarry), the latter on right-padded rows;
+  loss from routing totals carried through the pipeline, train/moe.py RoutingCarry), the latter on right-padded rows,
+  pp2 x vpp2 interleaved, and ep2 x dp2 with LoRA adapters on the experts (sharded with them);
 - the step on fake CUDA tensors (bf16 grouped GEMM, all-to-all on the device, no other host synchronisation), also
   under pp;
 - `qwenlink train` at ep2 and at ep2 x pp2 gives one process's losses and HF export, and the ep2 step-2 checkpoint
@@ -60,6 +61,10 @@ RUNS = {
     "ep2-pp2-padded": dict(layout=dict(dp_shard=2, pp=2, ep=2), padded=True),
     # two chunks per pipeline rank (4 layers), the carry crossing ranks three times
     "pp2-vpp2-interleaved": dict(layout=dict(dp_shard=2, pp=2, vpp=2, schedule="interleaved-1f1b"), layers=4),
+    # LoRA on attention and on the routed (and shared) experts: A and B sharded with their experts (1e-4 off without
+    # the adapters' 1 / ep gradient scale)
+    "ep2-dp2-lora-experts": dict(layout=dict(dp_shard=4, ep=2), lora=dict(
+        r=4, alpha=8, target_modules=["q_proj", "gate_proj", "up_proj", "down_proj"])),
 }
 
 
@@ -136,12 +141,10 @@ def test_ep_must_divide_the_experts_and_the_sharding_ranks() -> None:
         load_config(None, ["--train.global_batch_size=8", "--parallel.ep=0"])
     cfg = load_config(None, ["--train.global_batch_size=8", "--parallel.ep=2"])
     assert parallel_plan(cfg, 4, make_moe_config({})).ep == 2  # the config key reaches the plan
-    # adapters on the experts are not sharded by ep: refused with the layout (before launch), aliases resolved
+    # adapters on the experts shard with them (the ep2-dp2-lora-experts run above): accepted with the layout
     cfg = load_config(None, ["--train.global_batch_size=8", "--parallel.ep=2", "--model.init_from=/base",
                              "--lora.enabled=true", "--lora.target_modules=[\"q_proj\", \"dense_h_to_4h\"]"])
-    with pytest.raises(QwenlinkError, match=r"^parallel.ep = 2: LoRA adapters on the experts \(gate_proj, up_proj\) "
-                                            r"are not expert-parallel yet"):
-        parallel_plan(cfg, 4, make_moe_config({}))
+    assert parallel_plan(cfg, 4, make_moe_config({})).ep == 2
 
 
 # ---- the train command ----------------------------------------------------------------------------------------------

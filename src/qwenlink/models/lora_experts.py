@@ -4,7 +4,8 @@
 keeps the base `weight` [E, out, in] (frozen, HF-named) and adds `lora_A` [E, r, in] and `lora_B` [E, out, r], so
 expert e computes x W_e^T + scaling * (x A_e^T) B_e^T. The adapters are stacked on the experts' dimension for the
 same reasons as the weights: the routed rows go through them with the same grouped GEMM (or loop over the experts
-that have rows), and expert parallelism can shard them with their experts.
+that have rows), and expert parallelism shards them with their experts (`stacked`; parallel/experts.py computes a
+rank's experts through `compute` with its local slices).
 """
 
 from __future__ import annotations
@@ -54,15 +55,20 @@ class LoraStackedLinear(StackedLinear):
         for name in ("lora_A", "lora_B"):
             self.init_rule(name, 0.0).apply_(getattr(self, name))
 
-    def forward(self, x: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
-        out = grouped_linear(x, self.weight, counts, host_counts)  # [M, out]
+    stacked = ("weight", "lora_A", "lora_B")  # all sharded with their experts under expert parallelism
+
+    def compute(self, x: Tensor, counts: Tensor, host_counts: Optional[list[int]], weight: Tensor, lora_A: Tensor,
+                lora_B: Tensor) -> Tensor:
+        """x [M, in] sorted by expert through the given experts' base weight and adapters (all experts, or an ep
+        rank's: [E', out, in], [E', r, in], [E', out, r]) -> [M, out]."""
+        out = grouped_linear(x, weight, counts, host_counts)  # [M, out]
         if self.adapter_disabled:
             return out
-        h = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        h = x if x.dtype == lora_A.dtype else x.to(lora_A.dtype)
         if self.dropout > 0.0 and self.training:
             h = F.dropout(h, self.dropout)
-        low = grouped_linear(h, self.lora_A, counts, host_counts)  # [M, r]
-        delta = grouped_linear(low, self.lora_B, counts, host_counts)  # [M, out]
+        low = grouped_linear(h, lora_A, counts, host_counts)  # [M, r]
+        delta = grouped_linear(low, lora_B, counts, host_counts)  # [M, out]
         return out + (delta * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> Tensor:

@@ -131,9 +131,17 @@ class StackedLinear(nn.Module):
         """HF's init for the experts: Normal(0, initializer_range), like every other matrix."""
         return InitRule("normal", std) if name == "weight" else None
 
+    # The parameters stacked on the experts' dimension, in `compute`'s order: expert parallelism shards each of them
+    # and computes with its rank's experts (parallel/experts.py); LoRA adds its adapters (models/lora_experts.py).
+    stacked: tuple[str, ...] = ("weight",)
+
     def forward(self, x: Tensor, counts: Tensor, host_counts: Optional[list[int]]) -> Tensor:
         """x [M, in], rows sorted by expert (counts [E]) -> [M, out]."""
-        return grouped_linear(x, self.weight, counts, host_counts)
+        return self.compute(x, counts, host_counts, *(getattr(self, name) for name in self.stacked))
+
+    def compute(self, x: Tensor, counts: Tensor, host_counts: Optional[list[int]], weight: Tensor) -> Tensor:
+        """The projection with the given experts' weight ([E', out, in]: all experts, or an ep rank's)."""
+        return grouped_linear(x, weight, counts, host_counts)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in_features={self.in_features}, out_features={self.out_features}"

@@ -24,6 +24,10 @@ Gradients: non-expert parameters are FSDP2-sharded over all dp ranks, which aver
 expert's gradient on its ep rank already sums the contributions of all ep ranks' tokens (through the all-to-all's
 backward); FSDP2 then averages it over the remaining dp ranks (dp / ep). The expert weights are therefore used with
 their gradient scaled by 1 / ep (`_ScaleGrad`), which makes that average exactly the global-batch mean's gradient.
+
+LoRA adapters on the routed experts (models/lora_experts.py: A [E, r, in], B [E, out, r]) are stacked like the
+weights and sharded with them (every name in `StackedLinear.stacked`); a rank computes its experts' rows through the
+projection's own `compute` with its local slices, and the adapters' gradients are scaled like the weights'.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.models.qwen2_moe import GroupedExperts, StackedLinear, grouped_linear, moe_blocks, use_grouped_gemm
+from qwenlink.models.qwen2_moe import GroupedExperts, moe_blocks, use_grouped_gemm
 
 Tensor = torch.Tensor
 
@@ -106,19 +110,19 @@ class ExpertExchange:
         local_counts = received.view(ep, local).sum(0)  # [local]
         host_counts = None if use_grouped_gemm(rows) else host[1].sum(0).tolist()
         sorted_rows = arrived.index_select(0, order)  # [R, H]
-        gate, up, down = (self._local_weight(p) for p in (experts.gate_proj, experts.up_proj, experts.down_proj))
-        hidden = F.silu(grouped_linear(sorted_rows, gate, local_counts, host_counts)) * \
-            grouped_linear(sorted_rows, up, local_counts, host_counts)  # [R, I]
-        out = grouped_linear(hidden, down, local_counts, host_counts)  # [R, H]
+        project = lambda proj, x: proj.compute(x, local_counts, host_counts,  # noqa: E731
+                                               *(self._local(getattr(proj, name)) for name in proj.stacked))
+        hidden = F.silu(project(experts.gate_proj, sorted_rows)) * project(experts.up_proj, sorted_rows)  # [R, I]
+        out = project(experts.down_proj, hidden)  # [R, H]
         # back to arrival order: the inverse permutation by one scatter (no second sort)
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         out = out.index_select(0, inverse)  # [R, H]
         return _all_to_all(out, send, recv, self.group)  # [M, H]
 
-    def _local_weight(self, proj: StackedLinear) -> Tensor:
-        """This rank's experts of a projection, [E / ep, out, in], with the gradient scaled by 1 / ep."""
-        weight = proj.weight
-        local = weight.to_local() if hasattr(weight, "to_local") else weight
+    def _local(self, param: Tensor) -> Tensor:
+        """This rank's experts of a stacked parameter (a weight [E / ep, out, in], a LoRA adapter [E / ep, r, in] or
+        [E / ep, out, r]), with the gradient scaled by 1 / ep."""
+        local = param.to_local() if hasattr(param, "to_local") else param
         return _ScaleGrad.apply(local, 1.0 / self.ep)
 
 
@@ -130,21 +134,17 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
     exchange = ExpertExchange(ep_mesh)
     for block in moe_blocks(model):
         experts = block.experts
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            proj = getattr(experts, name)
-            if type(proj) is not StackedLinear:
-                raise QwenlinkError(f"parallel.ep = {exchange.ep}: LoRA adapters on the routed experts "
-                                    f"({name}) are not expert-parallel yet; target attention projections only or "
-                                    f"use parallel.ep = 1")
-            weight = proj.weight
-            if weight.shape[0] % exchange.ep:
-                raise QwenlinkError(f"parallel.ep = {exchange.ep} does not divide the model's {weight.shape[0]} "
-                                    f"experts")
-            local = torch.empty((weight.shape[0] // exchange.ep, *weight.shape[1:]), dtype=weight.dtype,
-                                device=weight.device)
-            proj.weight = nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
-                                                          shape=weight.shape, stride=weight.stride()),
-                                       requires_grad=weight.requires_grad)
+        for proj in (experts.gate_proj, experts.up_proj, experts.down_proj):
+            for name in proj.stacked:  # the weight, and LoRA's A and B (models/lora_experts.py)
+                param = getattr(proj, name)
+                if param.shape[0] % exchange.ep:
+                    raise QwenlinkError(f"parallel.ep = {exchange.ep} does not divide the model's {param.shape[0]} "
+                                        f"experts")
+                local = torch.empty((param.shape[0] // exchange.ep, *param.shape[1:]), dtype=param.dtype,
+                                    device=param.device)
+                setattr(proj, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False,
+                                                                    shape=param.shape, stride=param.stride()),
+                                                 requires_grad=param.requires_grad))
         experts.exchange = exchange
 
 

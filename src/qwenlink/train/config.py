@@ -404,7 +404,7 @@ def parallel_plan(cfg: JobConfig, world_size: int, model_config: Optional["Model
     if model_config is None:
         return plan
     validate_plan(plan, model_config, micro_batches=accumulation_steps(cfg, plan.dp), seq_length=cfg.data.seq_length)
-    if model_config.is_moe:  # what a mixture-of-experts job cannot combine (parallel.ep with expert LoRA, tp / pp / cp)
+    if model_config.is_moe:  # what a mixture-of-experts job cannot combine (cp; a PEFT export of expert adapters)
         from qwenlink.train.lora import lora_of
         from qwenlink.train.moe import check_moe_job
 

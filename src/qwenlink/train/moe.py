@@ -222,10 +222,6 @@ def check_moe_job(model_config: ModelConfig, plan, lora_targets: tuple[str, ...]
                             f"trains with data, expert, tensor and pipeline parallelism only so far (context "
                             f"parallelism for MoE is not implemented)")
     mlp = [t for t in lora_targets if t in ("gate_proj", "up_proj", "down_proj")]
-    ep = getattr(plan, "ep", 1)
-    if ep > 1 and mlp:
-        raise QwenlinkError(f"parallel.ep = {ep}: LoRA adapters on the experts ({', '.join(mlp)}) are not "
-                            f"expert-parallel yet; target attention projections only, or use parallel.ep = 1")
     if export_adapter and mlp:
         raise QwenlinkError(f"lora.export_adapter: adapters on a mixture of experts' feed-forward ({', '.join(mlp)}: "
                             f"routed and shared experts) have no PEFT format; export the merged model with "
