@@ -43,6 +43,18 @@ def test_header_defaults(tmp_path: Path) -> None:
     assert header_defaults(None) == {}
 
 
+def test_layout_line_names_expert_parallelism() -> None:
+    """ep > 1 splits a mixture of experts' routed experts over some of the dp_shard ranks: the layout line says so."""
+    from qwenlink.commands.plan import layout_line
+    from qwenlink.parallel.mesh import ParallelPlan
+
+    cfg = load_config(None, ["--train.global_batch_size=8", "--data.seq_length=32"])
+    line = layout_line(ParallelPlan(pp=2, dp_shard=4, ep=2), cfg, 4)
+    assert line.startswith("layout: tp 1 x pp 2 x dp 1 replicate x 4 shard (experts over ep 2), sequence parallel "
+                           "off, 1f1b; 4 micro batch(es) of "), line
+    assert "experts" not in layout_line(ParallelPlan(dp_shard=4), cfg, 4)
+
+
 @pytest.mark.parametrize("flag, value, field", [("--device", "tpu", "--device"),
                                                 ("--device-memory", "lots", "--device-memory"),
                                                 ("--timeout", "0", "--timeout")])

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from qwenlink.errors import QwenlinkError
-from qwenlink.train.config import load_config
+from qwenlink.parallel.mesh import ParallelPlan
+from qwenlink.train.config import JobConfig, load_config
 from qwenlink.train.memory import CATEGORIES, gib
 
 # A config's header line naming what it is meant for; `plan` takes it as the default --world-size / --device.
@@ -33,6 +34,20 @@ def header_defaults(path: Optional[str]) -> dict[str, str]:
 
 def _rate(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**28 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def layout_line(layout: ParallelPlan, cfg: JobConfig, micro_batches: int) -> str:
+    """The plan's `layout:` line: the mesh sizes (ep, which splits a mixture of experts' routed experts over some of
+    the dp_shard ranks, where it is > 1), sequence parallelism, the schedule and what one step computes."""
+    experts = f" (experts over ep {layout.ep})" if layout.ep > 1 else ""
+    return (f"layout: tp {layout.tp} x pp {layout.pp}{f' (vpp {layout.vpp})' if layout.vpp > 1 else ''} x dp "
+            f"{layout.dp_replicate} replicate x {layout.dp_shard} shard{experts}"
+            f"{f' x cp {layout.cp}' if layout.cp > 1 else ''}, sequence parallel "
+            f"{'on' if layout.sequence_parallel and layout.tp > 1 else 'off'}, "
+            f"{layout.schedule if layout.pp > 1 else 'no pipeline'}; {micro_batches} micro batch(es) of "
+            f"{cfg.train.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank; "
+            f"{cfg.train.dtype}, activation checkpointing {cfg.train.activation_checkpoint}"
+            f"{', LoRA' if cfg.lora.enabled else ''}")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -74,14 +89,7 @@ def run_plan(args: argparse.Namespace) -> int:
     layout = plan.layout
     print(f"{cfg.job.name}: {world} x {device.name} ({device.note}), {gib(plan.device_memory_bytes)} each, "
           f"{gib(plan.usable_bytes)} usable after {HEADROOM:.0%} headroom for the allocator")
-    print(f"layout: tp {layout.tp} x pp {layout.pp}{f' (vpp {layout.vpp})' if layout.vpp > 1 else ''} x dp "
-          f"{layout.dp_replicate} replicate x {layout.dp_shard} shard{f' x cp {layout.cp}' if layout.cp > 1 else ''}, "
-          f"sequence parallel "
-          f"{'on' if layout.sequence_parallel and layout.tp > 1 else 'off'}, "
-          f"{layout.schedule if layout.pp > 1 else 'no pipeline'}; {plan.micro_batches} micro batch(es) of "
-          f"{cfg.train.micro_batch_size} x {cfg.data.seq_length} per step and data-parallel rank; "
-          f"{cfg.train.dtype}, activation checkpointing {cfg.train.activation_checkpoint}"
-          f"{', LoRA' if cfg.lora.enabled else ''}")
+    print(layout_line(layout, cfg, plan.micro_batches))
     if model_config.is_moe:  # a mixture of experts: its FLOPs per token count the routed (top-k) experts only
         print(f"model: {model_config.num_params() / 1e9:.2f}B parameters, "
               f"{model_config.num_params(active=True) / 1e9:.2f}B active per token (top-"

@@ -192,7 +192,7 @@ class Plan:
             "headroom": HEADROOM, "usable_bytes": self.usable_bytes, "peak_bytes": self.peak_bytes, "fits": self.fits,
             "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "vpp": self.layout.vpp,
                        "dp_shard": self.layout.dp_shard, "dp_replicate": self.layout.dp_replicate,
-                       "cp": self.layout.cp,
+                       "cp": self.layout.cp, "ep": self.layout.ep,
                        "sequence_parallel": self.layout.sequence_parallel, "schedule": self.layout.schedule},
             "micro_batches": self.micro_batches,
             "ranks": [{
