@@ -1,7 +1,8 @@
 """DPO demonstration on a CPU: preference pairs where the chosen answer is right and the rejected one wrong raise the
 quickstart model's held-out exact match and reward accuracy.
 
-1. the starting point is the quickstart's fine-tuned model (`--sft DIR`, or the quickstart is run first);
+1. the starting point is a quickstart model (`--sft DIR`, or the quickstart is run first, shortened to
+   `--sft-steps`: the full quickstart answers nearly every held-out prompt right, leaving DPO nothing to correct);
 2. pairs are built from training prompts: chosen = the right answer, rejected = the model's own wrong greedy answer
    (on-policy), or, where it was right, a plausible wrong one (another digit of the input; the unsorted digits);
    the held-out prompts get pairs the same way, for the reward accuracy;
@@ -9,7 +10,7 @@ quickstart model's held-out exact match and reward accuracy.
 4. held-out exact match before / after, and the held-out reward accuracy (chosen reward above rejected) of the final
    model against the reference, go to OUT/summary.json.
 
-    python examples/dpo_demo.py [--sft runs/quickstart/hf] [--steps 100] [--out runs/dpo-demo]
+    python examples/dpo_demo.py [--sft runs/quickstart/hf | --sft-steps 100] [--steps 100] [--out runs/dpo-demo]
 """
 
 from __future__ import annotations
@@ -82,7 +83,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="qwenlink DPO demonstration (CPU)")
     parser.add_argument("--out", default=str(REPO / "runs" / "dpo-demo"))
     parser.add_argument("--sft", default=None, help="HF directory of the quickstart model (default: run it)")
+    parser.add_argument("--sft-steps", type=int, default=100,
+                        help="quickstart steps when --sft is not given (a partly trained model)")
     parser.add_argument("--steps", type=int, default=100, help="DPO steps")
+    parser.add_argument("--batch", type=int, default=16, help="pairs per DPO step")
     parser.add_argument("--pairs", type=int, default=1200, help="training prompts turned into pairs")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.1)
@@ -105,7 +109,8 @@ def main() -> int:
     sft = Path(args.sft) if args.sft else out / "quickstart" / "hf"
     if not args.sft:
         print(f"== 0/4 the quickstart (SFT) first -> {sft.parent}")
-        subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--out", str(sft.parent)],
+        subprocess.run([sys.executable, str(REPO / "examples" / "quickstart.py"), "--out", str(sft.parent),
+                        "--steps", str(args.sft_steps)],
                        check=True)
     tokenizer = Tokenizer.from_dir(sft)
     reference = load_hf_model(sft)
@@ -124,11 +129,12 @@ def main() -> int:
     print(f"\n== 2/4 held-out exact match BEFORE DPO: {100 * before:.1f}% "
           + ", ".join(f"{t} {100 * a:.0f}%" for t, a in before_tasks.items()))
 
-    print(f"\n== 3/4 DPO: {args.steps} steps x 16 pairs, beta {args.beta}, ftx {args.ftx:g}, lr {args.lr:g}, "
+    print(f"\n== 3/4 DPO: {args.steps} steps x {args.batch} pairs, beta {args.beta}, ftx {args.ftx:g}, lr {args.lr:g}, "
           f"frozen reference copy")
     overrides = ["--job.mode=dpo", f"--model.init_from={sft}", f"--data.path={out / 'data' / 'pairs'}",
                  f"--job.output_dir={out / 'run'}", f"--checkpoint.export_hf={out / 'hf'}",
-                 f"--train.train_iters={args.steps}", f"--optim.lr={args.lr}", f"--optim.min_lr={args.lr / 10}",
+                 f"--train.train_iters={args.steps}", f"--train.micro_batch_size={args.batch}",
+                 f"--train.global_batch_size={args.batch}", f"--optim.lr={args.lr}", f"--optim.min_lr={args.lr / 10}",
                  "--optim.warmup_iters=10", "--optim.weight_decay=0.0", f"--dpo.beta={args.beta}",
                  f"--dpo.ftx={args.ftx}", "--metrics.progress=lines",
                  f"--metrics.log_interval={max(1, args.steps // 20)}", "--checkpoint.interval=0"]

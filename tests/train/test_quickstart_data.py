@@ -22,7 +22,7 @@ def _load(name: str):
 
 def test_bundled_files_are_what_the_generator_writes(tmp_path: Path) -> None:
     make_data = _load("make_data")
-    train, heldout = make_data.generate(2000, 40)
+    train, heldout = make_data.generate(6000, 40)
     make_data.write_jsonl(tmp_path / "train.jsonl", train)
     make_data.write_jsonl(tmp_path / "heldout.jsonl", heldout)
     assert (tmp_path / "train.jsonl").read_bytes() == (REPO / "examples/data/tasks_train.jsonl").read_bytes()
