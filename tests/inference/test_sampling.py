@@ -35,7 +35,7 @@ def test_draw_over_a_full_vocabulary_matches_multinomial_statistics():
     probs = logits.softmax(-1)
     top = probs.topk(5).indices
     generator = torch.Generator().manual_seed(1)
-    n = 4000
+    n = 1000
     samples = torch.tensor(draw(probs.expand(n, -1), [generator] * n))
     # The mass of the five most likely tokens, estimated from the draws, within 4 standard errors.
     p_top = float(probs[top].sum())
