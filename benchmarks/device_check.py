@@ -17,8 +17,10 @@ Sections (device_check_sections.py):
                    prediction of `qwenlink plan` when that command exists
   compiled_decode  the compiled (CUDA graph) decode step's greedy tokens equal eager's (fp32, small shape)
   decode           generated tokens/s at batch 1 and 8 on the 1.8B shape in bf16: eager, compiled, transformers
+  trainer_compiled the torchrun trainer again with per-block compilation on
+  train_shapes     `train` on the 0.5B shape and the 4B shape (activation checkpointing): MFU per shape
 
-    python benchmarks/device_check.py --out device_check.json              # on one CUDA device (~7 minutes)
+    python benchmarks/device_check.py --out device_check.json              # on one CUDA device (~8 minutes)
     python benchmarks/device_check.py --out smoke.json --smoke              # CPU, tiny shapes (CI; ~30 s)
     python benchmarks/device_check.py --out x.json --sections parity train  # a subset
 

@@ -29,7 +29,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
 ORDER = ["environment", "parity", "trainer_eager", "train", "train_ac", "compiled_decode", "decode",
-         "trainer_compiled"]
+         "trainer_compiled", "train_shapes"]
 
 
 @dataclasses.dataclass
@@ -58,6 +58,7 @@ class Settings:
     trainer_seq: int
     trainer_micro_batch: int
     trainer_steps: int
+    shapes: list[tuple[str, str]]      # (preset, activation checkpointing) for the MFU-per-shape table
     workdir: str = ""                  # scratch space (corpus, run directories); set by the runner
 
     @classmethod
@@ -68,7 +69,7 @@ class Settings:
                    train_lr=3e-4, check_preset="qwen-small", check_new_tokens=24,
                    decode_preset="qwen1.5-1.8b", decode_batches=[1, 8], decode_prompt=32, decode_new_tokens=128,
                    decode_repeats=2, trainer_preset="qwen1.5-1.8b", trainer_seq=4096, trainer_micro_batch=2,
-                   trainer_steps=6)
+                   trainer_steps=6, shapes=[("qwen1.5-0.5b", "none"), ("qwen1.5-4b", "full")])
 
     @classmethod
     def for_smoke(cls) -> "Settings":
@@ -78,7 +79,7 @@ class Settings:
                    train_lr=3e-3, check_preset="test-tiny", check_new_tokens=8,
                    decode_preset="test-tiny", decode_batches=[1, 2], decode_prompt=8, decode_new_tokens=8,
                    decode_repeats=1, trainer_preset="qwen-tiny", trainer_seq=32, trainer_micro_batch=1,
-                   trainer_steps=2)
+                   trainer_steps=2, shapes=[("qwen-tiny", "none")])
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,9 +281,10 @@ def finish_plan(handle: subprocess.Popen | dict, timeout: float) -> dict[str, An
                                                    "activations_bytes", "peak_bytes")}}
 
 
-def train(settings: Settings, activation_checkpoint: str) -> dict[str, Any]:
+def train(settings: Settings, activation_checkpoint: str, preset: Optional[str] = None) -> dict[str, Any]:
     """The trainer's own step (build_step_parts / run_step: FSDP2's bf16 policy over a one-rank mesh, per-block
     compile) on random tokens, the same batch every step (so the loss must fall): tokens/s, MFU, peak memory."""
+    preset = preset or settings.train_preset
     from qwenlink.train.config import load_config, parallel_plan
     from qwenlink.train.data import MicroBatch
     from qwenlink.train.metrics import peak_tflops
@@ -290,7 +292,7 @@ def train(settings: Settings, activation_checkpoint: str) -> dict[str, Any]:
 
     device = torch.device(settings.device)
     seq, micro = settings.train_seq, settings.train_micro_batch
-    cfg = load_config(None, [f"--model.preset={settings.train_preset}", f"--data.seq_length={seq}",
+    cfg = load_config(None, [f"--model.preset={preset}", f"--data.seq_length={seq}",
                              f"--train.micro_batch_size={micro}", f"--train.global_batch_size={micro}",
                              "--train.dtype=bf16", f"--train.device={settings.device}",
                              f"--parallel.compile={'true' if settings.compile else 'false'}",
@@ -329,7 +331,7 @@ def train(settings: Settings, activation_checkpoint: str) -> dict[str, Any]:
     if prediction.get("peak_bytes"):
         prediction["measured_over_planned"] = round(peak_gb * 2**30 / prediction["peak_bytes"], 3)
     tokens_per_s = settings.train_steps * micro * seq / elapsed
-    return {"preset": settings.train_preset, "seq_length": seq, "micro_batch": micro, "dtype": "bf16",
+    return {"preset": preset, "seq_length": seq, "micro_batch": micro, "dtype": "bf16",
             "compile": settings.compile, "activation_checkpoint": activation_checkpoint,
             "build_seconds": round(build_s, 2), "warmup_step_seconds": [round(s, 2) for s in warmup_s],
             "step_seconds": round(elapsed / settings.train_steps, 4), "tokens_per_s": round(tokens_per_s, 1),
@@ -339,6 +341,27 @@ def train(settings: Settings, activation_checkpoint: str) -> dict[str, Any]:
             "checks": {"losses_finite": all(math.isfinite(x) for x in losses),
                        "first_loss_near_ln_vocab": abs(losses[0] - math.log(model_config.vocab_size)) < 1.0,
                        "loss_falls_on_a_repeated_batch": losses[-1] < losses[0]}}
+
+
+def train_shapes(settings: Settings, remaining: Callable[[], float]) -> dict[str, Any]:
+    """`train` on further model shapes (MFU per shape for docs/training.md), each while the budget holds one."""
+    rows, checks = [], {}
+    needed = 5 if settings.smoke else 75
+    for preset, activation_checkpoint in settings.shapes:
+        if remaining() < needed:
+            rows.append({"preset": preset, "skipped": f"time budget: {remaining():.0f} s left"})
+            continue
+        try:
+            row = train(settings, activation_checkpoint, preset)
+        except Exception as exc:  # noqa: BLE001 - one shape's failure (say, out of memory) must not hide the others
+            row = {"preset": preset, "activation_checkpoint": activation_checkpoint,
+                   "error": f"{type(exc).__name__}: {exc}"[:1500]}
+            checks[f"{preset}_ran"] = False
+        else:
+            checks.update({f"{preset}_{k}": v for k, v in row.pop("checks").items()})
+        rows.append(row)
+        release_memory()
+    return {"rows": rows, "checks": checks}
 
 
 # ---- decoding ------------------------------------------------------------------------------------------------------
@@ -549,6 +572,7 @@ def plan_section(name: str, settings: Settings,
         "compiled_decode": (lambda: compiled_decode(settings), 45, 0),
         "decode": (lambda: decode(settings), 60, 1),
         "trainer_compiled": (compiled_trainer, 90, 0),
+        "train_shapes": (lambda: train_shapes(settings, remaining), 75, 1),
     }
     fn, device_seconds, smoke_seconds = table[name]
     return fn, smoke_seconds if settings.smoke else device_seconds

@@ -30,7 +30,8 @@ def test_smoke_mode_runs_every_section_and_writes_one_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert report["summary"]["ok"] == ["environment", "parity", "trainer_eager", "train", "train_ac", "decode"]
+    assert report["summary"]["ok"] == ["environment", "parity", "trainer_eager", "train", "train_ac", "decode",
+                                       "train_shapes"]
     # Compilation is off in smoke mode: the two compiled sections say so instead of running.
     assert report["summary"]["skipped"] == ["compiled_decode", "trainer_compiled"]
     assert all("compil" in sections[n]["reason"] for n in report["summary"]["skipped"])
@@ -39,6 +40,8 @@ def test_smoke_mode_runs_every_section_and_writes_one_json(tmp_path):
         result = sections[name]["result"]
         assert result["activation_checkpoint"] == ac and result["tokens_per_s"] > 0 and result["peak_memory_gb"] > 0
         assert len(result["losses"]) == 4 and "available" in result["plan"]
+    [shape] = sections["train_shapes"]["result"]["rows"]
+    assert shape["preset"] == "qwen-tiny" and shape["tokens_per_s"] > 0 and len(shape["losses"]) == 4
     trainer = sections["trainer_eager"]["result"]
     assert trainer["exit_code"] == 0 and len(trainer["losses"]) == 2 and trainer["tokens_per_s"] > 0
     assert trainer["command"].startswith("torchrun --standalone --nproc-per-node 1 -m qwenlink.cli train")
