@@ -75,12 +75,20 @@ class RotaryTables:
         self._tables: Optional[tuple[Tensor, Tensor]] = None
 
     def get(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # Inside a compiled block: computed, not cached. A write to this shared object would make the first
+            # layer's graph differ from the others' (a recompile) and, inside activation checkpointing's traced
+            # region, is a side effect that breaks the graph; computed here the tables fuse into the rotation.
+            return self._compute(seqlen, device, dtype)
         if self._tables is None or self._tables[0].dtype != dtype:
-            positions = self.position_ids
-            if positions is None:
-                positions = torch.arange(seqlen, device=device)[None]  # [1, T]
-            self._tables = rotary_cos_sin(positions.to(device), self.head_dim, self.theta, dtype)
+            self._tables = self._compute(seqlen, device, dtype)
         return self._tables
+
+    def _compute(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        positions = self.position_ids
+        if positions is None:
+            positions = torch.arange(seqlen, device=device)[None]  # [1, T]
+        return rotary_cos_sin(positions.to(device), self.head_dim, self.theta, dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
