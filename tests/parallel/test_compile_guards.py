@@ -1,7 +1,9 @@
 """Per-block compilation compiles one graph for all decoder layers: no recompilation per layer and no graph break,
 with and without activation checkpointing. On the H200 (benchmarks/device_check.py, BENCHMARKS.md) the checkpointed
-blocks recompiled on every layer until dynamo's limit of 8, the other layers then running eagerly: the rotary tables,
-cached on a shared object by the first layer, were a side effect inside checkpointing's traced region."""
+blocks recompiled on every layer until dynamo's limit of 8, the other layers then running eagerly, for two reasons:
+the rotary tables, cached on a shared object by the first layer, were a side effect inside checkpointing's traced
+region (every torch), and torch 2.11 guards on the checkpointed call's keyword values, so each layer's name was one
+(this test fails on 2.11 without that fix; on 2.13, which does not guard so, the layers' arguments are checked)."""
 
 from __future__ import annotations
 
@@ -27,6 +29,11 @@ def test_every_layer_shares_one_graph(mode, preserve_rng_state, positions):
     apply_activation_checkpointing(model, mode, 1, preserve_rng_state=preserve_rng_state)
     torch._dynamo.reset()
     counters.clear()
+    constants = []
+    for layer in model.layers.values():  # what a compiled block could guard on: no per-layer constant
+        layer.register_forward_pre_hook(
+            lambda _, args, kwargs: constants.extend(v for v in (*args, *kwargs.values()) if isinstance(v, str)),
+            with_kwargs=True)
     backend = CompileCounter()  # captures graphs, runs them as traced (no inductor: seconds, not minutes)
     for layer in model.layers.values():
         layer.compile(backend=backend)
@@ -37,6 +44,7 @@ def test_every_layer_shares_one_graph(mode, preserve_rng_state, positions):
         model(ids, position_ids=position_ids).float().square().mean().backward()
     assert backend.frame_count == 1, f"{backend.frame_count} graphs for {len(model.layers)} identical layers"
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not constants, f"decoder layers were given the constants {sorted(set(constants))}"
     reference(ids, position_ids=position_ids).float().square().mean().backward()
     got = dict(model.named_parameters())
     for name, param in reference.named_parameters():

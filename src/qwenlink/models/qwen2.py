@@ -340,7 +340,13 @@ class Qwen2Model(nn.Module):
                     cache: Optional[tuple], logits_to_keep: int | Tensor, apply_head: bool = True) -> Tensor:
         bsz = h.shape[0]
         for layer_id, layer in self.layers.items():
-            h = layer(h, rope, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
+            if kv_cache is None:
+                # Training / scoring: no per-layer argument. Under activation checkpointing, torch 2.11's dynamo
+                # guards on the checkpointed call's keyword values, so the layer's name made every compiled layer
+                # recompile, past the limit of 8 (seen on an H200); the rest then ran uncompiled.
+                h = layer(h, rope, mask)
+            else:
+                h = layer(h, rope, mask, kv_cache=kv_cache, layer_id=layer_id, cache=cache)
         if isinstance(logits_to_keep, Tensor):
             h = h[torch.arange(bsz, device=h.device), logits_to_keep.to(h.device)][:, None]  # [B, 1, H]
         elif logits_to_keep > 0:
