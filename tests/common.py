@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,9 @@ def write_counting_corpus(root: Path, documents: int) -> str:
     prefix = str(Path(root) / "count_text_document")
     write_documents(prefix, docs, dtype=np.uint16)
     return prefix
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test stops with SIGINT (Ctrl-C): a shell's background job (`make test &`)
+    inherits SIGINT ignored, Python keeps an inherited SIG_IGN, and the child would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from common import default_sigint
+
 from qwenlink.checkpoint.hf import load_hf_model
 from qwenlink.inference.engine import Engine
 from qwenlink.inference.generate import generate
@@ -174,7 +176,8 @@ def test_serve_with_a_small_max_context_refuses_longer_requests(tiny_fixture_hf)
     command = [sys.executable, "-m", "qwenlink.cli", "serve", "--model", str(tiny_fixture_hf), "--device", "cpu",
                "--port", "0", "--max-context", "64", "--cache-memory", "100K", "--max-tokens-limit", "32"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+                               text=True, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+                               preexec_fn=default_sigint)  # stopped with Ctrl-C's signal below
     log: list[str] = []
     started = threading.Event()
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from common import default_sigint
+
 
 def test_tp2_generate_equals_single_process(tiny_fixture_hf):
     args = ["generate", "--model", str(tiny_fixture_hf), "--prompt", "hello world", "--prompt", "The capital of",
@@ -68,12 +70,6 @@ def test_tp2_chat_equals_single_process(tiny_fixture_hf):
     assert tp.stdout == single.stdout and single.stdout.count("assistant> ") == 3
 
 
-def _default_sigint() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 class _Server:
     """A `qwenlink serve --port 0` subprocess; the port is read from its start-up line on stderr."""
 
@@ -81,11 +77,10 @@ class _Server:
         import re
         import threading
 
-        # A shell's background job (`make test &`) inherits SIGINT ignored, and so would the servers: Ctrl-C is what
-        # this test sends, so they start with its default disposition.
+        # Ctrl-C is what this test sends: the servers start with SIGINT's default disposition (common.default_sigint).
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True, env={**ENV, "PYTHONFAULTHANDLER": "1"},
-                                        start_new_session=True, preexec_fn=_default_sigint)
+                                        start_new_session=True, preexec_fn=default_sigint)
         self.log: list[str] = []
         self.base: str | None = None
         started = threading.Event()
