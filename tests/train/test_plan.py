@@ -66,6 +66,19 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, capsys, flag: str, value: str
     assert len(err) == 1 and field in err[0]
 
 
+def test_a_cuda_build_without_a_gpu_is_refused_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    """PyPI's default torch for Linux is a CUDA build: on a login node without a GPU the plan cannot simulate CUDA
+    (the stand-in replaces the runtime of a CPU-only build only), and says what to do instead of a child traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    job = tmp_path / "job.toml"
+    job.write_text("[model]\npreset = \"test-tiny\"\n")
+    assert main(["plan", "--config", str(job), "--device", "h200"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a CUDA build, and no GPU is visible" in err[0] and "CPU build" in err[0], err
+
+
 def test_trainer_check_does_not_plan_on_cpu(monkeypatch) -> None:
     """On a CPU the trainer's check returns at once (tests and CPU runs start without a simulation)."""
     import qwenlink.train.plan as plan

@@ -421,8 +421,15 @@ def _cache_dir() -> Path:
 
 def stand_in_library(device_type: str = "cuda") -> Optional[Path]:
     """None when this build has `device_type`'s runtime; else the stand-in (built once per torch build, cached)."""
-    if _has_runtime(device_type) or torch.version.cuda is not None and device_type == "cuda":
+    if _has_runtime(device_type):
         return None
+    if device_type == "cuda" and torch.version.cuda is not None:
+        # A CUDA build registers its own runtime, which the stand-in cannot replace, and that runtime needs a GPU
+        # for what the step asks of it (the attention kernel's choice reads the device's properties).
+        raise SimulationError(f"simulating CUDA needs a visible GPU or a CPU-only build of torch; this is torch "
+                              f"{torch.__version__}, a CUDA build, and no GPU is visible: run it where a GPU is, "
+                              f"or in an environment with the CPU build (pip install torch --index-url "
+                              f"https://download.pytorch.org/whl/cpu)")
     if device_type != "cuda":
         raise SimulationError(f"simulating {device_type} needs torch's {device_type} runtime (only cuda has a "
                               f"stand-in)")
