@@ -236,3 +236,13 @@ def test_plan_of_a_pipelined_lora_dpo_job(fake_cuda) -> None:
                "parallel.pp=2", "lora.enabled=true", "lora.r=4", "lora.alpha=8", "model.init_from=unread-base")
     plan = plan_job(cfg, 2, DEVICES["h100"], resolve_model_config(cfg))
     assert [r.pp_rank for r in plan.roles] == [0, 1] and plan.fits
+
+
+def test_interleaved_pipeline_plan(fake_cuda) -> None:
+    """pp2 with one layer per virtual stage (4 stages per rank): every rank's later stages get their inputs from one
+    pass through the stages before them (train/simulate.py stage_inputs), which the schedule's first-step shape
+    handshake checks; each rank sends activations forward and gradients back over `pp`."""
+    cfg = tiny("model.arch={num_hidden_layers = 8}", "parallel.pp=2", "parallel.layers_per_virtual_stage=1")
+    plan = plan_job(cfg, 2, DEVICES["h100"], resolve_model_config(cfg)).to_dict()
+    assert [r["pp_rank"] for r in plan["ranks"]] == [0, 1]
+    assert all(r["activations_bytes"] > 0 for r in plan["ranks"]) and plan["comm_bytes_per_step"]["pp"] > 0

@@ -122,8 +122,8 @@ def simulate_role(job_toml: str, world_size: int, rank: int, device_type: str) -
         if plan.pp > 1:  # what the other pipeline ranks' stages would send: computed before tracking
             padded = pad_to_length(batches[:1], cfg.data.seq_length, cfg.data.pad_id)[0]
             micro = parts.step_fn.context_shard(padded).input_ids  # this cp rank's tokens, as the step sends them
-            inputs = {s: stage_inputs(cfg, model_config, parts.layout, lora, sim.device, micro, s)
-                      for s in parts.chunks.stage_ids if s > 0}
+            inputs = stage_inputs(cfg, model_config, parts.layout, lora, sim.device, micro,
+                                  [s for s in parts.chunks.stage_ids if s > 0])
             handshake = pipeline_handshake(lambda stage: inputs[stage])
         gc.collect()
         tracker = MemoryTracker(sim.device.type, group_names(parts.layout))

@@ -77,10 +77,12 @@ def synthetic_batches(cfg: JobConfig, vocab_size: int, count: int, seed: int) ->
 
 
 def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora: Optional[Any],
-                 device: torch.device, micro_ids: torch.Tensor, stage_index: int) -> tuple[torch.Tensor, ...]:
-    """The tensors pipeline stage `stage_index` receives for a micro batch: stages 0 .. stage_index - 1 built as the
-    ranks that hold them build theirs (this rank's tp / dp meshes have the same shapes as theirs) and run on fake
-    tensors, with gradients on as in torch's own first-step inference."""
+                 device: torch.device, micro_ids: torch.Tensor,
+                 stage_indices: Sequence[int]) -> dict[int, tuple[torch.Tensor, ...]]:
+    """The tensors each pipeline stage in `stage_indices` receives for a micro batch: the stages before them built as
+    the ranks that hold them build theirs (this rank's tp / dp meshes have the same shapes as theirs) and run on fake
+    tensors, with gradients on as in torch's own first-step inference. One pass through the stages serves every
+    index (an interleaved rank's later stages would otherwise run the earlier ones again for each)."""
     plan = layout.plan
     with torch.device("meta"):
         full = Qwen2Model(model_config)
@@ -91,7 +93,9 @@ def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora
     carry = RoutingCarry(sparse_layers(model_config), model_config.num_experts, MicroBatchInputs()) \
         if model_config.is_moe else None
     x: tuple = (micro_ids.to(device, non_blocking=True),)
-    for stage in range(stage_index):
+    wanted = set(stage_indices)
+    inputs: dict[int, tuple[torch.Tensor, ...]] = {}
+    for stage in range(max(wanted, default=0)):
         owner = next(p for p in range(plan.pp) if stage in stages_of_rank(plan, p))
         module = dict(split_stages(full, plan, owner))[stage]
         parallelize(module, layout, parallelize_options(cfg, lora))
@@ -103,7 +107,11 @@ def stage_inputs(cfg: JobConfig, model_config: ModelConfig, layout: Layout, lora
         with torch.enable_grad():
             out = module(*x)
         x = out if isinstance(out, tuple) else (out,)
-    return x
+        if stage + 1 in wanted:
+            inputs[stage + 1] = x
+    if 0 in wanted:
+        inputs[0] = (micro_ids.to(device, non_blocking=True),)
+    return inputs
 
 
 def simulate_step(cfg: JobConfig, world_size: int, rank: int, *, device_type: str = "cuda") -> dict[str, Any]:
@@ -121,8 +129,8 @@ def simulate_step(cfg: JobConfig, world_size: int, rank: int, *, device_type: st
         handshake = nullcontext()
         if plan.pp > 1:  # what the other pipeline ranks' stages would send: computed here, before the steps
             micro = pad_to_length(batches[:1], cfg.data.seq_length, cfg.data.pad_id)[0].input_ids
-            inputs = {s: stage_inputs(cfg, model_config, parts.layout, lora, sim.device, micro, s)
-                      for s in parts.chunks.stage_ids if s > 0}
+            inputs = stage_inputs(cfg, model_config, parts.layout, lora, sim.device, micro,
+                                  [s for s in parts.chunks.stage_ids if s > 0])
             handshake = pipeline_handshake(lambda stage: inputs[stage])
         sim.record.collectives.clear()
         with handshake:
