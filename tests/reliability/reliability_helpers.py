@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import faulthandler
 import io
 import json
+import multiprocessing
 import os
 import signal
 import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -78,30 +83,54 @@ def check_every_checkpoint_loads(cfg: JobConfig) -> list[int]:
     return steps
 
 
-def run_forked(run: Callable[[], None]) -> int:
-    """Run `run` in a forked child process; returns its exit code, or -N if signal N ended it (as subprocess does).
+@dataclass(frozen=True)
+class ChildResult:
+    """How a child ended: its exit code, or -N if signal N ended it (as subprocess reports), and its stderr."""
 
-    Fork (not a fresh interpreter) keeps each case to a fraction of a second: torch is already imported. The child
-    uses one thread and never returns into pytest; an exception in it prints a traceback and exits with 3."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # child
-        code = 3
-        try:
-            torch.set_num_threads(1)
-            run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - report through the exit code, never unwind into pytest
-            import traceback
+    code: int
+    stderr: str
 
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload(["torch", "qwenlink.train.trainer", "reliability_helpers"])
+
+
+def run_forked(target: Callable[..., None], *args: Any) -> ChildResult:
+    """Run `target(*args)` in a child process forked from a clean server process; returns how it ended.
+
+    Forking the pytest process itself would hand the child whatever a thousand earlier tests left in it (thread
+    pools, a library's locks held by threads that do not survive a fork): on the CI machine such children died of
+    SIGABRT before reaching their injection point, which no local run reproduced. multiprocessing's fork server is
+    a fresh interpreter that imports torch and qwenlink once; each child is a fork of it, so a case still starts
+    in a fraction of a second. `target` must be a module-level function (it is pickled by name); the child runs on
+    one thread, and its stderr (tracebacks, a fatal signal's Python stack) comes back for the assertion message."""
+    with tempfile.NamedTemporaryFile("w+", suffix=".stderr", encoding="utf-8", errors="replace") as log:
+        child = _FORK_SERVER.Process(target=_child_main, args=(log.name, target, args))
+        child.start()
+        child.join()
+        log.seek(0)
+        return ChildResult(child.exitcode, log.read()[-4000:])
+
+
+def _child_main(log_path: str, target: Callable[..., None], args: tuple) -> None:
+    """The child: stderr (and faulthandler's dump on a fatal signal) into `log_path`, then `target(*args)`; an
+    exception prints its traceback and exits with 3, SystemExit keeps its code."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(fd, 2)
+    sys.stderr = open(2, "w", closefd=False)
+    faulthandler.enable(sys.stderr)
+    code = 3
+    try:
+        torch.set_num_threads(1)
+        target(*args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report through the exit code
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def kill_self() -> None:

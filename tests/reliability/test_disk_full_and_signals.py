@@ -124,15 +124,22 @@ def _signal_at(step: int, times: int):
     return train_step
 
 
+def _train_signalled(cfg, step: int, times: int) -> None:
+    """The forked child: the job, sending itself SIGTERM `times` times at step `step`; exits with train()'s code,
+    or 130 for the KeyboardInterrupt that the CLI turns into "interrupted"."""
+    Trainer.train_step = _signal_at(step, times)
+    try:
+        raise SystemExit(Trainer(cfg, stream=io.StringIO()).train())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
 def test_sigterm_saves_then_resume_equals_uninterrupted(corpus: str, reference, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = job_config(corpus, out, "--checkpoint.interval=0")  # no periodic saves: only the signal's
 
-    def child() -> None:
-        Trainer.train_step = _signal_at(3, times=1)
-        raise SystemExit(Trainer(cfg, stream=io.StringIO()).train())
-
-    assert run_forked(child) == 128 + signal.SIGTERM
+    child = run_forked(_train_signalled, cfg, 3, 1)
+    assert child.code == 128 + signal.SIGTERM, child.stderr
     assert [p.name for p in ckpt.complete_steps(cfg.checkpoint_dir)] == ["step_00000003"]
     trainer, code = run_in_process(cfg)
     assert code == 0 and trainer.resumed_from is not None and trainer.state.step == TRAIN_ITERS
@@ -144,13 +151,7 @@ def test_second_sigterm_stops_at_once_and_keeps_the_last_checkpoint(corpus: str,
     out = tmp_path / "run"
     cfg = job_config(corpus, out)
 
-    def child() -> None:
-        Trainer.train_step = _signal_at(3, times=2)
-        try:
-            Trainer(cfg, stream=io.StringIO()).train()
-        except KeyboardInterrupt:  # what the CLI turns into "interrupted", exit 130
-            raise SystemExit(130)
-
-    assert run_forked(child) == 130
+    child = run_forked(_train_signalled, cfg, 3, 2)
+    assert child.code == 130, child.stderr
     assert check_every_checkpoint_loads(cfg) == [1, 2]
     assert not list(cfg.checkpoint_dir.glob(".tmp-*"))

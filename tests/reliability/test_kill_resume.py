@@ -127,16 +127,19 @@ def _points():
 @pytest.mark.parametrize("point", list(_points()))
 def test_kill_9_inside_a_save_then_resume(point: str, corpus: str, reference: dict[int, float], tmp_path: Path,
                                           monkeypatch) -> None:
-    owner, name, before, nth, match, resume_step = _points()[point]
     out = tmp_path / "run"
     cfg = job_config(corpus, out)
+    child = run_forked(_train_until_killed_at, point, cfg)
+    assert child.code == -signal.SIGKILL, \
+        f"{point}: the injection point was never reached (exit {child.code}):\n{child.stderr}"
+    _assert_survives(cfg, out, reference, _points()[point][-1])
 
-    def child() -> None:
-        _kill_when(pytest.MonkeyPatch(), owner, name, before=before, nth=nth, match=match)
-        Trainer(cfg, stream=io.StringIO()).train()
 
-    assert run_forked(child) == -signal.SIGKILL, f"{point}: the injection point was never reached"
-    _assert_survives(cfg, out, reference, resume_step)
+def _train_until_killed_at(point: str, cfg) -> None:
+    """The forked child: the job, with `point`'s patches installed."""
+    owner, name, before, nth, match, _ = _points()[point]
+    _kill_when(pytest.MonkeyPatch(), owner, name, before=before, nth=nth, match=match)
+    Trainer(cfg, stream=io.StringIO()).train()
 
 
 def _assert_survives(cfg, out: Path, reference: dict[int, float], resume_step: int | None) -> None:
@@ -201,34 +204,37 @@ def test_kill_9_during_an_async_save_then_resume(point: str, corpus: str, refere
     """checkpoint.async: the target save's shards are written in a background thread while training goes on; a
     kill -9 there (after the next step has trained, or with every shard written but no .metadata yet) leaves no
     COMPLETE marker, and the rerun resumes from the previous complete checkpoint with the reference losses."""
-    from torch.distributed.checkpoint import FileSystemWriter
-
     method, after_next_step = _async_points()[point]
     out = tmp_path / "run"
     cfg = job_config(corpus, out, "--checkpoint.async=true")
-    target = f".tmp-{ckpt.step_dir_name(TARGET_SAVE)}"
-
-    def child() -> None:
-        trainer = Trainer(cfg, stream=io.StringIO())
-        real = getattr(FileSystemWriter, method)
-
-        def dying(self, *args, **kwargs):
-            if Path(self.path).name == target:
-                deadline = time.monotonic() + 60
-                while after_next_step and trainer.state.step <= TARGET_SAVE:  # the write waits; training does not
-                    if time.monotonic() > deadline:
-                        os._exit(5)  # the step after the save never ran: the save blocked training
-                    time.sleep(0.01)
-                kill_self()
-            return real(self, *args, **kwargs)
-
-        pytest.MonkeyPatch().setattr(FileSystemWriter, method, dying)
-        trainer.train()
-
-    assert run_forked(child) == -signal.SIGKILL, f"{point}: not killed inside the background write"
+    child = run_forked(_train_until_killed_in_background_write, cfg, method, after_next_step)
+    assert child.code == -signal.SIGKILL, \
+        f"{point}: not killed inside the background write (exit {child.code}):\n{child.stderr}"
     if after_next_step:
         assert max(jsonl_losses(out)) == TARGET_SAVE + 1  # step 4 trained while step 3 was being written
     _assert_survives(cfg, out, reference, TARGET_SAVE - 1)
+
+
+def _train_until_killed_in_background_write(cfg, method: str, after_next_step: bool) -> None:
+    """The forked child: the asynchronous job, killed in FileSystemWriter.`method` of the target save."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    trainer = Trainer(cfg, stream=io.StringIO())
+    real = getattr(FileSystemWriter, method)
+    target = f".tmp-{ckpt.step_dir_name(TARGET_SAVE)}"
+
+    def dying(self, *args, **kwargs):
+        if Path(self.path).name == target:
+            deadline = time.monotonic() + 60
+            while after_next_step and trainer.state.step <= TARGET_SAVE:  # the write waits; training does not
+                if time.monotonic() > deadline:
+                    os._exit(5)  # the step after the save never ran: the save blocked training
+                time.sleep(0.01)
+            kill_self()
+        return real(self, *args, **kwargs)
+
+    pytest.MonkeyPatch().setattr(FileSystemWriter, method, dying)
+    trainer.train()
 
 
 def test_async_checkpoints_resume_like_synchronous_ones(corpus: str, reference: dict[int, float],
