@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from qwenlink.train.loss import IGNORE_INDEX, accumulate_head_grads
+from qwenlink.train.loss import IGNORE_INDEX, accumulate_head_grads, chunk_logits, log_softmax_in_place
 
 Tensor = torch.Tensor
 
@@ -31,9 +31,9 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         # hidden: [n, H] (labelled positions only), weight: [V, H], labels: [n] -> [n] fp32
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[start:start + chunk_size] @ weight.t()).float()           # [C, V]
+            logp = log_softmax_in_place(chunk_logits(hidden[start:start + chunk_size], weight))  # [C, V]
             y = labels[start:start + chunk_size]
-            out[start:start + chunk_size] = logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+            out[start:start + chunk_size] = logp.gather(1, y[:, None]).squeeze(1)
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk_size = chunk_size
         return out
@@ -50,7 +50,8 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             y = labels[start:start + c]
             g = grad_out[start:start + c].float()                                      # [C]
             # d logp / d logits = onehot - softmax, times each position's incoming gradient (one [C, V] buffer)
-            grad = torch.softmax((h @ weight.t()).float(), dim=-1).mul_(-g[:, None])   # [C, V]
+            logits = chunk_logits(h, weight)                                           # [C, V] fp32
+            grad = torch.ops.aten._softmax.out(logits, -1, False, out=logits).mul_(-g[:, None])  # in place
             grad.scatter_add_(1, y[:, None], g[:, None])
             accumulate_head_grads(grad.to(hidden.dtype), h, weight, grad_hidden, grad_weight, start)
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None

@@ -43,6 +43,46 @@ def accumulate_head_grads(grad: Tensor, h: Tensor, weight: Tensor, grad_hidden: 
             grad_weight.add_(grad.t() @ h)
 
 
+def log_softmax_in_place(logits: Tensor) -> Tensor:
+    """log_softmax over the last dimension, written over `logits` ([C, V] fp32).
+
+    One fused pass per row and no second [C, V] buffer: torch.logsumexp would allocate one (x - max, exponentiated)
+    and the loss would then subtract and exponentiate in two more passes. The kernels (CPU, and CUDA's, which
+    reduce a row before writing it) read each element before writing the same element."""
+    return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+
+
+class _HostLogitsBuffer:
+    """The fp32 [C, V] buffer a chunk's logits are computed into on the CPU, kept from one step to the next.
+
+    Why: glibc serves blocks above 32 MiB with a fresh mmap and returns them on free, so every step's logits
+    (311 MB for 512 tokens of Qwen's vocabulary) were new pages that the kernel faulted in and zeroed: 80 ms per
+    buffer here, a third of the head GEMM it feeds. Accelerators' caching allocators already reuse their blocks,
+    so only real CPU tensors use it (not fake tensors, not under tracing). It holds the largest chunk seen."""
+
+    buffer: Optional[Tensor] = None
+
+    @classmethod
+    def get(cls, rows: int, cols: int) -> Tensor:
+        if cls.buffer is None or cls.buffer.numel() < rows * cols:
+            cls.buffer = None  # free the smaller one first
+            cls.buffer = torch.empty(rows * cols, dtype=torch.float32)
+        return cls.buffer[: rows * cols].view(rows, cols)
+
+
+def chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
+    """h @ weight.T in fp32: [C, H] x [V, H] -> [C, V]."""
+    plain = (torch.Tensor, nn.Parameter)  # not a fake tensor, a DTensor or another subclass
+    on_host = (h.device.type == "cpu" and type(h) in plain and type(weight) in plain
+               and not torch.compiler.is_compiling())
+    if not on_host:
+        return (h @ weight.t()).float()
+    out = _HostLogitsBuffer.get(h.shape[0], weight.shape[0])
+    if h.dtype == weight.dtype == torch.float32:
+        return torch.mm(h, weight.t(), out=out)
+    return out.copy_(h @ weight.t())
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, label_i) * scale, with gradients computed chunk by chunk in forward."""
 
@@ -57,13 +97,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]                       # [C, H]
             y = labels[start:start + chunk_size]                       # [C]
-            logits = (h @ weight.t()).float()                          # [C, V] fp32, one chunk at a time
-            lse = torch.logsumexp(logits, dim=-1)                      # [C]
-            target = logits.gather(1, y[:, None]).squeeze(1)           # [C]
-            total += (lse - target).sum()
+            logits = chunk_logits(h, weight)                          # [C, V] fp32, one chunk at a time
+            logp = log_softmax_in_place(logits)                       # [C, V], the same buffer
+            total -= logp.gather(1, y[:, None]).sum()
             if need_grad:
                 # d(sum CE)/d logits = softmax - onehot, computed in place to keep one [C, V] buffer
-                grad = logits.sub_(lse[:, None]).exp_()
+                grad = logp.exp_()
                 grad.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -1, dtype=grad.dtype))
                 grad.mul_(scale)
                 accumulate_head_grads(grad.to(hidden.dtype), h, weight, grad_hidden, grad_weight, start)
