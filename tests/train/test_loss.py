@@ -65,3 +65,28 @@ def test_bf16_autocast_close_to_fp32() -> None:
         low, _ = model_loss(model, ids, labels, scale=1 / 32, chunk_size=7)
     assert low.dtype == torch.float32
     assert abs(low.item() - ref.item()) < 0.05
+
+
+def test_host_logits_buffer_is_reused_and_never_leaks_an_earlier_call() -> None:
+    """On the CPU a chunk's logits are computed into one buffer kept between calls (no fresh pages every step):
+    successive calls with other data, a smaller chunk and a bf16 head each still equal the plain formulation."""
+    from qwenlink.train.loss import _HostLogitsBuffer
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 16, generator=g)                         # [V, H]
+    pointers = set()
+    for tokens, chunk, dtype in ((40, 32, torch.float32), (9, 4, torch.float32), (40, 32, torch.bfloat16)):
+        hidden = torch.randn(tokens, 16, generator=g).to(dtype).requires_grad_()
+        w = weight.to(dtype, copy=True).requires_grad_()
+        labels = torch.randint(0, 300, (tokens,), generator=g)
+        loss, _ = linear_cross_entropy(hidden, w, labels, chunk_size=chunk)
+        loss.backward()
+        pointers.add(_HostLogitsBuffer.buffer.data_ptr())
+        h32, w32 = hidden.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = reference_cross_entropy(h32 @ w32.t(), labels)
+        ref.backward()
+        tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else {}  # bf16 logits: rounded before softmax
+        torch.testing.assert_close(loss, ref, **tol)
+        torch.testing.assert_close(hidden.grad.float(), h32.grad, **tol)
+        torch.testing.assert_close(w.grad.float(), w32.grad, **tol)
+    assert len(pointers) == 1  # the first call's buffer served the later ones
