@@ -2,7 +2,8 @@
 
 Shapes: `tiny` = the qwen-moe-tiny preset (hidden 128, 2 layers, 8 experts top-2, expert ffn 64, shared ffn 256,
 vocab 151936); `wide` = a wider CPU shape closer to Qwen1.5-MoE's proportions (hidden 512, 4 layers, 8 heads,
-60 experts top-4, expert ffn 256, shared ffn 1024, vocab 151936).
+60 experts top-4, expert ffn 256, shared ffn 1024, vocab 151936); `experts` = wide's layers with vocab 8192, where
+the experts rather than the 151936-token head are the work (as in the real 24-layer model).
 Training: fp32, batch --batch x --seq, AdamW (fused for both), loss = LM loss + 0.001 x load-balancing loss on both
 sides (transformers: labels + output_router_logits=True; qwenlink: the trainer's TrainStep with its aux term).
 Decoding: greedy, --decode-batch prompts of 32 tokens, --new-tokens new tokens each; qwenlink's engine (prepacked
@@ -10,7 +11,7 @@ weights, built and warmed up before the timing) against `model.generate` (use_ca
 Each side runs in its own subprocess (peak RSS of one cannot pollute the other); the best of --rounds alternating
 rounds is kept.
 
-    python benchmarks/bench_moe.py [--shape tiny|wide] [--rounds 2] [--steps 3] [--warmup 1] [--batch 4]
+    python benchmarks/bench_moe.py [--shape tiny|wide|experts] [--rounds 2] [--steps 3] [--warmup 1] [--batch 4]
                                    [--seq 256] [--decode-batch 4] [--new-tokens 32] [--json]
 """
 
@@ -34,7 +35,7 @@ SHAPES = {
                  num_experts_per_tok=4, moe_intermediate_size=256, shared_expert_intermediate_size=1024,
                  intermediate_size=1408),
     # The wide shape's layers with a vocabulary that, as in Qwen1.5-MoE-A2.7B (24 layers), is a small part of the
-    # step: there the head is ~13% of the model FLOPs per token; at `wide` (4 layers, vocab 151936) it is ~90%.
+    # step: there the head is ~13% of the model FLOPs per token; at `wide` (4 layers, vocab 151936) ~80%, here ~20%.
     "experts": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
                     num_experts=60, num_experts_per_tok=4, moe_intermediate_size=256,
                     shared_expert_intermediate_size=1024, intermediate_size=1408, vocab_size=8192),
