@@ -46,8 +46,10 @@ RUNS = {
     "ep2-hsdp-replicate2": dict(layout=dict(dp_shard=2, dp_replicate=2, ep=2)),
     "ep2-dp2-checkpointing": dict(layout=dict(dp_shard=4, ep=2), ac=True, micro_batch=2),
     "ep2-dp2-loop": dict(layout=dict(dp_shard=4, ep=2), impl="loop"),  # the experts' loop over host counts
-    # every token on experts 5 and 6 at first: ep rank 0 receives no row (empty all-to-all parts, empty GEMMs)
-    "ep2-dp2-one-rank-busy": dict(layout=dict(dp_shard=4, ep=2), router="zeros"),
+    # every token on experts 5 and 6 at first: ep rank 0 receives no row (empty all-to-all parts, empty GEMMs).
+    # Seed 5: a router that starts at zeros routes by near-ties after its first updates, so at seeds 3 and 7 the
+    # layouts' summation orders (~1e-7) send one token to another expert at step 3 (seeds 4-6 route identically).
+    "ep2-dp2-one-rank-busy": dict(layout=dict(dp_shard=4, ep=2), router="zeros", seed=5),
     # MoE under tensor (+ sequence) parallelism: attention and the shared expert split over tp, the routed experts
     # by ep (or replicated), the router's and experts' FSDP2-only gradients counted once in the norm (without that,
     # the norm is 1.7e-3 off). Seed 5: at seed 3 tp's other summation order, amplified by AdamW's g / (|g| + eps)
