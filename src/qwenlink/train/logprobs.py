@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from qwenlink.train.loss import IGNORE_INDEX, accumulate_head_grads, chunk_logits, log_softmax_in_place
+from qwenlink.train.loss import IGNORE_INDEX, accumulate_head_grads, chunk_logits, log_softmax_in_place, \
+    softmax_in_place
 
 Tensor = torch.Tensor
 
@@ -50,8 +51,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             y = labels[start:start + c]
             g = grad_out[start:start + c].float()                                      # [C]
             # d logp / d logits = onehot - softmax, times each position's incoming gradient (one [C, V] buffer)
-            logits = chunk_logits(h, weight)                                           # [C, V] fp32
-            grad = torch.ops.aten._softmax.out(logits, -1, False, out=logits).mul_(-g[:, None])  # in place
+            grad = softmax_in_place(chunk_logits(h, weight)).mul_(-g[:, None])        # [C, V] fp32
             grad.scatter_add_(1, y[:, None], g[:, None])
             accumulate_head_grads(grad.to(hidden.dtype), h, weight, grad_hidden, grad_weight, start)
         return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None

@@ -52,6 +52,11 @@ def log_softmax_in_place(logits: Tensor) -> Tensor:
     return torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
 
 
+def softmax_in_place(logits: Tensor) -> Tensor:
+    """softmax over the last dimension, written over `logits` ([C, V] fp32), for the same reasons."""
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
+
+
 class _HostLogitsBuffer:
     """The fp32 [C, V] buffer a chunk's logits are computed into on the CPU, kept from one step to the next.
 
