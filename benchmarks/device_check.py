@@ -10,6 +10,14 @@ Sections (device_check_sections.py):
   environment      torch / CUDA / NCCL / transformers versions, the device and its memory
   parity           logits vs transformers' Qwen2ForCausalLM built from the same config with the same (random)
                    weights: fp32 (TF32 off) and bf16, a small shape and the Qwen1.5-1.8B shape
+  moe              (device_check_moe.py) Qwen1.5-MoE: the grouped-GEMM experts against transformers and against
+                   qwenlink's loop (bf16 logits and gradients), then benchmarks/bench_moe.py on the device: training
+                   and decoding at Qwen1.5-MoE-A2.7B's widths (4 layers) against transformers' default experts and
+                   its Python loop
+  kernels          (device_check_kernels.py) the loss's in-place log_softmax / softmax and the chunked cross
+                   entropy and DPO log-probabilities against plain PyTorch, forward and backward; time and memory
+  packing          (device_check_kernels.py) packed-document attention: compiled FlexAttention against SDPA per
+                   document, forward and backward, fp32 and bf16; time of each
   trainer          `torchrun --nproc-per-node 1 -m qwenlink.cli train` (NCCL, bf16) for a few steps on a synthetic
                    corpus made by `qwenlink preprocess`, compile off, then on (each its own section)
   train            the trainer's step (build_step_parts / run_step) on the Qwen1.5-1.8B shape, bf16, seq 4096:

@@ -25,11 +25,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+import device_check_kernels
+import device_check_moe
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 
-ORDER = ["environment", "parity", "trainer_eager", "train", "train_ac", "compiled_decode", "decode",
-         "trainer_compiled", "train_shapes"]
+ORDER = ["environment", "parity", "moe", "kernels", "packing", "trainer_eager", "train", "train_ac",
+         "compiled_decode", "decode", "trainer_compiled", "train_shapes"]
 
 
 @dataclasses.dataclass
@@ -59,6 +62,19 @@ class Settings:
     trainer_micro_batch: int
     trainer_steps: int
     shapes: list[tuple[str, str]]      # (preset, activation checkpointing) for the MFU-per-shape table
+    moe_parity_tokens: tuple[int, int]  # batch, length (device_check_moe.py)
+    moe_shape: str                     # a benchmarks/bench_moe.py shape
+    moe_batch: int
+    moe_seq: int
+    moe_warmup: int
+    moe_steps: int
+    moe_decode_batch: int
+    moe_new_tokens: int
+    kernel_vocabs: list[int]           # in-place (log-)softmax widths (device_check_kernels.py)
+    kernel_tokens: int                 # the linear cross entropy's rows
+    kernel_hidden: int
+    packing_seq: int                   # packed-document attention (two rows of this length)
+    packing_heads: tuple[int, int, int]  # query heads, kv heads, head dim
     workdir: str = ""                  # scratch space (corpus, run directories); set by the runner
 
     @classmethod
@@ -69,7 +85,10 @@ class Settings:
                    train_lr=3e-4, check_preset="qwen-small", check_new_tokens=24,
                    decode_preset="qwen1.5-1.8b", decode_batches=[1, 8], decode_prompt=32, decode_new_tokens=128,
                    decode_repeats=2, trainer_preset="qwen1.5-1.8b", trainer_seq=4096, trainer_micro_batch=2,
-                   trainer_steps=6, shapes=[("qwen1.5-0.5b", "none"), ("qwen1.5-4b", "full")])
+                   trainer_steps=6, shapes=[("qwen1.5-0.5b", "none"), ("qwen1.5-4b", "full")],
+                   moe_parity_tokens=(2, 256), moe_shape="a2.7b-4l", moe_batch=2, moe_seq=2048, moe_warmup=2,
+                   moe_steps=4, moe_decode_batch=8, moe_new_tokens=64, kernel_vocabs=[1000, 151936],
+                   kernel_tokens=4096, kernel_hidden=2048, packing_seq=8192, packing_heads=(16, 16, 128))
 
     @classmethod
     def for_smoke(cls) -> "Settings":
@@ -79,7 +98,10 @@ class Settings:
                    train_lr=3e-3, check_preset="test-tiny", check_new_tokens=8,
                    decode_preset="test-tiny", decode_batches=[1, 2], decode_prompt=8, decode_new_tokens=8,
                    decode_repeats=1, trainer_preset="qwen-tiny", trainer_seq=32, trainer_micro_batch=1,
-                   trainer_steps=2, shapes=[("qwen-tiny", "none")])
+                   trainer_steps=2, shapes=[("qwen-tiny", "none")],
+                   moe_parity_tokens=(2, 16), moe_shape="tiny", moe_batch=1, moe_seq=32, moe_warmup=0,
+                   moe_steps=1, moe_decode_batch=1, moe_new_tokens=4, kernel_vocabs=[1000, 4096],
+                   kernel_tokens=1500, kernel_hidden=64, packing_seq=512, packing_heads=(4, 2, 16))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -563,9 +585,25 @@ def plan_section(name: str, settings: Settings,
             return {"skipped": "compilation is off (smoke mode)"}
         return trainer(settings, True, subprocess_timeout())
 
+    def moe() -> dict[str, Any]:
+        reason = _transformers_missing()
+        return {"skipped": reason} if reason else device_check_moe.moe(settings, remaining)
+
+    def kernels() -> dict[str, Any]:
+        return device_check_kernels.loss_kernels(settings.device, settings.kernel_vocabs, settings.kernel_tokens,
+                                                 settings.kernel_hidden)
+
+    def packing() -> dict[str, Any]:
+        heads, kv_heads, head_dim = settings.packing_heads
+        return device_check_kernels.packing(settings.device, settings.packing_seq, heads, kv_heads, head_dim,
+                                            compiled=settings.compile)
+
     table: dict[str, tuple[Callable[[], dict[str, Any]], float, float]] = {
         "environment": (lambda: environment(settings), 0, 0),
         "parity": (lambda: parity(settings), 30, 1),
+        "moe": (moe, 150, 1),
+        "kernels": (kernels, 15, 0),
+        "packing": (packing, 40, 0),
         "trainer_eager": (lambda: trainer(settings, False, subprocess_timeout()), 60, 5),
         "train": (lambda: train(settings, "none"), 90, 1),
         "train_ac": (lambda: train(settings, "full"), 60, 1),

@@ -30,8 +30,8 @@ def test_smoke_mode_runs_every_section_and_writes_one_json(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     sections = report["sections"]
-    assert report["summary"]["ok"] == ["environment", "parity", "trainer_eager", "train", "train_ac", "decode",
-                                       "train_shapes"]
+    assert report["summary"]["ok"] == ["environment", "parity", "moe", "kernels", "packing", "trainer_eager", "train",
+                                       "train_ac", "decode", "train_shapes"]
     # Compilation is off in smoke mode: the two compiled sections say so instead of running.
     assert report["summary"]["skipped"] == ["compiled_decode", "trainer_compiled"]
     assert all("compil" in sections[n]["reason"] for n in report["summary"]["skipped"])
@@ -45,6 +45,13 @@ def test_smoke_mode_runs_every_section_and_writes_one_json(tmp_path):
     trainer = sections["trainer_eager"]["result"]
     assert trainer["exit_code"] == 0 and len(trainer["losses"]) == 2 and trainer["tokens_per_s"] > 0
     assert trainer["command"].startswith("torchrun --standalone --nproc-per-node 1 -m qwenlink.cli train")
+    for name in ("moe", "kernels", "packing"):
+        checks = sections[name]["result"]["checks"]
+        assert checks and all(checks.values()), (name, checks)
+    bench = sections["moe"]["result"]["bench"]
+    assert set(bench["qwenlink_speedup_over"]) == {"train-hf", "train-hf-loop", "decode-hf", "decode-hf-loop"}
+    assert bench["sides"]["train-hf-loop"]["experts_implementation"] == "eager"
+    assert len(sections["kernels"]["result"]["in_place"]) == 2
     rows = sections["decode"]["result"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["eager_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in rows)
 
