@@ -20,7 +20,7 @@ peak on CUDA); the best of --rounds alternating rounds is kept.
 
     python benchmarks/bench_moe.py [--shape tiny|wide|experts|a2.7b-4l] [--device cpu|cuda] [--dtype fp32|bf16]
                                    [--rounds 2] [--steps 3] [--warmup 1] [--batch 4] [--seq 256] [--decode-batch 4]
-                                   [--new-tokens 32] [--json]
+                                   [--new-tokens 32] [--compile] [--train-only] [--profile] [--json]
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def _hf_experts_implementation(model) -> str:
     return getattr(model.config, "_experts_implementation", None) or "eager (transformers 4.x loop)"
 
 
-def train_qwenlink(args: argparse.Namespace) -> dict:
+def train_qwenlink(args: argparse.Namespace, compile: bool = False) -> dict:
+    """The trainer's TrainStep; compile: each decoder block through torch.compile, as `parallel.compile` does."""
     from qwenlink.parallel.mesh import ParallelPlan
     from qwenlink.parallel.parallelize import ModelChunks, ParallelizeOptions, build_layout, parallelize
     from qwenlink.train.config import load_config
@@ -116,11 +117,14 @@ def train_qwenlink(args: argparse.Namespace) -> dict:
     config = _config(args.shape)
     model = _qwenlink_model(args)
     layout = build_layout(ParallelPlan(), torch.device(args.device), config, mixed_precision=False)
-    parallelize(model, layout, ParallelizeOptions())
+    parallelize(model, layout, ParallelizeOptions(compile=compile))
     optim_cfg = load_config(None, ["--optim.lr=1e-4", "--optim.weight_decay=0.1", "--optim.implementation=fused"]).optim
     optimizer = build_optimizer(model, optim_cfg)
-    tokens = _tokens(config.vocab_size, args.batch, args.seq).to(args.device)
+    tokens = _tokens(config.vocab_size, args.batch, args.seq)
+    # On the host, as the trainer's loader hands them over (pinned on CUDA); TrainStep copies them without a wait.
     batch = MicroBatch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())  # [B, T] each
+    if args.device == "cuda":
+        batch = MicroBatch(batch.input_ids.pin_memory(), batch.labels.pin_memory())
     step_fn = TrainStep(ModelChunks([model], [0], config, 1), layout, chunk_size=1024, seq_length=args.seq, pad_id=0)
     step_fn.router_aux = RouterAuxLoss.for_model(model, config)
 
@@ -164,8 +168,27 @@ def _measure(step, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     tokens = args.batch * args.seq
-    return {"tokens_per_s": tokens * len(times) / sum(times), "tokens_per_cpu_s": tokens * len(cpu) / sum(cpu),
-            "step_seconds": times, "losses": losses, "peak_memory_gb": _peak_memory_gb(args.device)}
+    result = {"tokens_per_s": tokens * len(times) / sum(times), "tokens_per_cpu_s": tokens * len(cpu) / sum(cpu),
+              "step_seconds": times, "losses": losses, "peak_memory_gb": _peak_memory_gb(args.device)}
+    if args.profile:
+        result["profile"] = _profile(step, args.device)
+    return result
+
+
+def _profile(step, device: str, top: int = 15) -> dict:
+    """One more step under torch.profiler (after the timing): the kernels launched, and the ops that took the most
+    device time (CUDA) or CPU time, each with its calls and milliseconds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:top]
+    return {"kernels": len(on_device), "kernel_ms": round(sum(e.device_time for e in on_device) / 1e3, 2),
+            "top": [{"op": e.key[:90], "calls": e.count, "ms": round(getattr(e, key, 0) / 1e3, 2)} for e in rows]}
 
 
 def decode_qwenlink(args: argparse.Namespace, compile: bool = False) -> dict:
@@ -209,7 +232,8 @@ def decode_hf(args: argparse.Namespace, experts: str = "default") -> dict:
             "peak_memory_gb": _peak_memory_gb(args.device), "experts_implementation": _hf_experts_implementation(model)}
 
 
-WORKERS = {"train-qwenlink": train_qwenlink, "train-hf": train_hf,
+WORKERS = {"train-qwenlink": train_qwenlink, "train-qwenlink-compiled": lambda args: train_qwenlink(args, True),
+           "train-hf": train_hf,
            "train-hf-loop": lambda args: train_hf(args, "eager"),
            "decode-qwenlink": decode_qwenlink,
            "decode-qwenlink-compiled": lambda args: decode_qwenlink(args, compile=True),
@@ -219,12 +243,16 @@ WORKERS = {"train-qwenlink": train_qwenlink, "train-hf": train_hf,
 def sides(args: argparse.Namespace) -> list[str]:
     """The workers this run has: the compiled engine where it runs (CUDA, bf16: CUDA graphs), transformers' loop
     unless --no-hf-loop."""
-    names = ["train-qwenlink", "train-hf", "train-hf-loop", "decode-qwenlink", "decode-qwenlink-compiled",
-             "decode-hf", "decode-hf-loop"]
+    names = ["train-qwenlink", "train-qwenlink-compiled", "train-hf", "train-hf-loop", "decode-qwenlink",
+             "decode-qwenlink-compiled", "decode-hf", "decode-hf-loop"]
     if not (args.device == "cuda" and args.dtype == "bf16"):
         names.remove("decode-qwenlink-compiled")
+    if not args.compile:
+        names.remove("train-qwenlink-compiled")
     if args.no_hf_loop:
         names = [n for n in names if not n.endswith("-hf-loop")]
+    if args.train_only:
+        names = [n for n in names if n.startswith("train-")]
     return names
 
 
@@ -232,7 +260,7 @@ def worker(name: str, args: argparse.Namespace, timeout: float | None = None) ->
     cmd = [sys.executable, __file__, "--worker", name, "--shape", args.shape, "--device", args.device,
            "--dtype", args.dtype, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
            str(args.batch), "--seq", str(args.seq), "--decode-batch", str(args.decode_batch), "--new-tokens",
-           str(args.new_tokens)]
+           str(args.new_tokens)] + ["--profile"] * args.profile + ["--compile"] * args.compile
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     # qwenlink importable from ../src where it is not installed (a bare device machine)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC_DIR), env.get("PYTHONPATH", "")) if p)
@@ -281,6 +309,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1, help="alternate the sides this many times; best kept")
     parser.add_argument("--no-hf-loop", action="store_true", help="leave out transformers' Python-loop experts")
+    parser.add_argument("--compile", action="store_true",
+                        help="also train with each decoder block compiled (parallel.compile; minutes on a CPU)")
+    parser.add_argument("--train-only", action="store_true", help="leave out decoding")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more training step per side: kernels launched and the costliest ops")
     parser.add_argument("--json", action="store_true", help="print the raw results as JSON")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     return parser
@@ -314,6 +347,8 @@ def main() -> None:
                                                else "")
         print(f"{label:34} {r['tokens_per_s']:10.1f} {r['tokens_per_cpu_s']:10.1f} {r['peak_memory_gb']:12.2f} "
               f"{r['losses'][0]:11.4f} {ours['tokens_per_s'] / r['tokens_per_s']:13.2f}x")
+    if not any(n.startswith("decode-") for n in best):
+        return _finish(best, failed, args.json)
     print(f"decoding greedy, {args.decode_batch} prompts x 32 tokens, {args.new_tokens} new tokens each")
     eager = best.get("decode-qwenlink", {"tokens_per_s": float("nan")})
     for name in [n for n in best if n.startswith("decode-")]:
@@ -322,7 +357,11 @@ def main() -> None:
                                                 else "")
         print(f"{label:34} {r['tokens_per_s']:10.1f} tok/s {r['peak_memory_gb']:8.2f} {memory}, qwenlink eager / "
               f"this {eager['tokens_per_s'] / r['tokens_per_s']:.2f}x")
-    if args.json:
+    _finish(best, failed, args.json)
+
+
+def _finish(best: dict, failed: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(best, indent=2))
     if failed:
         raise SystemExit(1)

@@ -158,7 +158,8 @@ def packing(device_name: str, seq: int, heads: int, kv_heads: int, head_dim: int
     grad_out = torch.randn(shape_q, generator=gen).to(device)
 
     def run(fn, dtype):
-        q, k, v = (t.to(dtype).requires_grad_(backward) for t in (q0, k0, v0))
+        # fresh leaves each call (q0 itself must not collect gradients, and a cast of it would not be a leaf)
+        q, k, v = (t.detach().to(dtype, copy=True).requires_grad_(backward) for t in (q0, k0, v0))
         out = fn(q, k, v)
         if not backward:
             return out, ()
