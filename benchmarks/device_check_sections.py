@@ -181,8 +181,24 @@ def _copy_model(model, dtype: torch.dtype):
 
 
 # ---- environment --------------------------------------------------------------------------------------------------
+def _launch_microseconds(launches: int = 2000) -> float:
+    """Microseconds per launch of a trivial kernel, launches queued back to back then waited for: what an eager step
+    pays per op when its kernels are short. It differs between the lent machines' runtimes (the kernel release tells
+    gVisor, 4.4.0, from a VM) and decides how launch-bound small-model eager figures are."""
+    x = torch.zeros(8, device="cuda")
+    for _ in range(50):
+        x.add_(1.0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(launches):
+        x.add_(1.0)
+    torch.cuda.synchronize()
+    return round((time.perf_counter() - t0) / launches * 1e6, 2)
+
+
 def environment(settings: Settings) -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+    info: dict[str, Any] = {"python": platform.python_version(), "kernel": platform.release(),
+                            "torch": torch.__version__,
                             "cuda_runtime": torch.version.cuda, "cpu_count": os.cpu_count(),
                             "machine": platform.machine(), "cuda_available": torch.cuda.is_available()}
     with contextlib.suppress(Exception):
@@ -202,7 +218,7 @@ def environment(settings: Settings) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(device_name=props.name, capability=f"{props.major}.{props.minor}",
                     device_memory_gib=round(props.total_memory / 2**30, 1), device_count=torch.cuda.device_count(),
-                    bf16_supported=torch.cuda.is_bf16_supported())
+                    bf16_supported=torch.cuda.is_bf16_supported(), launch_us=_launch_microseconds())
         with contextlib.suppress(Exception):
             version = torch.cuda.nccl.version()
             info["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
