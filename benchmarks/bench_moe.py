@@ -343,9 +343,7 @@ def main() -> None:
     ours = best.get("train-qwenlink", {"tokens_per_s": float("nan")})
     for name in [n for n in best if n.startswith("train-")]:
         r = best[name]
-        label = name.removeprefix("train-") + (f" ({r['experts_implementation']})" if "experts_implementation" in r
-                                               else "")
-        print(f"{label:34} {r['tokens_per_s']:10.1f} {r['tokens_per_cpu_s']:10.1f} {r['peak_memory_gb']:12.2f} "
+        print(f"{_label(name, r):34} {r['tokens_per_s']:10.1f} {r['tokens_per_cpu_s']:10.1f} {r['peak_memory_gb']:12.2f} "
               f"{r['losses'][0]:11.4f} {ours['tokens_per_s'] / r['tokens_per_s']:13.2f}x")
     if not any(n.startswith("decode-") for n in best):
         return _finish(best, failed, args.json)
@@ -353,11 +351,15 @@ def main() -> None:
     eager = best.get("decode-qwenlink", {"tokens_per_s": float("nan")})
     for name in [n for n in best if n.startswith("decode-")]:
         r = best[name]
-        label = name.removeprefix("decode-") + (f" ({r['experts_implementation']})" if "experts_implementation" in r
-                                                else "")
-        print(f"{label:34} {r['tokens_per_s']:10.1f} tok/s {r['peak_memory_gb']:8.2f} {memory}, qwenlink eager / "
+        print(f"{_label(name, r):34} {r['tokens_per_s']:10.1f} tok/s {r['peak_memory_gb']:8.2f} {memory}, qwenlink eager / "
               f"this {eager['tokens_per_s'] / r['tokens_per_s']:.2f}x")
     _finish(best, failed, args.json)
+
+
+def _label(name: str, result: dict) -> str:
+    """"hf-loop (eager)" for the worker "train-hf-loop": the side, and transformers' experts implementation."""
+    side = name.split("-", 1)[1]
+    return f"{side} ({result['experts_implementation']})" if "experts_implementation" in result else side
 
 
 def _finish(best: dict, failed: dict, as_json: bool) -> None:
