@@ -13,7 +13,7 @@ Sections (device_check_sections.py):
   moe              (device_check_moe.py) Qwen1.5-MoE: the grouped-GEMM experts against transformers and against
                    qwenlink's loop (bf16 logits and gradients), then benchmarks/bench_moe.py on the device: training
                    and decoding at Qwen1.5-MoE-A2.7B's widths (4 layers) against transformers' default experts and
-                   its Python loop
+                   its Python loop; qwenlink eager and with compiled blocks; a profile of one step per training side
   kernels          (device_check_kernels.py) the loss's in-place log_softmax / softmax and the chunked cross
                    entropy and DPO log-probabilities against plain PyTorch, forward and backward; time and memory
   packing          (device_check_kernels.py) packed-document attention: compiled FlexAttention against SDPA per

@@ -110,22 +110,24 @@ def parity(device_name: str, tokens: tuple[int, int]) -> dict[str, Any]:
 
 def benchmark(device_name: str, shape: str, dtype: str, batch: int, seq: int, steps: int, warmup: int,
               decode_batch: int, new_tokens: int, remaining: Optional[Callable[[], float]],
-              in_process: bool) -> dict[str, Any]:
-    """benchmarks/bench_moe.py's sides on this device: each side's result, and qwenlink's speed over each."""
+              in_process: bool, flags: tuple[str, ...] = ()) -> dict[str, Any]:
+    """benchmarks/bench_moe.py's sides on this device (`flags`: more of its options, e.g. --compile --profile): each
+    side's result, and each qwenlink side's speed over each transformers side."""
     import bench_moe
 
     args = bench_moe.parser().parse_args(
         ["--shape", shape, "--device", device_name, "--dtype", dtype, "--batch", str(batch), "--seq", str(seq),
          "--steps", str(steps), "--warmup", str(warmup), "--decode-batch", str(decode_batch), "--new-tokens",
-         str(new_tokens)])
+         str(new_tokens), *flags])
     best = bench_moe.compare(args, remaining=remaining, in_process=in_process)
     config = bench_moe._config(shape)
-    speedup = {}  # qwenlink's tokens/s over each other side's
-    for kind in ("train", "decode"):
-        ours = best.get(f"{kind}-qwenlink", {}).get("tokens_per_s")
-        for name, r in best.items():
-            if name.startswith(kind) and name != f"{kind}-qwenlink" and ours and r.get("tokens_per_s"):
-                speedup[name] = round(ours / r["tokens_per_s"], 3)
+    speedup = {}  # "qwenlink side / transformers side": tokens/s over tokens/s
+    for ours, r_ours in best.items():
+        for theirs, r_theirs in best.items():
+            same_kind = ours.split("-")[0] == theirs.split("-")[0]
+            if (same_kind and "-qwenlink" in ours and "-hf" in theirs and r_ours.get("tokens_per_s")
+                    and r_theirs.get("tokens_per_s")):
+                speedup[f"{ours} / {theirs}"] = round(r_ours["tokens_per_s"] / r_theirs["tokens_per_s"], 3)
     checks = {f"{name}_ran": "error" not in r for name, r in best.items()}
     checks.update({f"{name}_losses_finite": all(x == x and abs(x) < 1e4 for x in r["losses"])
                    for name, r in best.items() if "losses" in r})
@@ -141,7 +143,10 @@ def moe(settings, remaining: Callable[[], float]) -> dict[str, Any]:
     bench = benchmark(settings.device, settings.moe_shape, "bf16" if settings.device == "cuda" else "fp32",
                       settings.moe_batch, settings.moe_seq, settings.moe_steps, settings.moe_warmup,
                       settings.moe_decode_batch, settings.moe_new_tokens,
-                      None if settings.smoke else remaining, in_process=settings.smoke)
+                      None if settings.smoke else remaining, in_process=settings.smoke,
+                      # a compiled qwenlink side where compiling is quick enough (qwenlink train compiles blocks by
+                      # default on CUDA); a profile of one more step per training side everywhere
+                      flags=("--profile",) + (("--compile",) if settings.compile else ()))
     checks.update({f"bench_{k}": v for k, v in bench.pop("checks").items()})
     result["bench"] = bench
     result["checks"] = checks

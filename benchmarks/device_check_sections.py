@@ -617,7 +617,7 @@ def plan_section(name: str, settings: Settings,
     table: dict[str, tuple[Callable[[], dict[str, Any]], float, float]] = {
         "environment": (lambda: environment(settings), 0, 0),
         "parity": (lambda: parity(settings), 30, 1),
-        "moe": (moe, 150, 1),
+        "moe": (moe, 200, 1),
         "kernels": (kernels, 15, 0),
         "packing": (packing, 40, 0),
         "trainer_eager": (lambda: trainer(settings, False, subprocess_timeout()), 60, 5),

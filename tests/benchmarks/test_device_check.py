@@ -49,8 +49,10 @@ def test_smoke_mode_runs_every_section_and_writes_one_json(tmp_path):
         checks = sections[name]["result"]["checks"]
         assert checks and all(checks.values()), (name, checks)
     bench = sections["moe"]["result"]["bench"]
-    assert set(bench["qwenlink_speedup_over"]) == {"train-hf", "train-hf-loop", "decode-hf", "decode-hf-loop"}
+    assert set(bench["qwenlink_speedup_over"]) == {f"{kind}-qwenlink / {kind}-{hf}" for kind in ("train", "decode")
+                                                   for hf in ("hf", "hf-loop")}
     assert bench["sides"]["train-hf-loop"]["experts_implementation"] == "eager"
+    assert all(bench["sides"][side]["profile"]["top"] for side in ("train-qwenlink", "train-hf"))
     assert len(sections["kernels"]["result"]["in_place"]) == 2
     rows = sections["decode"]["result"]["rows"]
     assert [r["batch"] for r in rows] == [1, 2] and all(r["eager_tok_s"] > 0 and r["hf_tok_s"] > 0 for r in rows)
