@@ -130,3 +130,25 @@ def _fixture_tok():
     from common import fixture_dir
 
     return fixture_dir("megatron-core-tiny-qwen2", "hf")
+
+
+def test_a_command_that_succeeds_leaves_no_process_group_to_interpreter_shutdown(tmp_path, capsys):
+    """Under torchrun, generate / chat / serve / eval join a process group for tensor parallelism. Left to interpreter
+    shutdown, gloo's threads can abort the finished process (a tp2 generate ended with SIGABRT once in CI), so the
+    CLI tears the group down after a command succeeds, and leaves it after a failure (a peer may still be inside a
+    collective; torchrun ends the ranks)."""
+    import torch.distributed as dist
+
+    from qwenlink.cli import main
+
+    try:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        assert main(["info", "test-tiny"]) == 0
+        assert not dist.is_initialized()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        assert main(["info", str(tmp_path / "missing")]) == 2
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    capsys.readouterr()

@@ -358,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def close_process_group() -> None:
+    """Tear down the process group a command joined under torchrun (generate, chat, serve and eval under tensor
+    parallelism; train does so itself) before the interpreter exits. Left to interpreter shutdown, gloo's threads
+    can be destroyed while still joinable, and the process then aborts after its work is done ("terminate called
+    without an active exception": a tp2 `generate` ended with -6 once in CI). Only after success: after an error a
+    peer may still be inside a collective, and torchrun ends the ranks anyway."""
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -372,7 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handle_signals = terminate_as_exception() if args.command != "train" else contextlib.nullcontext()
     try:
         with handle_signals:
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
+        if code == 0:
+            close_process_group()
+        return code
     except Terminated as exc:
         print(f"qwenlink {args.command}: stopped by {exc.name}; partial outputs were removed", file=sys.stderr)
         return exc.exit_code
