@@ -13,6 +13,11 @@ from common import fixture_dir
 # Tests run on 2 shared cores; more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Every process a test starts (torchrun ranks, CLI runs) prints its Python stacks if it dies of a fatal signal: rare
+# native crashes of multi-process runs in CI (a rank's SIGSEGV inside a 4-process gloo run, a finished rank's SIGABRT
+# at exit) otherwise leave only the launcher's "Signal 11 received" in the failing test's message.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 @pytest.fixture
 def tiny_fixture_hf() -> Path:
