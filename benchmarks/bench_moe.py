@@ -340,20 +340,24 @@ def main() -> None:
     memory = "peak GiB" if args.device == "cuda" else "peak RSS GB"
     print(f"training, batch {args.batch} x {args.seq}, {args.warmup} warm-up + {args.steps} timed steps")
     print(f"{'':34} {'tokens/s':>10} {'tok/CPU-s':>10} {memory:>12} {'first loss':>11} {'qwenlink/this':>14}")
-    ours = best.get("train-qwenlink", {"tokens_per_s": float("nan")})
-    for name in [n for n in best if n.startswith("train-")]:
-        r = best[name]
-        print(f"{_label(name, r):34} {r['tokens_per_s']:10.1f} {r['tokens_per_cpu_s']:10.1f} {r['peak_memory_gb']:12.2f} "
-              f"{r['losses'][0]:11.4f} {ours['tokens_per_s'] / r['tokens_per_s']:13.2f}x")
+    for label, r, ratio in _rows(best, "train"):
+        print(f"{label:34} {r['tokens_per_s']:10.1f} {r['tokens_per_cpu_s']:10.1f} {r['peak_memory_gb']:12.2f} "
+              f"{r['losses'][0]:11.4f} {ratio:13.2f}x")
     if not any(n.startswith("decode-") for n in best):
         return _finish(best, failed, args.json)
     print(f"decoding greedy, {args.decode_batch} prompts x 32 tokens, {args.new_tokens} new tokens each")
-    eager = best.get("decode-qwenlink", {"tokens_per_s": float("nan")})
-    for name in [n for n in best if n.startswith("decode-")]:
-        r = best[name]
-        print(f"{_label(name, r):34} {r['tokens_per_s']:10.1f} tok/s {r['peak_memory_gb']:8.2f} {memory}, qwenlink eager / "
-              f"this {eager['tokens_per_s'] / r['tokens_per_s']:.2f}x")
+    for label, r, ratio in _rows(best, "decode"):
+        print(f"{label:34} {r['tokens_per_s']:10.1f} tok/s {r['peak_memory_gb']:8.2f} {memory}, qwenlink eager / "
+              f"this {ratio:.2f}x")
     _finish(best, failed, args.json)
+
+
+def _rows(best: dict, kind: str):
+    """(label, result, qwenlink eager's tokens/s over this side's) for each side of `kind` (train / decode)."""
+    ours = best.get(f"{kind}-qwenlink", {"tokens_per_s": float("nan")})["tokens_per_s"]
+    for name, r in best.items():
+        if name.startswith(f"{kind}-"):
+            yield _label(name, r), r, ours / r["tokens_per_s"]
 
 
 def _label(name: str, result: dict) -> str:
